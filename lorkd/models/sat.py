@@ -1,0 +1,149 @@
+"""SAT: U-Net backbone + latent fusion + query decoder + mask head (SAT's ``Maskformer``).
+
+``logits[b, n] = <per-voxel embedding[b], mask embedding[b, n]>`` -> (B, N, H, W, D); sigmoid outside.
+Attribute names follow SAT's checkpoints: ``backbone``, ``projection_layer``, ``transformer_decoder``,
+``mask_embed_proj``, ``mid_mask_embed_proj``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorkd.models.decoder import QueryDecoder
+from lorkd.models.positional import positional_encoding_3d
+from lorkd.models.unet import PlainConvUNet
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    """Linear-GELU-Linear-GELU (SAT's projection heads; keys ``0`` and ``2``)."""
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out), nn.GELU())
+
+
+@dataclass
+class ImageFeatures:
+    """What the decoder needs from one backbone pass (reused across query chunks)."""
+
+    per_voxel: list[torch.Tensor]  # (B, C_i, H_i, W_i, D_i): full resolution, then /2, /4, /8 with deep supervision
+    memory: torch.Tensor  # (B, L, query_dim) fused latent tokens, ``(h w d)`` order
+    pos: torch.Tensor  # (1, L, query_dim) positional encoding (added to keys only)
+    latent: torch.Tensor  # (B, C_fused, h, w, d) pooled multi-scale features before projection
+
+
+@dataclass
+class SATOutput:
+    logits: torch.Tensor  # (B, N, H, W, D)
+    aux_logits: list[torch.Tensor]  # deep-supervision logits at /2, /4, /8 (empty without DS)
+    latent: torch.Tensor
+
+
+class SAT(nn.Module):
+    def __init__(
+        self,
+        features: Sequence[int],
+        strides: Sequence[int],
+        n_convs: int = 2,
+        n_convs_decoder: int | None = None,
+        in_channels: int = 3,
+        query_dim: int = 768,
+        proj_hidden: int = 768,
+        mask_hidden: int = 256,
+        decoder_layers: int = 6,
+        decoder_heads: int = 8,
+        decoder_ffn: int = 2048,
+        dropout: float = 0.1,
+        latent_stride: int = 32,
+        deep_supervision: bool = False,
+        ds_hidden: Sequence[int] = (256, 384, 512),
+    ) -> None:
+        super().__init__()
+        self.config: dict[str, Any] = {
+            "features": list(features), "strides": list(strides), "n_convs": n_convs,
+            "n_convs_decoder": n_convs_decoder, "in_channels": in_channels, "query_dim": query_dim,
+            "proj_hidden": proj_hidden, "mask_hidden": mask_hidden, "decoder_layers": decoder_layers,
+            "decoder_heads": decoder_heads, "decoder_ffn": decoder_ffn, "dropout": dropout,
+            "latent_stride": latent_stride, "deep_supervision": deep_supervision, "ds_hidden": list(ds_hidden),
+        }  # fmt: skip
+        self.backbone = PlainConvUNet(features, strides, n_convs, n_convs_decoder, in_channels)
+        self.pool_kernels = []
+        for cum in self.backbone.stage_strides():
+            if latent_stride % cum:
+                raise ValueError(f"latent_stride {latent_stride} must be a multiple of every stage stride {cum}")
+            self.pool_kernels.append(latent_stride // cum)
+        self.latent_stride = latent_stride
+        self.size_divisor = max(latent_stride, self.backbone.total_stride)
+        self.query_dim = query_dim
+        self.projection_layer = _mlp(sum(features), proj_hidden, query_dim)
+        self.transformer_decoder = QueryDecoder(query_dim, decoder_heads, decoder_layers, decoder_ffn, dropout)
+        self.mask_embed_proj = _mlp(query_dim, mask_hidden, features[0])
+        self.deep_supervision = deep_supervision
+        if deep_supervision:
+            n_ds = min(3, len(features) - 2)
+            self.mid_mask_embed_proj = nn.ModuleList(
+                _mlp(query_dim, ds_hidden[i], features[i + 1]) for i in range(n_ds)
+            )
+        self._pos_cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def check_input(self, image: torch.Tensor) -> torch.Tensor:
+        if image.ndim != 5:
+            raise ValueError(f"expected an image (B, C, H, W, D), got shape {tuple(image.shape)}")
+        bad = [s for s in image.shape[2:] if s % self.size_divisor]
+        if bad:
+            raise ValueError(
+                f"spatial size {tuple(image.shape[2:])} must be a multiple of {self.size_divisor} on every axis"
+            )
+        c_in = self.backbone.in_channels
+        if image.shape[1] == 1 and c_in > 1:
+            image = image.expand(-1, c_in, -1, -1, -1)  # SAT repeats the single channel
+        elif image.shape[1] != c_in:
+            raise ValueError(f"expected 1 or {c_in} input channels, got {image.shape[1]}")
+        return image
+
+    def positional(self, grid: tuple[int, int, int], ref: torch.Tensor) -> torch.Tensor:
+        if grid not in self._pos_cache:
+            self._pos_cache[grid] = positional_encoding_3d(grid, self.query_dim)
+        return self._pos_cache[grid].to(device=ref.device, dtype=ref.dtype)[None]
+
+    def encode(self, image: torch.Tensor) -> ImageFeatures:
+        out = self.backbone(self.check_input(image))
+        pooled = [
+            F.avg_pool3d(skip, kernel_size=k, stride=k) if k > 1 else skip
+            for skip, k in zip(out.skips, self.pool_kernels)
+        ]
+        latent = torch.cat(pooled, dim=1)
+        tokens = latent.flatten(2).transpose(1, 2)  # (B, h*w*d, C), d fastest
+        memory = self.projection_layer(tokens)
+        n_maps = 1 + (len(self.mid_mask_embed_proj) if self.deep_supervision else 0)
+        return ImageFeatures(
+            per_voxel=out.decoded[:n_maps],
+            memory=memory,
+            pos=self.positional(tuple(latent.shape[2:]), memory),
+            latent=latent,
+        )
+
+    def decode(self, features: ImageFeatures, queries: torch.Tensor) -> list[torch.Tensor]:
+        """Logits for ``queries`` (N, D) or (B, N, D): full resolution first, then deep-supervision scales."""
+        b = features.memory.shape[0]
+        if queries.ndim == 2:
+            queries = queries[None].expand(b, -1, -1)
+        decoded = self.transformer_decoder(queries.to(features.memory.dtype), features.memory, features.pos)
+        heads = [self.mask_embed_proj]
+        if self.deep_supervision:
+            heads += list(self.mid_mask_embed_proj)
+        return [
+            torch.einsum("bchwd,bnc->bnhwd", voxels, head(decoded))
+            for voxels, head in zip(features.per_voxel, heads)
+        ]
+
+    def forward(self, image: torch.Tensor, queries: torch.Tensor, return_aux: bool = False):
+        """``image`` (B, 1|C, H, W, D), ``queries`` (N, D) or (B, N, D) -> logits (B, N, H, W, D)."""
+        features = self.encode(image)
+        logits = self.decode(features, queries)
+        if return_aux:
+            return SATOutput(logits=logits[0], aux_logits=logits[1:], latent=features.latent)
+        return logits[0]
