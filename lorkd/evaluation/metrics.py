@@ -204,7 +204,9 @@ def _surfels(mask: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.argwhere(border), table[code[border]]
 
 
-def _nearest_distances(src: np.ndarray, dst: np.ndarray, spacing: np.ndarray, max_distance: float) -> np.ndarray:
+def _nearest_distances(
+    src: np.ndarray, dst: np.ndarray, spacing: np.ndarray, max_distance: float
+) -> np.ndarray:
     """Distance in mm from each grid point of ``src`` to the nearest of ``dst``; inf beyond ``max_distance``.
 
     Same values as DeepMind's ``distance_transform_edt(~border, sampling=spacing)`` read at ``src``
@@ -230,7 +232,9 @@ def surface_distances(
     """
     pred, ref = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
     if pred.ndim != 3 or pred.shape != ref.shape or len(spacing) != 3:
-        raise ValueError(f"expected two 3D masks of one shape and 3 spacings, got {pred.shape}, {ref.shape}, {spacing}")
+        raise ValueError(
+            f"expected two 3D masks of one shape and 3 spacings, got {pred.shape}, {ref.shape}, {spacing}"
+        )
     if not (pred.any() and ref.any()):
         raise ValueError("surface distances need two non-empty masks")
     spacing_t = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
