@@ -1,0 +1,105 @@
+"""SAT's training augmentations as configurable MONAI dictionary transforms on ``image``/``masks``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass
+class AugmentConfig:
+    """Probabilities and ranges of SAT's augmentations (defaults = SAT / LoRKD); a 0 probability drops one.
+
+    Zoom resamples image (area) and masks (nearest) together and keeps the patch size (zero padding
+    when zooming out); the intensity augmentations touch the image only.
+    """
+
+    enabled: bool = True
+    zoom_prob: float = 0.2
+    zoom_range: tuple[float, float] = (0.7, 1.4)
+    noise_prob: float = 0.1
+    noise_std: float = 0.1
+    sharpen_prob: float = 0.2
+    scale_intensity_prob: float = 0.15
+    scale_intensity_factor: float = 0.25
+    contrast_inverted_prob: float = 0.1
+    contrast_prob: float = 0.3
+    contrast_gamma: tuple[float, float] = (0.7, 1.5)
+
+    def __post_init__(self) -> None:
+        self.zoom_range = tuple(float(v) for v in self.zoom_range)  # type: ignore[assignment]
+        self.contrast_gamma = tuple(float(v) for v in self.contrast_gamma)  # type: ignore[assignment]
+        for f in fields(self):
+            if f.name.endswith("_prob") and not 0.0 <= float(getattr(self, f.name)) <= 1.0:
+                raise ValueError(f"augment.{f.name} must be in [0, 1], got {getattr(self, f.name)!r}")
+        for name in ("zoom_range", "contrast_gamma"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(
+                    f"augment.{name} must be (low, high) with 0 < low <= high, got {(low, high)}"
+                )
+
+    @classmethod
+    def coerce(cls, value: AugmentConfig | Mapping[str, Any] | bool | None) -> AugmentConfig:
+        """``True``/None: SAT's defaults; ``False``: none; a mapping: overrides of the defaults."""
+        if value is None or value is True:
+            return cls()
+        if value is False:
+            return cls(enabled=False)
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown augment key(s) {unknown}; expected some of {sorted(known)}")
+            return cls(**{k: value[k] for k in value})
+        raise TypeError(f"augment must be a bool, a mapping or an AugmentConfig, got {type(value).__name__}")
+
+
+def build_augmentation(cfg: AugmentConfig) -> Any | None:
+    """A MONAI ``Compose`` over {"image": (1,X,Y,Z), "masks": (n,X,Y,Z)}, or None when disabled."""
+    if not cfg.enabled:
+        return None
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandGaussianNoised,
+        RandGaussianSharpend,
+        RandScaleIntensityd,
+        RandZoomd,
+    )
+
+    steps: list[Any] = []
+    if cfg.zoom_prob > 0:
+        steps.append(
+            RandZoomd(
+                keys=["image", "masks"],
+                prob=cfg.zoom_prob,
+                min_zoom=cfg.zoom_range[0],
+                max_zoom=cfg.zoom_range[1],
+                mode=["area", "nearest"],
+                padding_mode="constant",
+                keep_size=True,
+            )
+        )
+    if cfg.noise_prob > 0:
+        steps.append(RandGaussianNoised(keys=["image"], prob=cfg.noise_prob, mean=0.0, std=cfg.noise_std))
+    if cfg.sharpen_prob > 0:
+        steps.append(RandGaussianSharpend(keys=["image"], prob=cfg.sharpen_prob))
+    if cfg.scale_intensity_prob > 0:
+        steps.append(
+            RandScaleIntensityd(
+                keys=["image"], factors=cfg.scale_intensity_factor, prob=cfg.scale_intensity_prob
+            )
+        )
+    if cfg.contrast_inverted_prob > 0:
+        steps.append(
+            RandAdjustContrastd(
+                keys=["image"], prob=cfg.contrast_inverted_prob, gamma=cfg.contrast_gamma, invert_image=True
+            )
+        )
+    if cfg.contrast_prob > 0:
+        steps.append(RandAdjustContrastd(keys=["image"], prob=cfg.contrast_prob, gamma=cfg.contrast_gamma))
+    return Compose(steps) if steps else None

@@ -1,0 +1,197 @@
+"""Lightning DataModule: region-sampled training patches, fixed validation patches, whole test/predict cases."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lorkd.data.augment import AugmentConfig
+from lorkd.data.cache import PreprocessCache
+from lorkd.data.datasets import (
+    CaseDataset,
+    PatchDataset,
+    ValidationPatches,
+    collate_case,
+    collate_patches,
+)
+from lorkd.data.manifest import Case, load_manifest
+from lorkd.data.sampling import RegionSampler, item_weights
+from lorkd.data.transforms import PreprocessConfig
+from lorkd.regions import RegionMap
+
+log = logging.getLogger(__name__)
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (from Hydra) to plain Python."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+class LoRKDDataModule(L.LightningDataModule):
+    """Train / val / test / predict data from jsonl manifests.
+
+    * train: :class:`PatchDataset` drawn by :class:`RegionSampler` (region-homogeneous runs of
+      ``region_change_interval`` samples, ``samples_per_epoch`` samples per epoch over all ranks).
+      The sampler does its own DDP split (one stream per rank, seeded by seed, epoch and rank) and
+      subclasses ``DistributedSampler``, so the Trainer keeps the default
+      ``use_distributed_sampler=True``: Lightning leaves this sampler alone and still gives
+      val/test/predict their distributed samplers (predict: no case twice).
+    * val: :class:`ValidationPatches`, fixed label-centred patches without augmentation.
+    * test / predict: :class:`CaseDataset` with batch size 1; a batch is ``{"index", "case"}`` and
+      the evaluator / predictor preprocesses the case itself.
+
+    ``batch_size`` is per device. With ``cache_dir`` set, every case is preprocessed once into
+    the cache (in ``prepare_data``, i.e. by local rank 0, and lazily by whoever misses an entry);
+    without it, cases are preprocessed on every access.
+    """
+
+    def __init__(
+        self,
+        train_manifest: str | Path | None = None,
+        val_manifest: str | Path | None = None,
+        test_manifest: str | Path | None = None,
+        predict_manifest: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        preprocess: PreprocessConfig | Mapping[str, Any] | None = None,
+        patch_size: Sequence[int] = (64, 64, 32),
+        batch_size: int = 2,
+        num_workers: int = 0,
+        max_queries: int = 8,
+        samples_per_epoch: int = 256,
+        region_change_interval: int = 8,
+        dataset_weights: Mapping[str, float] | None = None,
+        augment: AugmentConfig | Mapping[str, Any] | bool = True,
+        label_centered_prob: float = 1.0,
+        region_map: RegionMap | None = None,
+        seed: int = 0,
+        neg_ratio: float = 0.5,
+        val_patches_per_item: int = 1,
+        warm_cache: bool = True,
+    ) -> None:
+        super().__init__()
+        self.manifests = {
+            "train": train_manifest,
+            "val": val_manifest,
+            "test": test_manifest,
+            "predict": predict_manifest,
+        }
+        self.cache = PreprocessCache(cache_dir) if cache_dir else None
+        self.preprocess = PreprocessConfig.coerce(_plain(preprocess))
+        self.patch_size = tuple(int(p) for p in _plain(patch_size))
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.max_queries = int(max_queries)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.region_change_interval = int(region_change_interval)
+        self.dataset_weights = dict(_plain(dataset_weights) or {})
+        self.augment = AugmentConfig.coerce(_plain(augment))
+        self.label_centered_prob = float(label_centered_prob)
+        self.region_map = region_map
+        self.seed = int(seed)
+        self.neg_ratio = float(neg_ratio)
+        self.val_patches_per_item = int(val_patches_per_item)
+        self.warm_cache = bool(warm_cache)
+        self.cases: dict[str, list[Case]] = {}
+        self.train_set: PatchDataset | None = None
+        self.val_set: ValidationPatches | None = None
+
+    def cases_of(self, split: str) -> list[Case]:
+        """Validated cases of a split (loaded once); predict manifests need no masks."""
+        if split not in self.cases:
+            path = self.manifests[split]
+            if path is None:
+                raise ValueError(f"no {split}_manifest configured (set data.{split}_manifest=...)")
+            self.cases[split] = load_manifest(
+                path, require_masks=split != "predict", region_map=self.region_map
+            )
+        return self.cases[split]
+
+    def prepare_data(self) -> None:
+        if self.cache is None or not self.warm_cache:
+            return
+        for split in ("train", "val"):
+            if self.manifests[split] is None:
+                continue
+            cases = self.cases_of(split)
+            log.info("preprocessing %d %s case(s) into %s", len(cases), split, self.cache.root)
+            for case in cases:
+                self.cache.get(case, self.preprocess)
+
+    def _patches(self, split: str, training: bool) -> PatchDataset:
+        return PatchDataset(
+            self.cases_of(split),
+            self.cache,
+            self.preprocess,
+            patch_size=self.patch_size,
+            max_queries=self.max_queries,
+            label_centered_prob=self.label_centered_prob if training else 1.0,
+            augment=self.augment if training else False,
+            region_map=self.region_map,
+            seed=self.seed,
+            neg_ratio=self.neg_ratio,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.manifests["train"] is not None:
+            self.train_set = self._patches("train", training=True)
+        if stage in (None, "fit", "validate") and self.manifests["val"] is not None:
+            self.val_set = ValidationPatches(
+                self._patches("val", training=False), self.val_patches_per_item, seed=self.seed
+            )
+
+    def _loader(self, dataset: Any, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise ValueError("no training data: set data.train_manifest and call setup('fit')")
+        items = self.train_set.items
+        sampler = RegionSampler(
+            regions=[it.region for it in items],
+            weights=item_weights(
+                [it.group for it in items], [it.dataset for it in items], self.dataset_weights
+            ),
+            num_samples=self.samples_per_epoch,
+            region_change_interval=self.region_change_interval,
+            seed=self.seed,
+        )
+        return self._loader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=collate_patches,
+            drop_last=True,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            raise ValueError("no validation data: set data.val_manifest")
+        return self._loader(
+            self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=collate_patches
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(
+            CaseDataset(self.cases_of("test")), batch_size=1, shuffle=False, collate_fn=collate_case
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(
+            CaseDataset(self.cases_of("predict")), batch_size=1, shuffle=False, collate_fn=collate_case
+        )

@@ -1,0 +1,86 @@
+"""Reading volumes (NIfTI or anything nibabel reads) with errors that name the file."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+NAN_POLICIES = ("error", "zero")
+
+
+class CaseError(ValueError):
+    """A case whose image or mask cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Volume:
+    """A 3-D array with its voxel-to-world (RAS mm) affine."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    name: str
+
+
+def squeeze_to_3d(array: np.ndarray, name: str) -> np.ndarray:
+    """Drop singleton channel/time axes (trailing, as NIfTI stores them, or one leading); else fail."""
+    shape = array.shape
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise CaseError(f"{name}: expected a 3-D volume (or 4-D with a singleton channel), got shape {shape}")
+    return array
+
+
+def header_shape(path: str | Path) -> tuple[int, ...]:
+    """Spatial shape from the header only (no voxel data read), singleton trailing axes dropped."""
+    try:
+        shape = tuple(int(s) for s in nib.load(str(path)).shape)
+    except Exception as exc:  # nibabel raises many types for unreadable files
+        raise CaseError(f"{path}: cannot read image header ({exc})") from exc
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def check_finite(array: np.ndarray, name: str, nan_policy: str) -> np.ndarray:
+    """Raise on NaN/Inf voxels (``nan_policy='error'``) or replace them by 0 (``'zero'``)."""
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    if not np.issubdtype(array.dtype, np.floating):
+        return array
+    finite = np.isfinite(array)
+    if finite.all():
+        return array
+    bad = int(finite.size - np.count_nonzero(finite))
+    if nan_policy == "error":
+        raise CaseError(
+            f"{name}: {bad} NaN/Inf voxel(s) of {finite.size}; fix the file or set preprocess.nan_policy=zero"
+        )
+    log.warning("%s: replacing %d NaN/Inf voxel(s) by 0", name, bad)
+    return np.where(finite, array, 0).astype(array.dtype, copy=False)
+
+
+def read_volume(path: str | Path, nan_policy: str = "error", dtype: type = np.float32) -> Volume:
+    """Load a 3-D volume as ``dtype`` with its affine; :class:`CaseError` names the file on failure."""
+    name = str(path)
+    try:
+        img = nib.load(name)
+        data = np.asarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except FileNotFoundError as exc:
+        raise CaseError(f"{name}: file not found") from exc
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise CaseError(f"{name}: cannot read image ({exc})") from exc
+    data = squeeze_to_3d(data, name)
+    data = check_finite(data.astype(dtype, copy=False), name, nan_policy)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise CaseError(f"{name}: invalid (singular or non-finite) affine {affine.tolist()}")
+    return Volume(data=np.ascontiguousarray(data), affine=affine, name=name)

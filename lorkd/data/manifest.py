@@ -1,0 +1,292 @@
+"""SAT-DS compatible jsonl manifests: one case a line, validated up front.
+
+A line::
+
+    {"image": "ct/case1.nii.gz", "label": ["liver", "spleen"], "modality": "ct",
+     "dataset": "AbdomenCT1K", "mask": "ct/case1_seg.nii.gz", "id": "case1"}
+
+``mask`` is an integer label map whose id j+1 is ``label[j]``; or ``masks`` maps each label to a
+binary file. Optional: ``id`` (default: image basename without ``.nii.gz``/``.nii``), ``region``
+(forces the expert), ``orientation`` (axis codes such as "ASR"). Other keys (SAT-DS's
+``patient_id``, ``official_split``...) are ignored. Relative paths resolve against the manifest's
+folder. Every problem is reported as ``<file>:<line>: <problem>``, all of them at once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorkd.data.io import CaseError, header_shape
+from lorkd.regions import (
+    RegionMap,
+    UnknownLabelError,
+    UnknownModalityError,
+    canonical_modality,
+    normalize_label,
+)
+
+_AXES = ({"L", "R"}, {"P", "A"}, {"I", "S"})
+
+
+class ManifestError(ValueError):
+    """A manifest with problems; ``problems`` holds one ``<file>:<line>: <problem>`` string each."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) in manifest {path}:\n" + "\n".join(problems))
+
+
+@dataclass
+class Case:
+    """One manifest line, paths absolute, labels normalised, modality canonical."""
+
+    image: Path
+    labels: list[str]
+    modality: str
+    dataset: str
+    mask: Path | None
+    masks: dict[str, Path] | None
+    id: str
+    region: str | None
+    orientation: str | None
+    line: int
+    source: Path
+
+    @property
+    def has_masks(self) -> bool:
+        return self.mask is not None or self.masks is not None
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+def default_id(image: str | Path) -> str:
+    name = Path(image).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def valid_axcodes(code: str) -> bool:
+    letters = code.upper()
+    return len(letters) == 3 and all(sum(c in axis for c in letters) == 1 for axis in _AXES)
+
+
+def load_manifest(
+    path: str | Path, require_masks: bool = True, region_map: RegionMap | None = None
+) -> list[Case]:
+    """Parse and validate a manifest; raise :class:`ManifestError` listing every problem."""
+    cases, problems = _parse(Path(path), require_masks, region_map)
+    if problems:
+        raise ManifestError(Path(path), problems)
+    return cases
+
+
+def validate_manifest(
+    path: str | Path, require_masks: bool = True, region_map: RegionMap | None = None
+) -> list[str]:
+    """The problems :func:`load_manifest` would raise, without raising."""
+    return _parse(Path(path), require_masks, region_map)[1]
+
+
+def _parse(path: Path, require_masks: bool, region_map: RegionMap | None) -> tuple[list[Case], list[str]]:
+    if not path.is_file():
+        return [], [f"{path}: manifest not found"]
+    path = path.resolve()
+    cases: list[Case] = []
+    problems: list[str] = []
+    first_line: dict[tuple[str, str], int] = {}
+    with path.open(encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            case, errors = _parse_line(text, path, number, require_masks, region_map)
+            problems.extend(f"{path}:{number}: {e}" for e in errors)
+            if case is None:
+                continue
+            key = (case.dataset, case.id)
+            if key in first_line:
+                problems.append(
+                    f"{path}:{number}: duplicate id {case.id!r} in dataset {case.dataset!r} "
+                    f"(first on line {first_line[key]})"
+                )
+                continue
+            first_line[key] = number
+            cases.append(case)
+    if not cases and not problems:
+        problems.append(f"{path}: manifest has no cases")
+    return cases, problems
+
+
+def _parse_line(
+    text: str, source: Path, number: int, require_masks: bool, region_map: RegionMap | None
+) -> tuple[Case | None, list[str]]:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, [f"bad JSON ({exc.msg} at column {exc.colno})"]
+    if not isinstance(row, dict):
+        return None, [f"expected a JSON object, got {type(row).__name__}"]
+    errors: list[str] = []
+    root = source.parent
+
+    image = _path_field(row, "image", root, errors, required=True)
+    labels = _labels(row, errors)
+    modality = _modality(row, errors)
+    dataset = row.get("dataset")
+    if not isinstance(dataset, str) or not dataset.strip():
+        errors.append("missing or empty 'dataset'")
+        dataset = ""
+    mask = _path_field(row, "mask", root, errors, required=False)
+    masks = _masks(row, labels, root, errors)
+    if mask is not None and masks is not None:
+        errors.append("give either 'mask' (label map) or 'masks' (one file per label), not both")
+    if require_masks and mask is None and masks is None and "mask" not in row and "masks" not in row:
+        errors.append("missing 'mask' (or 'masks'); this manifest needs ground truth")
+    region = _region(row, region_map, errors)
+    orientation = row.get("orientation")
+    if orientation is not None and (not isinstance(orientation, str) or not valid_axcodes(orientation)):
+        errors.append(f"invalid 'orientation' {orientation!r}; expected 3 axis codes such as 'RAS' or 'ASR'")
+        orientation = None
+    if region_map is not None and region is None and modality and labels:
+        for label in labels:
+            try:
+                region_map.region_of(label, modality)
+            except UnknownLabelError as exc:
+                errors.append(str(exc))
+    if image is not None and image.is_file():
+        _check_shapes(image, mask, masks, errors)
+
+    case_id = row.get("id", default_id(image) if image is not None else "")
+    if not isinstance(case_id, str) or not case_id:
+        errors.append(f"invalid 'id' {case_id!r}")
+    if errors or image is None:
+        return None, errors
+    return (
+        Case(
+            image=image,
+            labels=labels,
+            modality=modality,
+            dataset=dataset,
+            mask=mask,
+            masks=masks,
+            id=case_id,
+            region=region,
+            orientation=orientation.upper() if orientation else None,
+            line=number,
+            source=source,
+        ),
+        [],
+    )
+
+
+def _resolve(value: str, root: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (root / p).resolve()
+
+
+def _path_field(row: dict[str, Any], key: str, root: Path, errors: list[str], required: bool) -> Path | None:
+    value = row.get(key)
+    if value is None:
+        if required:
+            errors.append(f"missing '{key}'")
+        return None
+    if not isinstance(value, str) or not value:
+        errors.append(f"'{key}' must be a path string, got {value!r}")
+        return None
+    path = _resolve(value, root)
+    if not path.is_file():
+        errors.append(f"{key} file not found: {path}")
+    return path
+
+
+def _labels(row: dict[str, Any], errors: list[str]) -> list[str]:
+    raw = row.get("label", row.get("labels"))
+    if raw is None:
+        errors.append("missing 'label' (a list of label names)")
+        return []
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        errors.append(f"'label' must be a list of strings, got {raw!r}")
+        return []
+    labels = [normalize_label(x) for x in raw]
+    if not labels or not all(labels):
+        errors.append("empty label list" if not labels else f"empty label name in {raw!r}")
+        return []
+    duplicates = sorted({x for x in labels if labels.count(x) > 1})
+    if duplicates:
+        errors.append(f"duplicate labels {duplicates}")
+    return labels
+
+
+def _modality(row: dict[str, Any], errors: list[str]) -> str:
+    raw = row.get("modality")
+    if raw is None:
+        errors.append("missing 'modality'")
+        return ""
+    try:
+        return canonical_modality(raw)
+    except UnknownModalityError as exc:
+        errors.append(str(exc))
+        return ""
+
+
+def _masks(row: dict[str, Any], labels: list[str], root: Path, errors: list[str]) -> dict[str, Path] | None:
+    raw = row.get("masks")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+    ):
+        errors.append(f"'masks' must map label names to file paths, got {raw!r}")
+        return None
+    masks: dict[str, Path] = {}
+    for name, value in raw.items():
+        label = normalize_label(name)
+        if labels and label not in labels:
+            errors.append(f"'masks' has label {label!r} that is not in 'label'")
+        path = _resolve(value, root)
+        if not path.is_file():
+            errors.append(f"masks[{label!r}] file not found: {path}")
+        masks[label] = path
+    return masks
+
+
+def _region(row: dict[str, Any], region_map: RegionMap | None, errors: list[str]) -> str | None:
+    raw = row.get("region")
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not raw.strip():
+        errors.append(f"invalid 'region' {raw!r}")
+        return None
+    region = raw.strip().lower().replace(" ", "_")
+    if region_map is not None and region not in region_map.regions:
+        errors.append(f"unknown region {raw!r}; expected one of {region_map.regions}")
+        return None
+    return region
+
+
+def _check_shapes(image: Path, mask: Path | None, masks: dict[str, Path] | None, errors: list[str]) -> None:
+    try:
+        shape = header_shape(image)
+    except CaseError as exc:
+        errors.append(str(exc))
+        return
+    if len(shape) != 3:
+        errors.append(f"{image}: image is not 3-D (shape {shape})")
+        return
+    others = ([mask] if mask is not None else []) + list((masks or {}).values())
+    for other in others:
+        if not other.is_file():
+            continue
+        try:
+            other_shape = header_shape(other)
+        except CaseError as exc:
+            errors.append(str(exc))
+            continue
+        if other_shape != shape:
+            errors.append(f"mask shape {other_shape} != image shape {shape} ({other})")

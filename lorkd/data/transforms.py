@@ -1,0 +1,397 @@
+"""SAT's preprocessing (orientation, spacing, foreground crop, intensity) and its exact inverse.
+
+The target grid comes from MONAI's ``Orientation`` and ``Spacing`` (run lazily, so only their
+geometry is used) and every array (image, masks, predictions) is moved between the original grid
+and that grid by one MONAI ``SpatialResample``; forward and inverse therefore share one geometry.
+:class:`InversionInfo` keeps what the inverse needs, so predictions are written in the input's
+own grid (shape and affine) rather than SAT's identity-affine resampled grid.
+
+Documented edge cases:
+
+* all-background volume (e.g. a CT with HU <= 0 everywhere): cropping to the voxels > 0 would give
+  an empty box, so the full volume is kept and a warning is logged;
+* constant volume: the z-score has std 0, the result is all zeros (never NaN);
+* NaN/Inf voxels: :class:`~lorkd.data.io.CaseError` naming the file (``nan_policy="error"``, the
+  default) or replaced by 0 (``nan_policy="zero"``);
+* 4-D input with a singleton channel is squeezed; any other non-3-D input is a ``CaseError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from lorkd.data.io import NAN_POLICIES, CaseError, Volume, check_finite, read_volume, squeeze_to_3d
+from lorkd.data.manifest import Case, valid_axcodes
+from lorkd.regions import canonical_modality
+
+log = logging.getLogger(__name__)
+
+INTERPOLATIONS = ("bilinear", "nearest")
+_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+Affine = tuple[tuple[float, ...], ...]
+
+
+def _pair(value: Any, name: str) -> tuple[float, float]:
+    pair = tuple(float(v) for v in value)
+    if len(pair) != 2 or not pair[0] < pair[1]:
+        raise ValueError(f"preprocess.{name} must be (low, high) with low < high, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+@dataclass
+class PreprocessConfig:
+    """SAT's recipe; every field is a key of the ``preprocess:`` block of ``configs/data/*.yaml``.
+
+    ``orientation`` None keeps the image's own axis order; ``spacing`` None keeps its voxel size.
+    A manifest line's ``orientation`` overrides ``orientation``.
+    """
+
+    orientation: str | None = "RAS"
+    spacing: tuple[float, float, float] | None = (1.0, 1.0, 3.0)
+    crop_foreground: bool = True
+    ct_window: tuple[float, float] = (-500.0, 1000.0)
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    interpolation: str = "bilinear"
+    nan_policy: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.orientation is not None:
+            if not valid_axcodes(str(self.orientation)):
+                raise ValueError(
+                    f"preprocess.orientation must be 3 axis codes like 'RAS', got {self.orientation!r}"
+                )
+            self.orientation = str(self.orientation).upper()
+        if self.spacing is not None:
+            spacing = tuple(float(s) for s in self.spacing)
+            if len(spacing) != 3 or min(spacing) <= 0:
+                raise ValueError(
+                    f"preprocess.spacing must be 3 positive numbers or null, got {self.spacing!r}"
+                )
+            self.spacing = spacing  # type: ignore[assignment]
+        self.ct_window = _pair(self.ct_window, "ct_window")
+        self.percentiles = _pair(self.percentiles, "percentiles")
+        if not (0.0 <= self.percentiles[0] and self.percentiles[1] <= 100.0):
+            raise ValueError(f"preprocess.percentiles must lie in [0, 100], got {self.percentiles!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"preprocess.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"preprocess.nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
+        self.crop_foreground = bool(self.crop_foreground)
+
+    @classmethod
+    def coerce(cls, value: PreprocessConfig | Mapping[str, Any] | None) -> PreprocessConfig:
+        """Accept a config object, a plain/OmegaConf mapping (from Hydra) or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown preprocess key(s) {unknown}; expected some of {sorted(known)}")
+            return cls(**{k: value[k] for k in value})
+        raise TypeError(f"preprocess must be a PreprocessConfig or a mapping, got {type(value).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _affine_tuple(affine: np.ndarray) -> Affine:
+    return tuple(tuple(float(x) for x in row) for row in np.asarray(affine, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class InversionInfo:
+    """Geometry linking the original grid and the preprocessed (reoriented, resampled, cropped) grid."""
+
+    original_shape: tuple[int, int, int]
+    original_affine: Affine
+    orientation: str | None
+    spacing: tuple[float, float, float] | None
+    resampled_shape: tuple[int, int, int]
+    resampled_affine: Affine
+    crop_start: tuple[int, int, int]
+    crop_end: tuple[int, int, int]
+    foreground_empty: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Spatial shape of the preprocessed array."""
+        return tuple(e - s for s, e in zip(self.crop_start, self.crop_end))  # type: ignore[return-value]
+
+    @property
+    def affine(self) -> np.ndarray:
+        """Voxel-to-world affine of the preprocessed (cropped) array."""
+        shift = np.eye(4)
+        shift[:3, 3] = self.crop_start
+        return np.asarray(self.resampled_affine) @ shift
+
+    @property
+    def crop_slices(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(s, e) for s, e in zip(self.crop_start, self.crop_end))  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InversionInfo:
+        def ints(key: str) -> tuple[int, ...]:
+            return tuple(int(v) for v in data[key])
+
+        spacing = data.get("spacing")
+        return cls(
+            original_shape=ints("original_shape"),  # type: ignore[arg-type]
+            original_affine=_affine_tuple(np.asarray(data["original_affine"])),
+            orientation=data.get("orientation"),
+            spacing=tuple(float(s) for s in spacing) if spacing is not None else None,  # type: ignore[arg-type]
+            resampled_shape=ints("resampled_shape"),  # type: ignore[arg-type]
+            resampled_affine=_affine_tuple(np.asarray(data["resampled_affine"])),
+            crop_start=ints("crop_start"),  # type: ignore[arg-type]
+            crop_end=ints("crop_end"),  # type: ignore[arg-type]
+            foreground_empty=bool(data.get("foreground_empty", False)),
+        )
+
+
+@dataclass
+class PreprocessedCase:
+    """A case in the preprocessed grid: image (1,X,Y,Z) float32, masks (N,X,Y,Z) uint8 by label."""
+
+    image: np.ndarray
+    masks: np.ndarray
+    labels: list[str]
+    info: InversionInfo
+    modality: str
+    case_id: str = ""
+    dataset: str = ""
+
+
+def target_grid(
+    shape: Sequence[int], affine: np.ndarray, orientation: str | None, spacing: Sequence[float] | None
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Affine and shape that MONAI ``Orientation`` + ``Spacing`` give for this grid (no data moved)."""
+    if not orientation and spacing is None:
+        return np.asarray(affine, dtype=np.float64), tuple(int(s) for s in shape)  # type: ignore[return-value]
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    t = MetaTensor(
+        torch.empty((1, *shape), dtype=torch.float32), affine=torch.as_tensor(affine, dtype=torch.float64)
+    )
+    if orientation:
+        t = Orientation(axcodes=orientation, labels=_AXIS_LABELS, lazy=True)(t)
+    if spacing is not None:
+        t = Spacing(pixdim=tuple(spacing), lazy=True)(t)
+    out_affine = np.asarray(t.peek_pending_affine(), dtype=np.float64)
+    return out_affine, tuple(int(s) for s in t.peek_pending_shape())  # type: ignore[return-value]
+
+
+def resample(
+    array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int], mode: str
+) -> np.ndarray:
+    """Resample a channel-first array (C,X,Y,Z) from one grid to another (MONAI ``SpatialResample``)."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    src = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
+        affine=torch.as_tensor(np.asarray(src_affine), dtype=torch.float64),
+    )
+    out = SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)(
+        src,
+        dst_affine=torch.as_tensor(np.asarray(dst_affine), dtype=torch.float64),
+        spatial_size=tuple(dst_shape),
+    )
+    return np.asarray(out.as_tensor() if isinstance(out, MetaTensor) else out, dtype=np.float32)
+
+
+def foreground_box(volume: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Bounding box (start, exclusive end) of the voxels > 0, or None when there are none."""
+    fg = volume > 0
+    start, end = [], []
+    for axis in range(volume.ndim):
+        hits = np.flatnonzero(fg.any(axis=tuple(a for a in range(volume.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        start.append(int(hits[0]))
+        end.append(int(hits[-1]) + 1)
+    return tuple(start), tuple(end)
+
+
+def normalize_intensity(volume: np.ndarray, modality: str, cfg: PreprocessConfig) -> np.ndarray:
+    """CT: clip to ``ct_window``; others: clip to ``percentiles``; then z-score (std 0 gives zeros)."""
+    if canonical_modality(modality) == "ct":
+        low, high = cfg.ct_window
+    else:
+        low, high = (float(p) for p in np.percentile(volume, cfg.percentiles))
+    clipped = np.clip(volume, low, high)
+    mean = float(clipped.mean(dtype=np.float64))
+    std = float(clipped.std(dtype=np.float64))
+    if std < 1e-8:
+        return np.zeros_like(clipped, dtype=np.float32)
+    return ((clipped - mean) / std).astype(np.float32)
+
+
+def _as_volume(
+    image: str | Path | nib.spatialimages.SpatialImage | np.ndarray, affine: Any, nan_policy: str
+) -> Volume:
+    if isinstance(image, (str, Path)):
+        return read_volume(image, nan_policy)
+    if isinstance(image, np.ndarray):
+        if affine is None:
+            raise ValueError("preprocess_image: a numpy image needs its affine")
+        name = "<array>"
+        data = squeeze_to_3d(image, name).astype(np.float32, copy=False)
+        affine = np.asarray(affine, dtype=np.float64)
+    elif isinstance(image, nib.spatialimages.SpatialImage):
+        name = image.get_filename() or "<nibabel image>"
+        data = squeeze_to_3d(np.asarray(image.dataobj), name).astype(np.float32, copy=False)
+        affine = np.asarray(image.affine if affine is None else affine, dtype=np.float64)
+    else:
+        raise TypeError(f"preprocess_image: unsupported image type {type(image).__name__}")
+    if affine.shape != (4, 4):
+        raise CaseError(f"{name}: affine must be 4x4, got shape {affine.shape}")
+    return Volume(np.ascontiguousarray(check_finite(data, name, nan_policy)), affine, name)
+
+
+def preprocess_image(
+    image: str | Path | nib.spatialimages.SpatialImage | np.ndarray,
+    modality: str,
+    cfg: PreprocessConfig | Mapping[str, Any] | None = None,
+    affine: np.ndarray | None = None,
+    orientation: str | None = None,
+) -> tuple[np.ndarray, InversionInfo]:
+    """Reorient, resample, crop to the voxels > 0 (raw intensity) and normalise one image.
+
+    Returns the (1,X,Y,Z) float32 array and the :class:`InversionInfo` to map results back.
+    """
+    cfg = PreprocessConfig.coerce(cfg)
+    vol = _as_volume(image, affine, cfg.nan_policy)
+    axcodes = (orientation or cfg.orientation or "").upper() or None
+    dst_affine, dst_shape = target_grid(vol.data.shape, vol.affine, axcodes, cfg.spacing)
+    resampled = resample(vol.data[None], vol.affine, dst_affine, dst_shape, cfg.interpolation)[0]
+
+    start, end, empty = (0, 0, 0), dst_shape, False
+    if cfg.crop_foreground:
+        box = foreground_box(resampled)
+        if box is None:
+            empty = True
+            log.warning(
+                "%s: no voxel > 0 (all-background %s image); keeping the full volume instead of an empty crop",
+                vol.name,
+                canonical_modality(modality),
+            )
+        else:
+            start, end = box
+    info = InversionInfo(
+        original_shape=tuple(int(s) for s in vol.data.shape),  # type: ignore[arg-type]
+        original_affine=_affine_tuple(vol.affine),
+        orientation=axcodes,
+        spacing=cfg.spacing,
+        resampled_shape=dst_shape,
+        resampled_affine=_affine_tuple(dst_affine),
+        crop_start=tuple(start),  # type: ignore[arg-type]
+        crop_end=tuple(end),  # type: ignore[arg-type]
+        foreground_empty=empty,
+    )
+    cropped = resampled[info.crop_slices]
+    return normalize_intensity(cropped, modality, cfg)[None], info
+
+
+def to_preprocessed_grid(array: np.ndarray, info: InversionInfo, mode: str = "nearest") -> np.ndarray:
+    """Map a (C, *original_shape) array (e.g. masks) onto the preprocessed grid, (C, *info.shape)."""
+    array = np.asarray(array)
+    if array.ndim != 4 or tuple(array.shape[1:]) != tuple(info.original_shape):
+        raise ValueError(f"expected (C, {', '.join(map(str, info.original_shape))}), got {array.shape}")
+    out = resample(
+        array, np.asarray(info.original_affine), np.asarray(info.resampled_affine), info.resampled_shape, mode
+    )
+    return out[(slice(None), *info.crop_slices)]
+
+
+def invert_to_original(array: np.ndarray, info: InversionInfo, mode: str = "bilinear") -> np.ndarray:
+    """Map a (C, *info.shape) array back onto the original image grid, (C, *original_shape).
+
+    Undoes the crop (outside it: 0), the spacing and the orientation in one resampling. ``bilinear``
+    (for probabilities) returns float32; ``nearest`` (for masks) keeps the input dtype.
+    """
+    array = np.asarray(array)
+    if array.ndim != 4 or tuple(array.shape[1:]) != tuple(info.shape):
+        raise ValueError(
+            f"expected (C, {', '.join(map(str, info.shape))}) in the preprocessed grid, got {array.shape}"
+        )
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"mode must be one of {INTERPOLATIONS}, got {mode!r}")
+    full = np.zeros((array.shape[0], *info.resampled_shape), dtype=np.float32)
+    full[(slice(None), *info.crop_slices)] = array
+    out = resample(
+        full, np.asarray(info.resampled_affine), np.asarray(info.original_affine), info.original_shape, mode
+    )
+    return out.astype(array.dtype) if mode == "nearest" else out
+
+
+def load_masks(case: Case, shape: tuple[int, ...], nan_policy: str = "error") -> np.ndarray:
+    """Ground truth of a case in its original grid as (N_labels, *shape) uint8, aligned to ``case.labels``.
+
+    A label map's id j+1 is ``labels[j]``; a label absent from the mask gives an all-zero channel.
+    """
+    masks = np.zeros((len(case.labels), *shape), dtype=np.uint8)
+    if case.mask is not None:
+        label_map = _read_mask(case.mask, shape, nan_policy)
+        ids = np.rint(label_map).astype(np.int64)
+        if ids.min(initial=0) < 0:
+            raise CaseError(f"{case.mask}: label map has negative ids")
+        for j in range(len(case.labels)):
+            masks[j] = ids == j + 1
+        if int(ids.max(initial=0)) > len(case.labels):
+            log.warning(
+                "%s: label map has ids up to %d but only %d labels are listed; higher ids are ignored",
+                case.mask,
+                int(ids.max()),
+                len(case.labels),
+            )
+    for label, path in (case.masks or {}).items():
+        masks[case.labels.index(label)] = _read_mask(path, shape, nan_policy) > 0.5
+    return masks
+
+
+def _read_mask(path: Path, shape: tuple[int, ...], nan_policy: str) -> np.ndarray:
+    data = read_volume(path, nan_policy).data
+    if data.shape != tuple(shape):
+        raise CaseError(f"{path}: mask shape {data.shape} != image shape {tuple(shape)}")
+    return data
+
+
+def preprocess_case(case: Case, cfg: PreprocessConfig | Mapping[str, Any] | None = None) -> PreprocessedCase:
+    """Preprocess a case's image and masks (nearest) into the same grid.
+
+    Masks are assumed to share the image's voxel grid (their shape is checked; their own affine is
+    not used, so a mask header that disagrees with its image cannot shift the ground truth).
+    """
+    cfg = PreprocessConfig.coerce(cfg)
+    image, info = preprocess_image(case.image, case.modality, cfg, orientation=case.orientation)
+    if case.has_masks:
+        original = load_masks(case, info.original_shape, cfg.nan_policy)
+        masks = (to_preprocessed_grid(original, info, mode="nearest") > 0.5).astype(np.uint8)
+    else:
+        masks = np.zeros((len(case.labels), *info.shape), dtype=np.uint8)
+    return PreprocessedCase(
+        image=image,
+        masks=masks,
+        labels=list(case.labels),
+        info=info,
+        modality=case.modality,
+        case_id=case.id,
+        dataset=case.dataset,
+    )
