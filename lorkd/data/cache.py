@@ -118,7 +118,8 @@ class PreprocessCache:
             os.replace(tmp, target)
             return
         except OSError:
-            if self._read(target) is not None:  # another process published the same entry first
+            if self._read(target) is not None:
+                log.debug("cache entry %s was published by another process first", target)
                 return
         log.warning("replacing unreadable cache entry %s", target)
         shutil.rmtree(target, ignore_errors=True)

@@ -206,8 +206,8 @@ def brain_mri(rng: np.random.Generator, c: Coords) -> tuple[np.ndarray, np.ndarr
     shape = np.broadcast_shapes(*(a.shape for a in c))
     image = np.zeros(shape, dtype=np.float32)
     labels = np.zeros(shape, dtype=np.uint8)
-    w = deform(rng, c, amplitude=5.0)
-    head = _scale(rng, (50, 54, 52), 0.95, 1.04)
+    w = deform(rng, c, amplitude=4.0)
+    head = _scale(rng, (47, 48, 56), 0.95, 1.03)
     _paint(image, labels, ellipsoid(w, (0, 0, 0), head), 85.0, 0)  # scalp
     _paint(image, labels, ellipsoid(w, (0, 0, 0), [r - 4 for r in head]), 12.0, 0)  # skull
     _paint(image, labels, ellipsoid(w, (0, 0, 0), [r - 7 for r in head]), 25.0, 0)  # CSF
@@ -251,7 +251,7 @@ PHANTOMS: tuple[PhantomSpec, ...] = (
         "DemoBrainMRI",
         "mri",
         ("lateral ventricle", "grey matter", "white matter"),
-        (112.0, 120.0, 116.0),
+        (112.0, 116.0, 132.0),
         brain_mri,
     ),
 )

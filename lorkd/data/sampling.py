@@ -12,6 +12,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from fnmatch import fnmatchcase
 
 import numpy as np
 import torch.distributed as dist
@@ -20,21 +21,35 @@ from torch.utils.data.distributed import DistributedSampler
 log = logging.getLogger(__name__)
 
 
+def _weight_of(group: str, dataset: str, weights: Mapping[str, float]) -> float:
+    """Exact group, then exact dataset, then the first glob pattern (``CT_ORG*``) matching either."""
+    if group in weights:
+        return float(weights[group])
+    if dataset in weights:
+        return float(weights[dataset])
+    for pattern, w in weights.items():
+        if fnmatchcase(group, pattern) or fnmatchcase(dataset, pattern):
+            return float(w)
+    return 1.0
+
+
 def item_weights(
     groups: Sequence[str], datasets: Sequence[str], dataset_weights: Mapping[str, float] | None = None
 ) -> list[float]:
     """Per item: weight of its group (``<dataset>_<region>``) or dataset (default 1) / sqrt(group size).
 
-    A ``dataset_weights`` key that names no group or dataset is reported (probably a typo).
+    ``dataset_weights`` keys are group names, dataset names or glob patterns; a key that matches
+    no item is reported (probably a typo).
     """
     weights = dict(dataset_weights or {})
-    unused = sorted(set(weights) - set(groups) - set(datasets))
+    names = set(groups) | set(datasets)
+    unused = sorted(k for k in weights if not any(fnmatchcase(n, k) for n in names))
     if unused:
         log.warning("dataset_weights keys match no training dataset: %s", unused)
     sizes = Counter(groups)
     out = []
     for group, dataset in zip(groups, datasets):
-        w = float(weights.get(group, weights.get(dataset, 1.0)))
+        w = _weight_of(group, dataset, weights)
         if w < 0:
             raise ValueError(f"dataset weight of {group!r} must be >= 0, got {w}")
         out.append(w / math.sqrt(sizes[group]))

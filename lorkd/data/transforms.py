@@ -230,7 +230,7 @@ def foreground_box(volume: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]
 
 
 def normalize_intensity(volume: np.ndarray, modality: str, cfg: PreprocessConfig) -> np.ndarray:
-    """CT: clip to ``ct_window``; others: clip to ``percentiles``; then z-score (std 0 gives zeros)."""
+    """CT: clip to ``ct_window``; others: clip to ``percentiles``; then z-score (a constant gives zeros)."""
     if canonical_modality(modality) == "ct":
         low, high = cfg.ct_window
     else:
@@ -238,7 +238,7 @@ def normalize_intensity(volume: np.ndarray, modality: str, cfg: PreprocessConfig
     clipped = np.clip(volume, low, high)
     mean = float(clipped.mean(dtype=np.float64))
     std = float(clipped.std(dtype=np.float64))
-    if std < 1e-8:
+    if std <= 1e-5 * max(1.0, abs(mean)):  # constant up to float rounding of the resampling
         return np.zeros_like(clipped, dtype=np.float32)
     return ((clipped - mean) / std).astype(np.float32)
 

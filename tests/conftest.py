@@ -1,0 +1,41 @@
+"""Shared fixtures: the region map used by the demo, and a writer of small synthetic NIfTI files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lorkd.regions import RegionMap
+from lorkd.utils import CONFIG_DIR
+
+
+@pytest.fixture(scope="session")
+def region_map() -> RegionMap:
+    """sat49 plus the demo's extra label (ct 'liver tumor' -> abdomen, abnormal), as configs/regions/demo.yaml."""
+    demo = OmegaConf.load(CONFIG_DIR / "regions" / "demo.yaml")
+    return instantiate(
+        OmegaConf.load(CONFIG_DIR / "regions" / "sat49.yaml"),
+        extra_labels=OmegaConf.to_container(demo.extra_labels),
+        extra_abnormal=OmegaConf.to_container(demo.extra_abnormal),
+    )
+
+
+@pytest.fixture
+def write_nifti(tmp_path: Path) -> Callable[..., Path]:
+    """``write_nifti(name, array, affine=None)`` saves under tmp_path and returns the path."""
+
+    def write(name: str, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(
+            nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else np.asarray(affine)), str(path)
+        )
+        return path
+
+    return write

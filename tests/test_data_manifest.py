@@ -1,0 +1,160 @@
+"""Manifests: parsing, normalisation, and problems reported with file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lorkd.data.io import CaseError, read_volume
+from lorkd.data.manifest import ManifestError, load_manifest, validate_manifest
+
+
+def write_manifest(path: Path, rows: list) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def files(write_nifti):
+    """Two images (8x8x4) with label maps, one mask of the wrong shape, one per-label binary mask."""
+    vol = np.zeros((8, 8, 4), np.int16)
+    return {
+        "img1": write_nifti("ct/case1.nii.gz", vol),
+        "seg1": write_nifti("ct/case1_seg.nii.gz", vol.astype(np.uint8)),
+        "img2": write_nifti("ct/case2.nii", vol),
+        "seg2": write_nifti("ct/case2_seg.nii.gz", vol.astype(np.uint8)),
+        "bad_shape": write_nifti("ct/bad_seg.nii.gz", np.zeros((8, 8, 5), np.uint8)),
+        "liver": write_nifti("ct/case2_liver.nii.gz", vol.astype(np.uint8)),
+    }
+
+
+def test_valid_manifest_resolves_paths_and_normalises(tmp_path, files, region_map):
+    path = write_manifest(
+        tmp_path / "train.jsonl",
+        [
+            {"image": "ct/case1.nii.gz", "label": ["Liver ", "SPLEEN"], "modality": "CT", "dataset": "D1",
+             "mask": "ct/case1_seg.nii.gz", "patient_id": "ignored"},
+            "",
+            {"image": str(files["img2"]), "label": ["liver"], "modality": "T2", "dataset": "D1",
+             "masks": {"Liver": "ct/case2_liver.nii.gz"}, "id": "custom", "region": "Abdomen", "orientation": "asr"},
+        ],
+    )  # fmt: skip
+    cases = load_manifest(path, region_map=region_map)
+    assert [c.id for c in cases] == ["case1", "custom"]
+    first, second = cases
+    assert first.image == files["img1"].resolve() and first.mask == files["seg1"].resolve()
+    assert first.labels == ["liver", "spleen"] and first.modality == "ct" and first.line == 1
+    assert first.source == path.resolve() and first.region is None and first.masks is None
+    assert second.modality == "mri" and second.masks == {"liver": files["liver"].resolve()}
+    assert second.region == "abdomen" and second.orientation == "ASR" and second.line == 3
+
+
+def test_default_id_strips_nii_suffixes(tmp_path, files):
+    path = write_manifest(
+        tmp_path / "m.jsonl",
+        [
+            {
+                "image": "ct/case2.nii",
+                "label": ["liver"],
+                "modality": "ct",
+                "dataset": "D",
+                "mask": "ct/case2_seg.nii.gz",
+            }
+        ],
+    )
+    assert load_manifest(path)[0].id == "case2"
+
+
+def test_every_problem_is_reported_with_file_and_line(tmp_path, files, region_map):
+    good = {
+        "image": "ct/case1.nii.gz",
+        "label": ["liver"],
+        "modality": "ct",
+        "dataset": "D",
+        "mask": "ct/case1_seg.nii.gz",
+    }
+    rows = [
+        good,  # 1
+        '{"image": "ct/case1.nii.gz", "label": [',  # 2 bad JSON
+        {**good, "id": "b", "modality": "xray"},  # 3 unknown modality
+        {**good, "id": "c", "label": []},  # 4 empty label list
+        {**good, "id": "d", "image": "ct/missing.nii.gz"},  # 5 missing file
+        {**good, "id": "e", "mask": "ct/bad_seg.nii.gz"},  # 6 mask shape
+        good,  # 7 duplicate id (case1 in dataset D)
+        {**good, "id": "g", "label": ["livre"]},  # 8 unknown label, with the closest name
+        {**good, "id": "h", "orientation": "RRS"},  # 9 invalid orientation
+        {**good, "id": "i", "masks": {"liver": "ct/case2_liver.nii.gz"}},  # 10 mask and masks
+        {"image": "ct/case2.nii", "label": ["liver"], "modality": "ct", "dataset": "D"},  # 11 no mask
+        [1, 2],  # 12 not an object
+    ]
+    path = write_manifest(tmp_path / "bad.jsonl", rows)
+    problems = validate_manifest(path, region_map=region_map)
+    where = {int(p.split(":")[1]) for p in problems}
+    assert where == set(range(2, 13))
+    assert all(p.startswith(f"{path.resolve()}:") for p in problems)
+    text = "\n".join(problems)
+    for needle in (
+        ":2: bad JSON",
+        ":3: unknown modality 'xray'",
+        ":4: empty label list",
+        ":5: image file not found",
+        ":6: mask shape (8, 8, 5) != image shape (8, 8, 4)",
+        ":7: duplicate id 'case1' in dataset 'D' (first on line 1)",
+        ":8: unknown label 'livre' for modality 'ct'; closest known labels: liver",
+        ":9: invalid 'orientation' 'RRS'",
+        ":10: give either 'mask'",
+        ":11: missing 'mask'",
+        ":12: expected a JSON object",
+    ):
+        assert needle in text, needle
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path, region_map=region_map)
+    assert isinstance(info.value, ValueError) and info.value.problems == problems
+    assert f"{len(problems)} problem(s) in manifest" in str(info.value)
+
+
+def test_predict_manifests_need_no_mask_and_forced_regions_skip_label_lookup(tmp_path, files, region_map):
+    path = write_manifest(
+        tmp_path / "p.jsonl",
+        [
+            {
+                "image": "ct/case1.nii.gz",
+                "label": ["my new organ"],
+                "modality": "ct",
+                "dataset": "D",
+                "region": "thorax",
+            },
+            {
+                "image": "ct/case2.nii",
+                "label": ["liver"],
+                "modality": "ct",
+                "dataset": "D",
+                "region": "belly",
+            },
+        ],
+    )
+    problems = validate_manifest(path, require_masks=False, region_map=region_map)
+    assert len(problems) == 1 and ":2: unknown region 'belly'" in problems[0]
+    assert validate_manifest(path, require_masks=False) == []  # no region map: names are not checked
+
+
+def test_missing_manifest_and_empty_manifest(tmp_path):
+    assert "manifest not found" in validate_manifest(tmp_path / "nope.jsonl")[0]
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    assert "manifest has no cases" in validate_manifest(tmp_path / "empty.jsonl")[0]
+
+
+def test_read_volume_errors_name_the_file(tmp_path, write_nifti):
+    garbage = tmp_path / "broken.nii.gz"
+    garbage.write_bytes(b"not a nifti file at all")
+    with pytest.raises(CaseError, match="broken.nii.gz: cannot read image"):
+        read_volume(garbage)
+    flat = write_nifti("flat.nii.gz", np.zeros((8, 8), np.float32))
+    with pytest.raises(CaseError, match=r"flat.nii.gz: expected a 3-D volume .* shape \(8, 8\)"):
+        read_volume(flat)
+    with pytest.raises(CaseError, match="missing.nii.gz: file not found"):
+        read_volume(tmp_path / "missing.nii.gz")
