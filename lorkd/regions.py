@@ -95,6 +95,13 @@ class RegionMap:
             raise ValueError(f"label {key!r} is mapped to two regions: {previous} and {region}")
         self.label_region[key] = region
 
+    def to_dict(self) -> dict:
+        """Plain-data form (stored in checkpoints and exports); ``RegionMap(**d)`` rebuilds it."""
+        labels: dict[str, list[str]] = {}
+        for key, region in sorted(self.label_region.items()):
+            labels.setdefault(region, []).append(key)
+        return {"regions": list(self.regions), "labels": labels, "abnormal": sorted(self.abnormal)}
+
     @property
     def num_experts(self) -> int:
         return len(self.regions)

@@ -195,3 +195,7 @@ class LoRKDDataModule(L.LightningDataModule):
         return self._loader(
             CaseDataset(self.cases_of("predict")), batch_size=1, shuffle=False, collate_fn=collate_case
         )
+
+    def describe(self) -> dict[str, Any]:
+        """What inference must reproduce (stored in checkpoints): preprocessing and the training patch size."""
+        return {"preprocess": self.preprocess.to_dict(), "patch_size": list(self.patch_size)}

@@ -39,7 +39,7 @@ class ImageFeatures:
 class SATOutput:
     logits: torch.Tensor  # (B, N, H, W, D)
     aux_logits: list[torch.Tensor]  # deep-supervision logits at /2, /4, /8 (empty without DS)
-    latent: torch.Tensor
+    memory: torch.Tensor  # (B, L, query_dim) fused latent tokens
 
 
 class SAT(nn.Module):
@@ -145,5 +145,5 @@ class SAT(nn.Module):
         features = self.encode(image)
         logits = self.decode(features, queries)
         if return_aux:
-            return SATOutput(logits=logits[0], aux_logits=logits[1:], latent=features.latent)
+            return SATOutput(logits=logits[0], aux_logits=logits[1:], memory=features.memory)
         return logits[0]

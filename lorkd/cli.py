@@ -1,0 +1,19 @@
+"""Console entry points: ``lorkd-train``, ``lorkd-eval``, ``lorkd-predict``, ``lorkd-export`` (and the root scripts)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from lorkd.utils import CONFIG_DIR, offline_environment, register_resolvers
+
+offline_environment()
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def train(cfg: DictConfig) -> float | None:
+    from lorkd.training import train as run
+
+    metrics = run(cfg)
+    return metrics.get("val/dice")

@@ -1,0 +1,107 @@
+"""Load a segmentation model for inference from any supported source.
+
+* a LoRKD checkpoint (``kind: lorkd``): the student with its region experts (``model="experts"``) or its
+  teacher (``model="teacher"``, read from the path recorded in the checkpoint, fingerprint checked);
+* a SATModule checkpoint (``kind: sat``): the teacher alone;
+* an official SAT vision file + its paired text encoder (``text_checkpoint`` and ``language_model_path``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.sat import build_text_encoder, sat_model_from_checkpoint
+from lorkd.checkpoints.teacher import (
+    META_KEY,
+    build_text_encoder_from_meta,
+    load_teacher,
+    read_checkpoint,
+    sub_state,
+)
+from lorkd.experts import add_region_experts
+from lorkd.models.sat import SAT
+from lorkd.models.text import PromptBank
+from lorkd.regions import RegionMap
+
+
+@dataclass
+class LoadedModel:
+    net: SAT  # with region experts on its backbone when ``experts`` is non-empty
+    prompts: PromptBank
+    kind: str  # "experts" | "teacher"
+    experts: list[str] = field(default_factory=list)  # expert names in index order
+    region_map: RegionMap | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # preprocessing and patch size used in training
+    source: str = ""
+
+    @property
+    def parameter_count(self) -> int:
+        """Parameters used for one forward (a deployed expert: the base's size; experts excluded)."""
+        return sum(p.numel() for n, p in self.net.named_parameters() if ".lora_" not in n)
+
+
+def _region_map(meta: Mapping[str, Any]) -> RegionMap | None:
+    data = meta.get("region_map")
+    return RegionMap(**data) if data else None
+
+
+def _prompts(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str) -> PromptBank:
+    text = build_text_encoder_from_meta(meta["text_encoder"], sub_state(state, "text_encoder."), source)
+    bank = PromptBank(text)
+    bank.load_state_dict(meta["prompt_bank"])
+    return bank
+
+
+def load_model(
+    path: str | Path,
+    model: str = "experts",
+    text_checkpoint: str | Path | None = None,
+    language_model_path: str | None = None,
+    **official_overrides: Any,
+) -> LoadedModel:
+    """Build the network and prompt bank stored at ``path`` (see module docstring), in eval mode."""
+    if model not in ("experts", "teacher"):
+        raise ValueError(f"model must be 'experts' or 'teacher', got {model!r}")
+    raw = read_checkpoint(path)
+    meta = raw.get(META_KEY) if isinstance(raw, Mapping) else None
+    source = str(path)
+    if meta is None:  # official SAT vision file
+        if not (text_checkpoint and language_model_path):
+            raise ValueError(
+                f"{path} is an official SAT vision checkpoint: also give its paired text encoder "
+                "(text_checkpoint=...) and a local language model folder (language_model_path=...)"
+            )
+        net, _ = sat_model_from_checkpoint(raw, **official_overrides)
+        text = build_text_encoder(language_model_path, str(text_checkpoint), query_dim=net.query_dim)
+        return LoadedModel(net.eval(), PromptBank(text), "teacher", source=source)
+    state = raw["state_dict"]
+    prompts = _prompts(meta, state, source)
+    region_map = _region_map(meta)
+    data = dict(meta.get("data") or {})
+    if meta["kind"] == "sat" or model == "teacher":
+        if meta["kind"] == "sat":
+            net = SAT(**meta["net"])
+            load_mapped(net, sub_state(state, "net."), KeyReport(source=source))
+        else:
+            saved = meta["teacher"]
+            teacher = load_teacher(saved["path"], **_overrides(saved["net"]))
+            if teacher.fingerprint != saved["fingerprint"]:
+                raise ValueError(f"teacher file {saved['path']} changed since {path} was distilled from it")
+            net = teacher.net
+        return LoadedModel(net.eval(), prompts, "teacher", [], region_map, data, source)
+    net = SAT(**meta["net"])
+    experts = meta["experts"]
+    net.backbone = add_region_experts(net.backbone, **experts)
+    load_mapped(net, sub_state(state, "student."), KeyReport(source=source))
+    return LoadedModel(net.eval(), prompts, "experts", list(experts["regions"]), region_map, data, source)
+
+
+def _overrides(net_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Arguments an official file does not record (its architecture is read off the keys)."""
+    return {k: net_config[k] for k in ("decoder_heads", "dropout", "latent_stride") if k in net_config}

@@ -1,0 +1,205 @@
+"""LoRKDModule: decompose a frozen SAT teacher into a student with per-region low-rank experts.
+
+loss = Dice + BCE (labels) + λ·KD(teacher logits, per query, temperature T) [+ μ·MSE(fused latents)].
+Teacher and text side are frozen and share one PromptBank; each sample runs its region's expert.
+The teacher's weights are not stored in LoRKD checkpoints, only its path and fingerprint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.teacher import load_teacher, read_checkpoint, sub_state
+from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts, route
+from lorkd.losses import distillation_loss, segmentation_loss
+from lorkd.models.sat import SAT
+from lorkd.models.text import TextEncoder
+from lorkd.modules.base import PromptedSegmentationModule
+from lorkd.regions import RegionMap
+
+log = logging.getLogger(__name__)
+
+STUDENT_INITS = ("auto", "teacher", "checkpoint", "scratch")
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class LoRKDModule(PromptedSegmentationModule):
+    checkpoint_kind = "lorkd"
+
+    def __init__(
+        self,
+        teacher_checkpoint: str | Path,
+        student: SAT,
+        experts: Mapping[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        region_map: RegionMap,
+        text_encoder: TextEncoder | None = None,
+        teacher_overrides: Mapping[str, Any] | None = None,
+        student_init: str = "auto",
+        student_checkpoint: str | Path | None = None,
+        lambda_kd: float = 0.1,
+        temperature: float = 1.0,
+        kd_mode: str = "sigmoid",
+        feature_kd_weight: float = 0.0,
+        warmup_steps: int = 5000,
+        total_steps: int = 100000,
+        prompt_cache_dir: str | Path | None = None,
+        pad_singleton_groups: bool | None = None,
+    ) -> None:
+        teacher = load_teacher(teacher_checkpoint, **dict(teacher_overrides or {}))
+        text = teacher.text_encoder or text_encoder
+        if text is None:
+            raise ValueError(
+                f"{teacher_checkpoint} is an official SAT vision file: configure its paired text encoder "
+                "(text_encoder=biolord text_encoder.checkpoint=... text_encoder.language_model_path=...)"
+            )
+        super().__init__(text, optimizer, warmup_steps, total_steps, prompt_cache_dir, region_map)
+        if teacher.prompt_bank is not None:
+            self.prompts.load_state_dict(teacher.prompt_bank)
+        self.text_encoder.requires_grad_(False)
+        self.teacher = teacher.net.eval().requires_grad_(False)
+        self.teacher_source = {"path": str(Path(teacher.source).resolve()), "fingerprint": teacher.fingerprint}
+        if student.query_dim != self.teacher.query_dim:
+            raise ValueError(f"student query dim {student.query_dim} != teacher query dim {self.teacher.query_dim}")
+        self.student = student
+        self.student_config = dict(student.config)
+        self._init_student(student_init, student_checkpoint)
+        self.experts_config = {
+            "regions": list(region_map.regions),
+            "ranks": {r: int(experts["ranks"][r]) for r in region_map.regions},
+            "decoder_rank_factor": int(experts.get("decoder_rank_factor", 2)),
+            "scaling": float(experts.get("scaling", 2.0)),
+            "style": str(experts.get("style", "peft")),
+            "train_base": bool(experts.get("train_base", True)),
+        }
+        student.backbone = add_region_experts(student.backbone, **self.experts_config)
+        if student_init == "checkpoint":
+            self._load_student_experts(student_checkpoint)
+        self.lambda_kd = float(lambda_kd)
+        self.temperature = float(temperature)
+        self.kd_mode = kd_mode
+        self.feature_kd_weight = float(feature_kd_weight)
+        self.pad_singleton_groups = pad_singleton_groups
+
+    # ---- construction ------------------------------------------------------------------------------
+    def _init_student(self, how: str, checkpoint: str | Path | None) -> None:
+        if how not in STUDENT_INITS:
+            raise ValueError(f"student_init must be one of {STUDENT_INITS}, got {how!r}")
+        if how == "scratch" or how == "checkpoint":
+            if how == "checkpoint" and not checkpoint:
+                raise ValueError("student_init=checkpoint needs student_checkpoint=PATH")
+            return
+        source = self.teacher.state_dict()
+        target = self.student.state_dict()
+        same = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+        if how == "teacher":
+            load_mapped(self.student, same, KeyReport(source="teacher -> student"))
+            return
+        with torch.no_grad():
+            for k, v in same.items():
+                target[k].copy_(v)
+        log.info("student initialised from the teacher for %d/%d tensors (matching name and shape)", len(same), len(target))
+
+    def _load_student_experts(self, checkpoint: str | Path | None) -> None:
+        """Start from a previous LoRKD checkpoint's student (base and experts)."""
+        raw = read_checkpoint(checkpoint)
+        state = sub_state(raw["state_dict"], "student.")
+        load_mapped(self.student, state, KeyReport(source=str(checkpoint)))
+
+    # ---- modes and forward -------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen: dropout off, always
+        return self
+
+    def _pad(self) -> bool:
+        return self.device.type == "cpu" if self.pad_singleton_groups is None else self.pad_singleton_groups
+
+    def forward(self, image: torch.Tensor, queries: torch.Tensor, region: torch.Tensor, return_aux: bool = False):
+        """Student logits with sample ``b`` routed to expert ``region[b]`` (``-1``: shared base only)."""
+        with route(self.student.backbone, region, pad_singletons=self._pad()):
+            return self.student(image, queries, return_aux=return_aux)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        queries = self.queries_for(batch)
+        qmask = batch["query_mask"]
+        with torch.no_grad():
+            teacher = self.teacher(batch["image"], queries, return_aux=True)
+        student = self(batch["image"], queries, batch["region"], return_aux=True)
+        seg, parts = segmentation_loss(student.logits, batch["masks"], qmask)
+        kd = distillation_loss(student.logits, teacher.logits, qmask, self.temperature, self.kd_mode)
+        loss = seg + self.lambda_kd * kd
+        logs = {"train/seg_loss": seg.detach(), "train/kd_loss": kd.detach(), **{f"train/{k}": v for k, v in parts.items()}}
+        if self.feature_kd_weight > 0:
+            feat = F.mse_loss(student.memory.float(), teacher.memory.float())
+            loss = loss + self.feature_kd_weight * feat
+            logs["train/feature_kd_loss"] = feat.detach()
+        bs = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_dict(logs, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        queries = self.queries_for(batch)
+        self.validation_dice(batch, self(batch["image"], queries, batch["region"]), "dice")
+        self.validation_dice(batch, self.teacher(batch["image"], queries), "dice_teacher")
+
+    # ---- bookkeeping -------------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        experts = expert_parameter_counts(self.student.backbone)
+        base = base_parameter_count(self.student)
+        counts = {
+            "teacher": count(self.teacher),
+            "student_base": base,
+            "experts_all": sum(experts.values()),
+            "deployed_expert": base,  # an expert merged into W0 has exactly the base's size
+        }
+        counts.update({f"expert_{k}": v for k, v in experts.items()})
+        return counts
+
+    def on_fit_start(self) -> None:
+        counts = self.parameter_counts()
+        for logger in self.loggers:
+            logger.log_hyperparams({f"params/{k}": v for k, v in counts.items()})
+        if self.trainer.is_global_zero:
+            ratio = counts["deployed_expert"] / counts["teacher"]
+            log.info(
+                "parameters: teacher %s | student base %s | all experts %s | one deployed expert %s (%.1f%% of the teacher)",
+                f"{counts['teacher']:,}", f"{counts['student_base']:,}", f"{counts['experts_all']:,}",
+                f"{counts['deployed_expert']:,}", 100 * ratio,
+            )  # fmt: skip
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        return {
+            **super().checkpoint_metadata(),
+            "teacher": {**self.teacher_source, "net": dict(self.teacher.config)},
+            "net": self.student_config,
+            "experts": self.experts_config,
+            "parameter_counts": self.parameter_counts(),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("lorkd", {}).get("teacher", {})
+        if saved.get("fingerprint") not in (None, self.teacher_source["fingerprint"]):
+            raise ValueError(
+                f"this checkpoint was distilled from teacher {saved.get('path')} ({saved.get('fingerprint')}), "
+                f"but the configured teacher is {self.teacher_source['path']} ({self.teacher_source['fingerprint']})"
+            )
+        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
