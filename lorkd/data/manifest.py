@@ -59,10 +59,6 @@ class Case:
     def has_masks(self) -> bool:
         return self.mask is not None or self.masks is not None
 
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.line}"
-
 
 def default_id(image: str | Path) -> str:
     name = Path(image).name
