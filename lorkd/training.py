@@ -12,6 +12,15 @@ from lorkd.utils import instantiate_group
 log = logging.getLogger(__name__)
 
 
+def hyperparameters(cfg: DictConfig) -> dict:
+    """The resolved run config (without Hydra's own node) for the loggers."""
+    return {
+        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        for k, v in cfg.items()
+        if k != "hydra"
+    }
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
@@ -24,7 +33,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
         for logger in loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+            logger.log_hyperparams(hyperparameters(cfg))
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (resume from <run dir>/checkpoints/last.ckpt)")

@@ -39,3 +39,33 @@ def write_nifti(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic demo set (2 train / 1 val / 1 test case per region, no real scans)."""
+    from lorkd.data.demo import build_demo
+
+    out = tmp_path_factory.mktemp("demo_data")
+    build_demo(out, seed=0, real=False, counts=(2, 1, 1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_ckpt(tiny_demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SATModule checkpoint (demo teacher architecture) after 2 CPU steps."""
+    from helpers import demo_overrides, run_training
+
+    out = tmp_path_factory.mktemp("teacher")
+    run_training(["experiment=demo_teacher", *demo_overrides(tiny_demo_data, out)], out)
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_lorkd_ckpt(tiny_demo_data: Path, tiny_teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRKD checkpoint (demo student + 8 region experts) distilled for 2 CPU steps from ``tiny_teacher_ckpt``."""
+    from helpers import demo_overrides, run_training
+
+    out = tmp_path_factory.mktemp("lorkd")
+    run_training(["experiment=demo", f"teacher.checkpoint={tiny_teacher_ckpt}", *demo_overrides(tiny_demo_data, out)], out)
+    return out / "checkpoints" / "last.ckpt"

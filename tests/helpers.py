@@ -48,3 +48,77 @@ def official_vision_layout(model: SAT) -> dict[str, torch.Tensor]:
             base, mod, kind = unit.groups()
             out[f"module.{base}.all_modules.{0 if mod == 'conv' else 1}.{kind}"] = out[f"module.{key}"]
     return out
+
+
+def demo_overrides(data_dir, out_dir, steps: int = 2) -> list[str]:
+    """Overrides for a fast CPU run on a small demo set built by ``build_demo``."""
+    return [
+        f"data.train_manifest={data_dir}/train.jsonl",
+        f"data.val_manifest={data_dir}/val.jsonl",
+        f"data.test_manifest={data_dir}/test.jsonl",
+        f"paths.cache_dir={out_dir}/cache",
+        "data.patch_size=[32,32,16]",
+        "data.samples_per_epoch=8",
+        "data.val_patches_per_item=1",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        "trainer.log_every_n_steps=1",
+        f"callbacks.model_checkpoint.every_n_train_steps={steps}",
+        "~callbacks.progress_bar",
+        "logger=csv",
+    ]
+
+
+def run_training(overrides: Sequence[str], out_dir) -> DictConfig:
+    """Compose ``train.yaml`` with ``overrides``, point its outputs at ``out_dir`` and fit in-process."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from lorkd.training import train
+
+    cfg = compose_config("train", overrides)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    train(cfg)
+    return cfg
+
+
+class RankDigest(__import__("lightning").pytorch.Callback):
+    """Lightning callback (for DDP tests): every rank reports a digest of its weights and the regions it
+    trained on; rank 0 writes ``{"digests": [...], "regions": [...], "lora_b_norms": {...}}`` to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.regions: set[int] = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.regions.update(int(r) for r in batch["region"])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import hashlib
+        import json
+
+        import torch.distributed as dist
+
+        digest = hashlib.sha256()
+        for name, p in sorted(pl_module.named_parameters()):
+            digest.update(name.encode() + p.detach().cpu().numpy().tobytes())
+        mine = {"digest": digest.hexdigest(), "regions": sorted(self.regions)}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        if trainer.is_global_zero:
+            norms: dict[str, float] = {}
+            for name, p in pl_module.student.named_parameters():
+                if ".lora_B." in name:
+                    region = name.split(".lora_B.")[1].split(".")[0]
+                    norms[region] = norms.get(region, 0.0) + float(p.detach().abs().sum())
+            out = {
+                "digests": [g["digest"] for g in gathered],
+                "regions": sorted({r for g in gathered for r in g["regions"]}),
+                "per_rank_regions": [g["regions"] for g in gathered],
+                "lora_b_norms": norms,
+                "expert_names": list(pl_module.experts_config["regions"]),
+            }
+            with open(self.path, "w") as f:
+                json.dump(out, f)
