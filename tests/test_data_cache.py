@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import lorkd.data.cache as cache_module
-from lorkd.data.cache import PreprocessCache
+from lorkd.data.cache import LabelMapMasks, PreprocessCache
 from lorkd.data.manifest import Case
 from lorkd.data.transforms import PreprocessConfig, preprocess_case
 
@@ -114,7 +114,36 @@ def test_unreadable_entry_is_rebuilt(tmp_path, cases):
     cache = PreprocessCache(tmp_path / "cache")
     entry_dir = cache.entry_dir(cases[1])
     cache.get(cases[1])
-    (entry_dir / "masks.npy").write_bytes(b"truncated")
+    (entry_dir / "image.npy").write_bytes(b"truncated")
     assert cache.load(cases[1]) is None
     assert_same(cache.get(cases[1]), preprocess_case(cases[1]))
     assert Path(entry_dir).is_dir()
+
+
+def test_masks_are_stored_as_a_label_map_unless_labels_overlap(tmp_path, cases, write_nifti):
+    cache = PreprocessCache(tmp_path / "cache")
+    entry = cache.get(cases[0])
+    assert (
+        isinstance(entry.data.masks, LabelMapMasks) and (cache.entry_dir(cases[0]) / "labelmap.npy").is_file()
+    )
+    dense = preprocess_case(cases[0]).masks
+    assert entry.data.masks.shape == dense.shape and np.array_equal(np.asarray(entry.data.masks), dense)
+    assert np.array_equal(entry.data.masks[1:3, 4:20, :7, 2], dense[1:3, 4:20, :7, 2])
+    assert np.array_equal(entry.data.masks[0], dense[0])
+
+    region = np.zeros((40, 36, 16), np.uint8)
+    region[5:20, 6:18, 3:9] = 1
+    inner = region.copy()
+    inner[8:12, 8:12, 4:6] = 0
+    tumour = region - inner
+    paths = {
+        "liver": write_nifti("liver.nii.gz", region),
+        "liver tumor": write_nifti("tumour.nii.gz", tumour),
+    }
+    overlapping = Case(
+        **{**cases[0].__dict__, "mask": None, "masks": paths, "labels": ["liver", "liver tumor"]}
+    )
+    entry = cache.get(overlapping)
+    assert isinstance(entry.data.masks, np.memmap) and (cache.entry_dir(overlapping) / "masks.npy").is_file()
+    assert np.array_equal(entry.data.masks, preprocess_case(overlapping).masks)
+    assert entry.data.masks[1].sum() > 0 and (entry.data.masks[0] >= entry.data.masks[1]).all()

@@ -1,7 +1,8 @@
 """On-disk cache of preprocessed cases, shared by later runs, DataLoader workers and DDP ranks.
 
 One entry per (source files with their size and mtime, preprocessing config, labels, modality,
-orientation): a folder holding ``image.npy``, ``masks.npy``, ``voxels.npy`` and ``meta.json``.
+orientation): a folder holding ``image.npy``, the masks (``labelmap.npy`` when labels do not
+overlap, else ``masks.npy`` with one channel per label), ``voxels.npy`` and ``meta.json``.
 An entry is written into a private temporary folder and published with one atomic rename, so a
 reader sees a complete entry or none; when several processes fill the same entry at once, the
 first rename wins and the others discard their copy. Arrays are memory-mapped on read, so a
@@ -30,6 +31,45 @@ from lorkd.data.transforms import InversionInfo, PreprocessConfig, PreprocessedC
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+
+
+class LabelMapMasks:
+    """Read-only (N, X, Y, Z) uint8 masks backed by one label map (id j+1 = channel j).
+
+    How the cache stores non-overlapping masks: N times smaller on disk than one channel per
+    label. Slicing ``[channels, x, y, z]`` reads only the requested window; ``np.asarray`` gives
+    the dense array.
+    """
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, label_map: np.ndarray, n_labels: int) -> None:
+        self.label_map = label_map
+        self.shape = (int(n_labels), *label_map.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        ids = np.arange(1, self.shape[0] + 1)[key[0]]
+        region = np.asarray(self.label_map[key[1:]])
+        if np.ndim(ids) == 0:
+            return (region == ids).astype(np.uint8)
+        return (region[None] == ids.reshape(-1, *[1] * region.ndim)).astype(np.uint8)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        dense = self[:]
+        return dense if dtype is None else dense.astype(dtype)
+
+
+def _as_label_map(masks: np.ndarray) -> np.ndarray | None:
+    """The label map equivalent to one-hot ``masks``, or None when labels overlap."""
+    if len(masks) == 0 or int(masks.sum(axis=0, dtype=np.int32).max()) > 1:
+        return None
+    dtype = np.uint8 if len(masks) < 255 else np.uint16
+    ids = np.arange(1, len(masks) + 1, dtype=dtype).reshape(-1, *[1] * (masks.ndim - 1))
+    return (masks.astype(dtype) * ids).max(axis=0)
 
 
 def _safe(name: str) -> str:
@@ -94,7 +134,11 @@ class PreprocessCache:
         try:
             data, index = entry.data, entry.index
             np.save(tmp / "image.npy", np.ascontiguousarray(data.image, dtype=np.float32))
-            np.save(tmp / "masks.npy", np.ascontiguousarray(data.masks, dtype=np.uint8))
+            label_map = _as_label_map(np.asarray(data.masks))
+            if label_map is None:  # overlapping labels: one channel per label
+                np.save(tmp / "masks.npy", np.ascontiguousarray(data.masks, dtype=np.uint8))
+            else:
+                np.save(tmp / "labelmap.npy", label_map)
             voxels = np.concatenate(index.voxels) if index.voxels else np.zeros((0, 3), np.int32)
             np.save(tmp / "voxels.npy", voxels.astype(np.int32))
             meta = {
@@ -136,13 +180,16 @@ class PreprocessCache:
             return None
         try:
             meta = json.loads(meta_path.read_text())
+            labels = list(meta["labels"])
             image = np.load(folder / "image.npy", mmap_mode="r")
-            masks = np.load(folder / "masks.npy", mmap_mode="r")
+            if (folder / "labelmap.npy").is_file():
+                masks: Any = LabelMapMasks(np.load(folder / "labelmap.npy", mmap_mode="r"), len(labels))
+            else:
+                masks = np.load(folder / "masks.npy", mmap_mode="r")
             voxels = np.load(folder / "voxels.npy")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, KeyError) as exc:
             log.warning("cache entry %s is unreadable (%s)", folder, exc)
             return None
-        labels = list(meta["labels"])
         if list(image.shape) != meta["image_shape"] or masks.shape != (len(labels), *image.shape[1:]):
             log.warning("cache entry %s has inconsistent shapes", folder)
             return None

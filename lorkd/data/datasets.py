@@ -181,7 +181,7 @@ class PatchDataset(Dataset):
         crops: dict[int, np.ndarray] = {}
         for j in item.label_indices:
             if box_overlaps(boxes[j], start, self.patch_size):
-                crop = crop_padded(data.masks[j : j + 1], start, self.patch_size)[0]
+                crop = crop_padded(data.masks, start, self.patch_size, channels=slice(j, j + 1))[0]
                 if crop.any():
                     crops[j] = crop
         present = [j in crops for j in item.label_indices]

@@ -68,8 +68,8 @@ def check_finite(array: np.ndarray, name: str, nan_policy: str) -> np.ndarray:
     return np.where(finite, array, 0).astype(array.dtype, copy=False)
 
 
-def read_volume(path: str | Path, nan_policy: str = "error", dtype: type = np.float32) -> Volume:
-    """Load a 3-D volume as ``dtype`` with its affine; :class:`CaseError` names the file on failure."""
+def read_volume(path: str | Path, nan_policy: str = "error", dtype: type | None = np.float32) -> Volume:
+    """Load a 3-D volume as ``dtype`` (None: as stored) with its affine; :class:`CaseError` names the file."""
     name = str(path)
     try:
         img = nib.load(name)
@@ -80,7 +80,7 @@ def read_volume(path: str | Path, nan_policy: str = "error", dtype: type = np.fl
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise CaseError(f"{name}: cannot read image ({exc})") from exc
     data = squeeze_to_3d(data, name)
-    data = check_finite(data.astype(dtype, copy=False), name, nan_policy)
+    data = check_finite(data if dtype is None else data.astype(dtype, copy=False), name, nan_policy)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise CaseError(f"{name}: invalid (singular or non-finite) affine {affine.tolist()}")
     return Volume(data=np.ascontiguousarray(data), affine=affine, name=name)

@@ -90,6 +90,13 @@ def validate_manifest(
     return _parse(Path(path), require_masks, region_map)[1]
 
 
+def read_manifest(
+    path: str | Path, require_masks: bool = True, region_map: RegionMap | None = None
+) -> tuple[list[Case], list[str]]:
+    """The valid cases and the problems of the other lines, for runs that go on past bad lines (evaluation)."""
+    return _parse(Path(path), require_masks, region_map)
+
+
 def _parse(path: Path, require_masks: bool, region_map: RegionMap | None) -> tuple[list[Case], list[str]]:
     if not path.is_file():
         return [], [f"{path}: manifest not found"]

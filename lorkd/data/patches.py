@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -73,13 +74,19 @@ def crop_start(
     return tuple(start)  # type: ignore[return-value]
 
 
-def crop_padded(array: np.ndarray, start: Sequence[int], patch: Sequence[int]) -> np.ndarray:
-    """(C, *patch) window of a (C, X, Y, Z) array at ``start``, zero-padded past the volume's end."""
+def crop_padded(
+    array: Any, start: Sequence[int], patch: Sequence[int], channels: slice = slice(None)
+) -> np.ndarray:
+    """(C, *patch) window of a (C, X, Y, Z) array at ``start``, zero-padded past the volume's end.
+
+    ``array`` may be a memory map or any array-like with ``shape`` and channel+spatial slicing:
+    only the window (of the selected ``channels``) is read.
+    """
     src = tuple(slice(s, min(s + p, n)) for s, p, n in zip(start, patch, array.shape[1:]))
-    region = np.asarray(array[(slice(None), *src)])
+    region = np.asarray(array[(channels, *src)])
     if region.shape[1:] == tuple(patch):
         return np.array(region)
-    out = np.zeros((array.shape[0], *patch), dtype=array.dtype)
+    out = np.zeros((region.shape[0], *patch), dtype=region.dtype)
     out[(slice(None), *(slice(0, r) for r in region.shape[1:]))] = region
     return out
 

@@ -341,6 +341,24 @@ def invert_to_original(array: np.ndarray, info: InversionInfo, mode: str = "bili
     return out.astype(array.dtype) if mode == "nearest" else out
 
 
+def read_label_map(
+    path: Path, shape: tuple[int, ...], n_labels: int, nan_policy: str = "error"
+) -> np.ndarray:
+    """Integer ids of a label map (int32), checked against the image shape; ids > ``n_labels`` are ignored."""
+    ids = _read_mask(path, shape, nan_policy)
+    ids = ids.astype(np.int32) if np.issubdtype(ids.dtype, np.integer) else np.rint(ids).astype(np.int32)
+    if ids.min(initial=0) < 0:
+        raise CaseError(f"{path}: label map has negative ids")
+    if int(ids.max(initial=0)) > n_labels:
+        log.warning(
+            "%s: label map has ids up to %d but only %d labels are listed; higher ids are ignored",
+            path,
+            int(ids.max()),
+            n_labels,
+        )
+    return ids
+
+
 def load_masks(case: Case, shape: tuple[int, ...], nan_policy: str = "error") -> np.ndarray:
     """Ground truth of a case in its original grid as (N_labels, *shape) uint8, aligned to ``case.labels``.
 
@@ -348,29 +366,33 @@ def load_masks(case: Case, shape: tuple[int, ...], nan_policy: str = "error") ->
     """
     masks = np.zeros((len(case.labels), *shape), dtype=np.uint8)
     if case.mask is not None:
-        label_map = _read_mask(case.mask, shape, nan_policy)
-        ids = np.rint(label_map).astype(np.int64)
-        if ids.min(initial=0) < 0:
-            raise CaseError(f"{case.mask}: label map has negative ids")
+        ids = read_label_map(case.mask, shape, len(case.labels), nan_policy)
         for j in range(len(case.labels)):
             masks[j] = ids == j + 1
-        if int(ids.max(initial=0)) > len(case.labels):
-            log.warning(
-                "%s: label map has ids up to %d but only %d labels are listed; higher ids are ignored",
-                case.mask,
-                int(ids.max()),
-                len(case.labels),
-            )
     for label, path in (case.masks or {}).items():
         masks[case.labels.index(label)] = _read_mask(path, shape, nan_policy) > 0.5
     return masks
 
 
 def _read_mask(path: Path, shape: tuple[int, ...], nan_policy: str) -> np.ndarray:
-    data = read_volume(path, nan_policy).data
+    data = read_volume(path, nan_policy, dtype=None).data
     if data.shape != tuple(shape):
         raise CaseError(f"{path}: mask shape {data.shape} != image shape {tuple(shape)}")
     return data
+
+
+def _preprocessed_masks(case: Case, info: InversionInfo, nan_policy: str) -> np.ndarray:
+    """(N, *info.shape) uint8 masks in the preprocessed grid; one resampling per source file (nearest)."""
+    masks = np.zeros((len(case.labels), *info.shape), dtype=np.uint8)
+    if case.mask is not None:
+        ids = read_label_map(case.mask, info.original_shape, len(case.labels), nan_policy)
+        grid_ids = np.rint(to_preprocessed_grid(ids[None].astype(np.float32), info, "nearest")[0])
+        for j in range(len(case.labels)):
+            masks[j] = grid_ids == j + 1
+    for label, path in (case.masks or {}).items():
+        binary = (_read_mask(path, info.original_shape, nan_policy) > 0.5).astype(np.float32)
+        masks[case.labels.index(label)] = to_preprocessed_grid(binary[None], info, "nearest")[0] > 0.5
+    return masks
 
 
 def preprocess_case(case: Case, cfg: PreprocessConfig | Mapping[str, Any] | None = None) -> PreprocessedCase:
@@ -381,14 +403,9 @@ def preprocess_case(case: Case, cfg: PreprocessConfig | Mapping[str, Any] | None
     """
     cfg = PreprocessConfig.coerce(cfg)
     image, info = preprocess_image(case.image, case.modality, cfg, orientation=case.orientation)
-    if case.has_masks:
-        original = load_masks(case, info.original_shape, cfg.nan_policy)
-        masks = (to_preprocessed_grid(original, info, mode="nearest") > 0.5).astype(np.uint8)
-    else:
-        masks = np.zeros((len(case.labels), *info.shape), dtype=np.uint8)
     return PreprocessedCase(
         image=image,
-        masks=masks,
+        masks=_preprocessed_masks(case, info, cfg.nan_policy),
         labels=list(case.labels),
         info=info,
         modality=case.modality,
