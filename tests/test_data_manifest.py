@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lorkd.data.io import CaseError, read_volume
-from lorkd.data.manifest import ManifestError, load_manifest, validate_manifest
+from lorkd.data.manifest import ManifestError, load_manifest, main, validate_manifest
 
 
 def write_manifest(path: Path, rows: list) -> Path:
@@ -158,3 +158,19 @@ def test_read_volume_errors_name_the_file(tmp_path, write_nifti):
         read_volume(flat)
     with pytest.raises(CaseError, match="missing.nii.gz: file not found"):
         read_volume(tmp_path / "missing.nii.gz")
+
+
+def test_command_line_reports_problems(tmp_path, files, capsys):
+    good = {
+        "image": "ct/case1.nii.gz",
+        "label": ["liver"],
+        "modality": "ct",
+        "dataset": "D",
+        "mask": "ct/case1_seg.nii.gz",
+    }
+    ok = write_manifest(tmp_path / "ok.jsonl", [good])
+    bad = write_manifest(tmp_path / "bad.jsonl", [{**good, "label": ["liver tumor"]}])
+    assert main([str(ok)]) == 0 and "ok.jsonl: OK" in capsys.readouterr().out
+    assert main([str(ok), str(bad)]) == 1
+    assert "bad.jsonl:1: unknown label 'liver tumor'" in capsys.readouterr().out
+    assert main([str(bad), "--regions", "demo"]) == 0  # the demo map knows the CT liver tumour
