@@ -1,10 +1,15 @@
 import pytest
 import torch
+from helpers import official_vision_layout, tiny_sat
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from helpers import official_vision_layout, tiny_sat
 from lorkd.checkpoints.report import CheckpointMismatchError
-from lorkd.checkpoints.sat import infer_sat_config, load_sat_text_encoder, load_sat_vision, sat_model_from_checkpoint
+from lorkd.checkpoints.sat import (
+    infer_sat_config,
+    load_sat_text_encoder,
+    load_sat_vision,
+    sat_model_from_checkpoint,
+)
 from lorkd.models.text import default_language_model_path
 
 

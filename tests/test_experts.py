@@ -2,8 +2,8 @@ import copy
 
 import pytest
 import torch
-
 from helpers import tiny_sat
+
 from lorkd.experts import add_region_experts, expert_names, expert_parameter_counts, merged_unet, route
 from lorkd.experts.build import base_parameter_count, expert_layers
 

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import compose_config, tiny_sat
 from hydra.utils import instantiate
 
-from helpers import compose_config, tiny_sat
 from lorkd.models.positional import positional_encoding_3d
 from lorkd.models.sat import SAT
 
