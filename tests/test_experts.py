@@ -114,3 +114,21 @@ def test_expert_counts_ranks_and_trainable_set():
     frozen.backbone = add_region_experts(tiny_sat().backbone, REGIONS, RANKS, train_base=False)
     trainable = {n for n, p in frozen.backbone.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("style", ["peft", "lorkd"])
+def test_per_sample_weight_form_equals_grouped_form(style):
+    net, _ = student(style)
+    x, q = _inputs()
+    regions = torch.tensor([1, 0, 1, 2])
+    net.train()
+    outs, grads = [], []
+    for per_sample in (False, True):
+        net.zero_grad()
+        with route(net, regions, per_sample_weights=per_sample):
+            out = net(x, q)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in net.backbone.parameters() if p.grad is not None]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-10)

@@ -82,32 +82,38 @@ def expert_names(model: nn.Module) -> list[str]:
     return list(layers[0].lora_A.keys()) if layers else []
 
 
-def make_routing(region_index: torch.Tensor, names: Sequence[str], pad_singletons: bool = False) -> Routing:
-    """Group samples by expert index (``-1`` = shared base only)."""
+def make_routing(region_index: torch.Tensor, names: Sequence[str], per_sample_weights: bool | None = None) -> Routing:
+    """Group samples by expert index (``-1`` = shared base only).
+
+    ``per_sample_weights`` (mixed batches only): None picks the faster form for the tensor's device
+    (one grouped conv with per-sample weights on CUDA, one conv per expert group elsewhere).
+    """
     index = region_index.detach().to("cpu", torch.long)
     if index.ndim != 1:
         raise ValueError(f"region index must be 1-D (one expert per sample), got shape {tuple(index.shape)}")
     bad = [int(i) for i in index.unique() if not -1 <= int(i) < len(names)]
     if bad:
         raise IndexError(f"expert index {bad} out of range for {len(names)} experts {list(names)}")
-    uniques = index.unique().tolist()
+    uniques, inverse = index.unique(return_inverse=True)
+    device = region_index.device
     if len(uniques) == 1:
-        groups = (((names[uniques[0]],) if uniques[0] >= 0 else (), None),)
-    else:
-        device = region_index.device
-        groups = tuple(
-            (((names[u],) if u >= 0 else ()), torch.nonzero(index == u).flatten().to(device)) for u in uniques
-        )
-    return Routing(groups=groups, batch_size=len(index), pad_singletons=pad_singletons)
+        u = int(uniques[0])
+        return Routing(groups=(((names[u],) if u >= 0 else (), None),), batch_size=len(index))
+    groups = tuple(
+        (((names[u],) if u >= 0 else ()), torch.nonzero(index == u).flatten().to(device)) for u in uniques.tolist()
+    )
+    if per_sample_weights is None:
+        per_sample_weights = device.type == "cuda"
+    return Routing(groups, len(index), inverse.to(device), per_sample_weights)
 
 
 @contextmanager
-def route(model: nn.Module, region_index: torch.Tensor, pad_singletons: bool = False) -> Iterator[None]:
+def route(model: nn.Module, region_index: torch.Tensor, per_sample_weights: bool | None = None) -> Iterator[None]:
     """Within the block, sample ``b`` of every forward through ``model`` uses expert ``region_index[b]``."""
     layers = expert_layers(model)
     if not layers:
         raise RuntimeError("the model has no region experts to route to")
-    routing = make_routing(region_index, list(layers[0].lora_A.keys()), pad_singletons)
+    routing = make_routing(region_index, list(layers[0].lora_A.keys()), per_sample_weights)
     for layer in layers:
         layer.routing = routing
     try:

@@ -28,13 +28,16 @@ class Routing:
     """Which samples of the batch use which expert.
 
     ``groups``: (adapter names applied together — empty for the shared base alone, sample indices or None
-    for the whole batch). ``pad_singletons``: run one-sample groups as a batch of two (CPU 3-D convs take a
-    much slower path at batch 1); the duplicate is dropped and does not change results or gradients.
+    for the whole batch); ``sample_group[b]`` is the group of sample ``b``. A batch mixing experts runs
+    either one convolution per group on its sub-batch (``per_sample_weights=False``, fastest on the CPU)
+    or one grouped convolution with a weight per sample (``True``, the paper's EKS form restricted to the
+    experts present; fastest on the GPU, see ``scripts/benchmarks/RESULTS.md``).
     """
 
     groups: tuple[tuple[tuple[str, ...], torch.Tensor | None], ...]
     batch_size: int
-    pad_singletons: bool = False
+    sample_group: torch.Tensor | None = None
+    per_sample_weights: bool = False
 
 
 class RoutedLoraConv3d(PeftLoraConv3d):
@@ -60,10 +63,16 @@ class RoutedLoraConv3d(PeftLoraConv3d):
         x = x.to(weight.dtype) if x.dtype != weight.dtype and not torch.is_autocast_enabled() else x
         return base._conv_forward(x, weight, bias)
 
-    def _group_conv(self, x: torch.Tensor, weight: torch.Tensor, pad: bool) -> torch.Tensor:
-        if pad and x.shape[0] == 1:
-            return self._conv(x.expand(2, *x.shape[1:]), weight)[:1]
-        return self._conv(x, weight)
+    def _per_sample_conv(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``weights`` (B, Cout, Cin, k, k, k): sample b convolved with its own weight, one grouped conv."""
+        base = self.get_base_layer()
+        b, c_in = x.shape[:2]
+        bias = None if base.bias is None else base.bias.to(weights.dtype).repeat(b)
+        y = torch.nn.functional.conv3d(
+            x.reshape(1, b * c_in, *x.shape[2:]), weights.reshape(b * weights.shape[1], *weights.shape[2:]),
+            bias, base.stride, base.padding, base.dilation, groups=b,
+        )  # fmt: skip
+        return y.view(b, -1, *y.shape[2:])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         routing = self.routing
@@ -75,10 +84,13 @@ class RoutedLoraConv3d(PeftLoraConv3d):
         if x.shape[0] != routing.batch_size:
             raise RuntimeError(f"routing was set for a batch of {routing.batch_size}, got {x.shape[0]} samples")
         if len(routing.groups) == 1 and routing.groups[0][1] is None:
-            return self._group_conv(x, self._weight(routing.groups[0][0]), routing.pad_singletons)
+            return self._conv(x, self._weight(routing.groups[0][0]))
+        if routing.per_sample_weights:
+            weights = torch.stack([self._weight(adapters) for adapters, _ in routing.groups])
+            return self._per_sample_conv(x, weights.index_select(0, routing.sample_group))
         outputs, order = [], []
         for adapters, index in routing.groups:
-            outputs.append(self._group_conv(x.index_select(0, index), self._weight(adapters), routing.pad_singletons))
+            outputs.append(self._conv(x.index_select(0, index), self._weight(adapters)))
             order.append(index)
         inverse = torch.argsort(torch.cat(order))
         return torch.cat(outputs).index_select(0, inverse)

@@ -54,7 +54,7 @@ class LoRKDModule(PromptedSegmentationModule):
         warmup_steps: int = 5000,
         total_steps: int = 100000,
         prompt_cache_dir: str | Path | None = None,
-        pad_singleton_groups: bool | None = None,
+        per_sample_weights: bool | None = None,
     ) -> None:
         teacher = load_teacher(teacher_checkpoint, **dict(teacher_overrides or {}))
         text = teacher.text_encoder or text_encoder
@@ -89,7 +89,7 @@ class LoRKDModule(PromptedSegmentationModule):
         self.temperature = float(temperature)
         self.kd_mode = kd_mode
         self.feature_kd_weight = float(feature_kd_weight)
-        self.pad_singleton_groups = pad_singleton_groups
+        self.per_sample_weights = per_sample_weights
 
     # ---- construction ------------------------------------------------------------------------------
     def _init_student(self, how: str, checkpoint: str | Path | None) -> None:
@@ -122,12 +122,9 @@ class LoRKDModule(PromptedSegmentationModule):
         self.teacher.eval()  # frozen: dropout off, always
         return self
 
-    def _pad(self) -> bool:
-        return self.device.type == "cpu" if self.pad_singleton_groups is None else self.pad_singleton_groups
-
     def forward(self, image: torch.Tensor, queries: torch.Tensor, region: torch.Tensor, return_aux: bool = False):
         """Student logits with sample ``b`` routed to expert ``region[b]`` (``-1``: shared base only)."""
-        with route(self.student.backbone, region, pad_singletons=self._pad()):
+        with route(self.student.backbone, region, self.per_sample_weights):
             return self.student(image, queries, return_aux=return_aux)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
