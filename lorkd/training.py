@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lorkd.utils import instantiate_group
+from lorkd.utils import instantiate_group, single_log_stream
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
+    single_log_stream()
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)

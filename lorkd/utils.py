@@ -27,6 +27,13 @@ def offline_environment() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def single_log_stream() -> None:
+    """Lightning adds its own console handler at import; under Hydra the root logger already prints
+    (and writes the run's log file), so drop Lightning's to avoid every line twice."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).handlers.clear()
+
+
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` entry of a config group (callbacks, loggers); None -> []."""
     from hydra.utils import instantiate
