@@ -17,3 +17,11 @@ def train(cfg: DictConfig) -> float | None:
 
     metrics = run(cfg)
     return metrics.get("val/dice")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def evaluate(cfg: DictConfig) -> float | None:
+    from lorkd.evaluation.pipeline import evaluate as run
+
+    summary = run(cfg)
+    return summary["overall"]["dice"] if summary else None

@@ -304,6 +304,34 @@ def _compare_section(
     return lines + _table(header, body)
 
 
+def render_comparison(
+    summary: Mapping[str, Any],
+    other: Mapping[str, Any],
+    names: tuple[str, str] = ("this", "other"),
+    param_counts: Mapping[str, int] | None = None,
+) -> str:
+    """The per-region side-by-side section of :func:`render_markdown` alone (e.g. to print)."""
+    return "\n".join(_compare_section(summary, other, names, param_counts))
+
+
+def _model_line(model: Mapping[str, Any]) -> str:
+    parts = [f"Model: {model.get('name', '?')} ({model.get('kind', '?')})"]
+    if model.get("checkpoint"):
+        parts.append(f"checkpoint `{model['checkpoint']}`")
+    if model.get("parameter_count") is not None:
+        parts.append(f"{_format_params(model['parameter_count'])} parameters")
+    return ", ".join(parts) + "."
+
+
+def _errors_section(errors: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = [f"## Failed cases ({len(errors)}, not in the tables above)", ""]
+    body = [
+        [e.get("dataset") or "–", e.get("case") or "–", " ".join(str(e["error"]).split()).replace("|", "\\|")]
+        for e in errors
+    ]
+    return lines + _table(["dataset", "case", "error"], body)
+
+
 def render_markdown(
     summary: Mapping[str, Any],
     compare: Mapping[str, Any] | None = None,
@@ -311,10 +339,15 @@ def render_markdown(
     param_counts: Mapping[str, int] | None = None,
 ) -> str:
     """Markdown report of a ``summarise`` result; with ``compare`` (another summary) a per-region
-    side-by-side table with deltas (first name minus second) and the ``param_counts`` of each name."""
-    lines = [
-        "# Evaluation report",
-        "",
+    side-by-side table with deltas (first name minus second) and the ``param_counts`` of each name.
+
+    Optional summary keys: ``model`` (name, kind, checkpoint, parameter_count) adds a line under the
+    title; ``errors`` (dataset, case, error) lists the cases that could not be evaluated.
+    """
+    lines = ["# Evaluation report", ""]
+    if summary.get("model"):
+        lines.append(_model_line(summary["model"]))
+    lines += [
         f"Settings: {_settings(summary)}.",
         f"{summary['n_cases']} cases, {summary['n_rows']} (case, label) rows"
         f"; duplicate rows dropped: {summary['n_duplicates_dropped']}.",
@@ -351,6 +384,8 @@ def render_markdown(
             for x in summary["per_label"]
         ],
     )
+    if summary.get("errors"):
+        lines += _errors_section(summary["errors"])
     return "\n".join(lines)
 
 

@@ -1,0 +1,107 @@
+"""One record per evaluated case, stored as ``OUT/cases/<name>.json`` the moment the case finishes.
+
+A record holds the case's metric rows (or the error that stopped it) and the run fingerprint.
+Each file is written atomically by the rank that evaluated the case, so an interrupted run leaves
+only complete records; a resumed run keeps the successful records of its own fingerprint and
+evaluates the other cases again (failed cases are retried).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorkd.evaluation.report import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+RECORD_DIR = "cases"
+CaseKey = tuple[str, str]  # (dataset, case id)
+
+
+@dataclass
+class CaseRecord:
+    """Result of one case: its (case, label) rows, or the error that stopped it."""
+
+    dataset: str
+    case: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+    fingerprint: str = ""
+
+    @property
+    def key(self) -> CaseKey:
+        return self.dataset, self.case
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaseRecord:
+        return cls(
+            dataset=str(data["dataset"]),
+            case=str(data["case"]),
+            rows=list(data.get("rows") or []),
+            error=data.get("error"),
+            seconds=float(data.get("seconds", 0.0)),
+            fingerprint=str(data.get("fingerprint", "")),
+        )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-")[:60] or "x"
+
+
+def record_path(output_dir: str | Path, dataset: str, case: str) -> Path:
+    """File of a case's record: readable slugs plus a hash, so distinct ids never share a file."""
+    digest = hashlib.sha1(f"{dataset}\0{case}".encode()).hexdigest()[:10]
+    return Path(output_dir) / RECORD_DIR / f"{_slug(dataset)}__{_slug(case)}__{digest}.json"
+
+
+def save_record(output_dir: str | Path, record: CaseRecord) -> Path:
+    """Write a record atomically (NaN kept as JSON ``NaN``) and return its path."""
+    path = record_path(output_dir, record.dataset, record.case)
+    write_text_atomic(path, json.dumps(record.to_dict(), allow_nan=True) + "\n")
+    return path
+
+
+def load_records(
+    output_dir: str | Path, fingerprint: str, keys: Iterable[CaseKey]
+) -> dict[CaseKey, CaseRecord]:
+    """Successful records of ``fingerprint`` for the cases ``keys``; anything else is left to recompute."""
+    wanted = set(keys)
+    found: dict[CaseKey, CaseRecord] = {}
+    stale = 0
+    for key in sorted(wanted):
+        path = record_path(output_dir, *key)
+        if not path.is_file():
+            continue
+        try:
+            record = CaseRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: unreadable record (%s); the case is evaluated again", path, exc)
+            continue
+        if record.key != key:
+            log.warning("%s: record of %s, not %s; the case is evaluated again", path, record.key, key)
+        elif record.fingerprint != fingerprint:
+            stale += 1
+        elif record.ok:
+            found[key] = record
+    if stale:
+        log.info(
+            "%d stored case record(s) in %s were made with other settings or another model; recomputing them",
+            stale,
+            output_dir,
+        )
+    return found
