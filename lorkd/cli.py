@@ -25,3 +25,10 @@ def evaluate(cfg: DictConfig) -> float | None:
 
     summary = run(cfg)
     return summary["overall"]["dice"] if summary else None
+
+
+def export() -> None:
+    """``lorkd-export ckpt_path=CKPT out=DIR`` (key=value arguments, see ``lorkd.checkpoints.commands``)."""
+    from lorkd.checkpoints.commands import export_main
+
+    export_main()

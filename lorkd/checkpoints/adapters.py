@@ -1,0 +1,90 @@
+"""Save and reload a student's region experts as peft adapters, with its shared base, for further fine-tuning.
+
+Folder layout (``DIR/adapters`` of an export)::
+
+    experts.json                         architecture + ``add_region_experts`` arguments + sha256 of every file
+    base.safetensors                     the plain student SAT with the shared W0 (no expert merged)
+    <region>/adapter_model.safetensors   peft ``save_pretrained`` output, one folder per expert
+    <region>/adapter_config.json
+
+``experts.style=lorkd`` adapters hold the released A (3r, 9·Cin) / B (3·Cout, 3r) tensors, which peft's own
+Conv3d LoRA cannot host: reload them with :func:`load_adapters` (it registers our custom layer), not with
+``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from lorkd.checkpoints.exported import BASE, load_plain_sat, read_json, sha256_file, verify_file
+from lorkd.checkpoints.report import CheckpointMismatchError
+from lorkd.experts import add_region_experts, merged_unet
+from lorkd.experts.build import set_trainable
+from lorkd.models.sat import SAT
+
+ADAPTERS_FORMAT = "lorkd-adapters/1"
+SPEC = "experts.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def plain_state(net: SAT, region: str | None) -> dict[str, torch.Tensor]:
+    """State of a plain ``SAT`` equal to ``net`` (peft experts on its backbone) routed to ``region`` (None: W0)."""
+    backbone = merged_unet(net.backbone, region)
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("backbone.")}
+    state.update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_adapters(net: SAT, experts: dict[str, Any], folder: Path, architecture: dict[str, Any]) -> dict[str, Any]:
+    """Write the shared base, every expert adapter (peft ``save_pretrained``) and ``experts.json``; returns the spec."""
+    backbone = net.backbone
+    if not isinstance(backbone, PeftModel):
+        raise TypeError(f"the student's backbone must be a PeftModel with region experts, got {type(backbone).__name__}")
+    folder.mkdir(parents=True, exist_ok=True)
+    backbone.save_pretrained(str(folder))
+    save_file(plain_state(net, None), str(folder / BASE), metadata={"format": ADAPTERS_FORMAT})
+    spec = {
+        "format": ADAPTERS_FORMAT,
+        "architecture": architecture,
+        "experts": experts,
+        "files": {
+            name: {"sha256": sha256_file(folder / name)}
+            for name in [BASE, *(f"{r}/{ADAPTER_FILE}" for r in experts["regions"])]
+        },
+    }
+    (folder / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+    return spec
+
+
+def load_adapters(folder: str | Path, verify: bool = True) -> SAT:
+    """The student again: plain base + every expert (our custom peft layers), trainable as configured.
+
+    Route with ``lorkd.experts.route``; fine-tune it directly, or save it into a LoRKD checkpoint.
+    """
+    folder = Path(folder)
+    spec = read_json(folder / SPEC)
+    if spec.get("format") != ADAPTERS_FORMAT:
+        raise ValueError(f"{folder / SPEC}: format {spec.get('format')!r}, expected {ADAPTERS_FORMAT!r}")
+    if verify:
+        for name, entry in spec["files"].items():
+            verify_file(folder / name, entry["sha256"])
+    net = load_plain_sat(folder / BASE, spec["architecture"]["arguments"]).train()
+    experts = spec["experts"]
+    net.backbone = add_region_experts(net.backbone, **experts)
+    for region in experts["regions"]:
+        path = folder / region / ADAPTER_FILE
+        state = load_file(str(path))
+        result = set_peft_model_state_dict(net.backbone, state, adapter_name=region)
+        missing = [k for k in result.missing_keys if f".lora_A.{region}." in k or f".lora_B.{region}." in k]
+        if missing or result.unexpected_keys:
+            raise CheckpointMismatchError(
+                f"{path}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]} (adapter does not fit the base)"
+            )
+    set_trainable(net.backbone, experts["train_base"])
+    return net

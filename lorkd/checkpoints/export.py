@@ -1,0 +1,281 @@
+"""Export a LoRKD checkpoint: per region a standalone SAT with that expert merged into W0, plus peft adapters.
+
+Input: one of our LoRKD checkpoints, or a released ``lorkd-imbalance-{nano,pro}.pth`` (converted in memory
+by :mod:`lorkd.checkpoints.lorkd_official`; needs its paired text encoder). Output layout and the loader:
+:mod:`lorkd.checkpoints.exported`. The export is written into a temporary sibling folder and moved into
+place at the end, so the target is either a complete export or untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from lorkd.checkpoints.adapters import plain_state, save_adapters
+from lorkd.checkpoints.exported import (
+    ADAPTERS,
+    BASE,
+    CARD,
+    CARD_FORMAT,
+    EXPORT_FORMAT,
+    INDEX,
+    MODEL,
+    PROMPTS,
+    TEXT_HEAD,
+    sha256_file,
+)
+from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.teacher import read_checkpoint, sub_state
+from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts
+from lorkd.models.sat import SAT
+from lorkd.models.text import file_fingerprint
+from lorkd.regions import RegionMap
+from lorkd.utils import CONFIG_DIR
+
+log = logging.getLogger(__name__)
+
+_PRESET_KEYS = ("features", "strides", "n_convs", "proj_hidden", "mask_hidden", "latent_stride")
+
+
+def read_lorkd_checkpoint(path: str | Path, **official: Any) -> dict[str, Any]:
+    """Our LoRKD checkpoint as stored, or a released one converted in memory (``official``: the arguments of
+    ``lorkd_checkpoint_from_official``: text_checkpoint, language_model_path, student_preset, ...)."""
+    from lorkd.checkpoints.lorkd_official import is_lorkd_official, lorkd_checkpoint_from_official
+
+    raw = read_checkpoint(path)
+    meta = raw.get("lorkd") if isinstance(raw, Mapping) else None
+    if meta is not None:
+        if meta.get("kind") != "lorkd":
+            raise ValueError(f"{path} is a {meta.get('kind')!r} checkpoint; export needs a LoRKD checkpoint with experts")
+        return raw
+    if not is_lorkd_official(raw.get("model_state_dict", raw)):
+        raise ValueError(f"{path} is neither a LoRKD checkpoint (no 'lorkd' metadata) nor a released LoRKD file")
+    del raw
+    if not (official.get("text_checkpoint") and official.get("language_model_path")):
+        raise ValueError(
+            f"{path} is a released LoRKD checkpoint: also give its paired text encoder (text_checkpoint=...) "
+            "and a local BioLORD-2023-C folder (language_model_path=...)"
+        )
+    return lorkd_checkpoint_from_official(path, **official)
+
+
+def build_student(checkpoint: Mapping[str, Any], source: str) -> SAT:
+    """The student SAT with its region experts, weights loaded with strict key accounting, in eval mode."""
+    meta = checkpoint["lorkd"]
+    net = SAT(**meta["net"])
+    net.backbone = add_region_experts(net.backbone, **meta["experts"])
+    load_mapped(net, sub_state(checkpoint["state_dict"], "student."), KeyReport(source=source))
+    return net.eval()
+
+
+def backbone_preset(config: Mapping[str, Any]) -> str | None:
+    """Name of the ``configs/backbone`` preset with this architecture (None: none matches)."""
+    for path in sorted((CONFIG_DIR / "backbone").glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        if all(spec.get(k) == config.get(k) for k in _PRESET_KEYS):
+            return path.stem
+    return None
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import safetensors
+
+    try:
+        lorkd_version = metadata.version("lorkd")
+    except metadata.PackageNotFoundError:
+        lorkd_version = "unknown (not installed)"
+    return {
+        "lorkd": lorkd_version, "torch": torch.__version__, "peft": peft.__version__,
+        "safetensors": safetensors.__version__, "python": platform.python_version(),
+    }  # fmt: skip
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _write_text_files(folder: Path, checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The text head and the prompt bank (label -> pooled embedding) as safetensors; returns their file entries."""
+    bank = checkpoint["lorkd"]["prompt_bank"]
+    save_file(
+        {k: v.contiguous() for k, v in sub_state(checkpoint["state_dict"], "text_encoder.").items()},
+        str(folder / TEXT_HEAD),
+    )
+    embeddings = {label: emb.contiguous() for label, emb in zip(bank["labels"], bank["embeddings"])}
+    info = {"fingerprint": bank["fingerprint"]} if bank.get("fingerprint") else None
+    save_file(embeddings, str(folder / PROMPTS), metadata=info)
+    return {name: _file_entry(folder / name) for name in (TEXT_HEAD, PROMPTS)}
+
+
+def region_labels(region_map: Mapping[str, Any] | None, region: str, prompted: Sequence[str]) -> dict[str, list[str]]:
+    """Labels (``<modality>_<label>``) the region map routes to ``region``'s expert; those whose text is in the
+    prompt bank (encoded during training/validation or by the teacher; the bank is keyed by text, not
+    modality); and the lesions among them. Checkpoints do not record the training manifests themselves."""
+    if not region_map:
+        return {"routed": [], "with_cached_prompt": [], "abnormal": []}
+    rmap = RegionMap(**region_map)
+    labels = sorted(k for k, r in rmap.label_region.items() if r == region)
+    cached = set(prompted)
+    return {
+        "routed": labels,
+        "with_cached_prompt": [k for k in labels if k.split("_", 1)[1] in cached],
+        "abnormal": [k for k in labels if k in rmap.abnormal],
+    }
+
+
+def _source_info(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+    info: dict[str, Any] = {"checkpoint": str(Path(path).resolve()), "fingerprint": file_fingerprint([Path(path)])}
+    if meta.get("teacher"):
+        info["teacher"] = {k: meta["teacher"][k] for k in ("path", "fingerprint")}
+    if meta.get("converted_from"):
+        info["converted_from"] = meta["converted_from"]
+    return info
+
+
+def model_card(
+    region: str,
+    meta: Mapping[str, Any],
+    architecture: Mapping[str, Any],
+    model_parameters: int,
+    expert_parameters: int,
+    common: Mapping[str, Any],
+    files: Mapping[str, Any],
+) -> dict[str, Any]:
+    experts = meta["experts"]
+    rank = int(experts["ranks"][region])
+    factor = int(experts["decoder_rank_factor"])
+    teacher = meta.get("parameter_counts", {}).get("teacher")
+    bank = meta["prompt_bank"]
+    return {
+        "format": CARD_FORMAT,
+        "region": region,
+        "expert_index": list(experts["regions"]).index(region),
+        "architecture": architecture,
+        "expert": {
+            "style": experts["style"], "scaling": float(experts["scaling"]), "rank": rank,
+            "decoder_rank": rank * factor, "decoder_rank_factor": factor, "parameters": expert_parameters,
+            "merged_into_base": True, "trained_base": bool(experts.get("train_base", True)),
+        },
+        "labels": region_labels(meta.get("region_map"), region, bank["labels"]),
+        "data": meta.get("data") or {},
+        "text_encoder": {**meta["text_encoder"], "file": TEXT_HEAD},
+        "prompt_bank": {"file": PROMPTS, "fingerprint": bank.get("fingerprint"), "labels": len(bank["labels"])},
+        "parameter_counts": {
+            "model": model_parameters, "teacher": teacher,
+            "ratio_to_teacher": model_parameters / teacher if teacher else None,
+        },
+        **common,
+        "files": dict(files),
+    }  # fmt: skip
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another out= or pass overwrite=true")
+    if not (out / INDEX).is_file():
+        raise FileExistsError(f"{out} exists and is not an expert export (no {INDEX}); refusing to replace it")
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the finished staging folder to ``out`` (replacing an earlier export there)."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(stage, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(stage, out)
+
+
+def export_experts(
+    ckpt_path: str | Path,
+    out: str | Path,
+    regions: Sequence[str] | None = None,
+    overwrite: bool = False,
+    **official: Any,
+) -> Path:
+    """Write ``out/<region>/`` for every expert (or ``regions``), ``out/adapters/`` and ``out/index.json``.
+
+    ``official``: for a released LoRKD file, ``text_checkpoint``, ``language_model_path`` and optionally
+    ``student_preset``, ``teacher_checkpoint`` (see ``lorkd_checkpoint_from_official``).
+    """
+    out = Path(out)
+    _check_target(out, overwrite)
+    checkpoint = read_lorkd_checkpoint(ckpt_path, **official)
+    meta = checkpoint["lorkd"]
+    student = build_student(checkpoint, str(ckpt_path))
+    names = list(meta["experts"]["regions"])
+    chosen = names if regions is None else [r for r in names if r in set(regions)]
+    unknown = sorted(set(regions or ()) - set(names))
+    if unknown or not chosen:
+        raise KeyError(f"{ckpt_path}: no expert for {unknown or regions}; experts: {names}")
+    base_count = base_parameter_count(student)
+    expert_counts = expert_parameter_counts(student.backbone)
+    architecture = {"class": "lorkd.models.sat.SAT", "preset": backbone_preset(student.config), "arguments": student.config}
+    common = {
+        "source": _source_info(ckpt_path, meta),
+        "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shared = _write_text_files(stage, checkpoint)
+        cards: dict[str, str] = {}
+        for region in chosen:
+            folder = stage / region
+            folder.mkdir()
+            state = plain_state(student, region)
+            count = sum(v.numel() for v in state.values())
+            if count != base_count:
+                raise RuntimeError(f"merged {region} model has {count} parameters, the student base {base_count}")
+            save_file(state, str(folder / MODEL), metadata={"format": CARD_FORMAT, "region": region})
+            for name in shared:
+                shutil.copyfile(stage / name, folder / name)
+            files = {MODEL: _file_entry(folder / MODEL), **shared}
+            card = model_card(region, meta, architecture, count, expert_counts[region], common, files)
+            _write_json(folder / CARD, card)
+            cards[region] = sha256_file(folder / CARD)
+            log.info("exported %s: %s parameters -> %s", region, f"{count:,}", out / region)
+        for name in shared:
+            (stage / name).unlink()
+        spec = save_adapters(student, dict(meta["experts"]), stage / ADAPTERS, architecture)
+        _write_json(stage / INDEX, {
+            "format": EXPORT_FORMAT,
+            "expert_order": chosen,
+            "regions": {r: r for r in chosen},
+            "cards_sha256": cards,
+            "shared_files": shared,
+            "architecture": architecture,
+            "parameter_counts": {**meta.get("parameter_counts", {}), "model": base_count},
+            "region_map": meta.get("region_map"),
+            "data": meta.get("data") or {},
+            "base": {"file": f"{ADAPTERS}/{BASE}", "sha256": spec["files"][BASE]["sha256"]},
+            "adapters": ADAPTERS,
+            **common,
+        })  # fmt: skip
+        _publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,263 @@
+"""Read expert exports: standalone SAT models with one region expert merged into W0 (no peft needed).
+
+Layout written by :mod:`lorkd.checkpoints.export`::
+
+    DIR/index.json                      regions -> folders, region map, preprocessing, source, sha256 of each card
+    DIR/<region>/model.safetensors      a plain ``SAT`` (backbone: ``PlainConvUNet``) with the expert merged
+    DIR/<region>/text_head.safetensors  the text head (``projection_layer.*``, ``modality_embed.weight``)
+    DIR/<region>/prompts.safetensors    the prompt bank: label -> pooled language-model embedding
+    DIR/<region>/model_card.json        architecture, expert, labels, preprocessing, versions, sha256 of the files
+    DIR/adapters/                       the shared base (``base.safetensors``) + peft adapters, for fine-tuning
+
+Usage::
+
+    experts = load_export("exports/demo")
+    net = experts.net("abdomen")                      # SAT in eval mode, loaded (sha256-checked) on first use
+    queries = experts.prompts.queries(["liver"], "ct")
+    logits = net(image, queries)                      # (B, N, H, W, D)
+    experts.region_map.region_of("liver", "ct")       # -> "abdomen"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.teacher import build_text_encoder_from_meta
+from lorkd.models.sat import SAT
+from lorkd.models.text import PromptBank
+from lorkd.regions import RegionMap
+
+EXPORT_FORMAT = "lorkd-export/1"
+CARD_FORMAT = "lorkd-expert/1"
+INDEX = "index.json"
+CARD = "model_card.json"
+MODEL = "model.safetensors"
+TEXT_HEAD = "text_head.safetensors"
+PROMPTS = "prompts.safetensors"
+ADAPTERS = "adapters"
+BASE = "base.safetensors"
+
+
+class ExportIntegrityError(RuntimeError):
+    """A file of an export does not match the sha256 recorded for it (modified or corrupted)."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_file(path: Path, expected: str) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the export")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ExportIntegrityError(
+            f"{path}: sha256 {actual} does not match the recorded {expected}; the file was modified or corrupted"
+        )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (not a LoRKD expert export?)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def verify_files(folder: Path, files: Mapping[str, Mapping[str, Any]], names: Sequence[str] | None = None) -> None:
+    """sha256-check ``names`` (default: all) of a ``{"file": {"sha256": ...}}`` listing."""
+    for name in files if names is None else names:
+        verify_file(folder / name, files[name]["sha256"])
+
+
+def read_card(folder: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The model card of one exported expert; with ``verify``, every file it lists is sha256-checked."""
+    folder = Path(folder)
+    card = read_json(folder / CARD)
+    if card.get("format") != CARD_FORMAT:
+        raise ValueError(f"{folder / CARD}: format {card.get('format')!r}, expected {CARD_FORMAT!r}")
+    if verify:
+        verify_files(folder, card["files"])
+    return card
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def load_plain_sat(path: Path, arguments: Mapping[str, Any], device: str | torch.device = "cpu") -> SAT:
+    """A plain ``SAT(**arguments)`` with every tensor of ``path`` loaded (strict key accounting), in eval mode."""
+    net = SAT(**arguments)
+    load_mapped(net, _load_safetensors(path), KeyReport(source=str(path)))
+    return net.to(device).eval()
+
+
+def load_prompts(folder: Path, card: Mapping[str, Any]) -> PromptBank:
+    """The prompt bank of an exported expert: its text head + the cached prompt embeddings."""
+    from safetensors import safe_open
+
+    text_meta = card["text_encoder"]
+    encoder = build_text_encoder_from_meta(text_meta, _load_safetensors(folder / TEXT_HEAD), str(folder / TEXT_HEAD))
+    bank = PromptBank(encoder.requires_grad_(False))
+    path = folder / PROMPTS
+    with safe_open(str(path), framework="pt") as f:
+        labels = sorted(f.keys())
+        embeddings = [f.get_tensor(k) for k in labels]
+    bank.load_state_dict({
+        "fingerprint": card["prompt_bank"]["fingerprint"],
+        "labels": labels,
+        "embeddings": torch.stack(embeddings) if embeddings else torch.zeros(0),
+    })  # fmt: skip
+    return bank
+
+
+@dataclass
+class ExportedExpert:
+    """One region's standalone model (expert merged into W0) and its card."""
+
+    region: str
+    net: SAT
+    card: dict[str, Any]
+    folder: Path
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+
+def load_expert_folder(folder: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> ExportedExpert:
+    """One exported region folder on its own (card, sha256 check, plain SAT)."""
+    folder = Path(folder)
+    card = read_card(folder, verify)
+    net = load_plain_sat(folder / MODEL, card["architecture"]["arguments"], device)
+    return ExportedExpert(card["region"], net, card, folder)
+
+
+@dataclass
+class ExportedExperts:
+    """An export directory: one merged standalone model per region, sharing prompts, region map and preprocessing.
+
+    ``experts`` lists the exported regions in expert index order. Networks load on first use of
+    :meth:`net` (sha256 checked) and stay cached; ``prompts`` is the export's :class:`PromptBank`.
+    """
+
+    root: Path
+    index: dict[str, Any]
+    experts: list[str]
+    prompts: PromptBank
+    region_map: RegionMap | None
+    data: dict[str, Any]
+    source: str
+    device: torch.device = torch.device("cpu")
+    verify: bool = True
+    _loaded: dict[str, ExportedExpert] = field(default_factory=dict, repr=False)
+
+    def folder(self, region: str) -> Path:
+        if region not in self.index["regions"]:
+            raise KeyError(f"{self.root}: no exported expert {region!r}; exported: {self.experts}")
+        return self.root / self.index["regions"][region]
+
+    def expert(self, region: str) -> ExportedExpert:
+        """The region's merged model and card (loaded and verified on first call)."""
+        if region not in self._loaded:
+            folder = self.folder(region)
+            card_sha = self.index["cards_sha256"][region]
+            if self.verify:
+                verify_file(folder / CARD, card_sha)
+            loaded = load_expert_folder(folder, self.device, self.verify)
+            shared = self.index["shared_files"]
+            if any(loaded.card["files"][name] != entry for name, entry in shared.items()):
+                raise ExportIntegrityError(f"{folder}: its text head or prompt bank differs from the rest of {self.root}")
+            self._loaded[region] = loaded
+        return self._loaded[region]
+
+    def net(self, region: str) -> SAT:
+        """Plain ``SAT`` with ``region``'s expert merged into W0, in eval mode on ``device``."""
+        return self.expert(region).net
+
+    def card(self, region: str) -> dict[str, Any]:
+        """The region's model card, read without loading (or sha256-checking) its weights."""
+        return read_card(self.folder(region), verify=False)
+
+    def base_net(self) -> SAT:
+        """The student's shared base W0 without any expert (from ``adapters/base.safetensors``)."""
+        entry = self.index["base"]
+        path = self.root / entry["file"]
+        if self.verify:
+            verify_file(path, entry["sha256"])
+        return load_plain_sat(path, self.index["architecture"]["arguments"], self.device)
+
+    def to(self, device: str | torch.device) -> ExportedExperts:
+        """Move the loaded networks and the text head; networks loaded later go there too."""
+        self.device = torch.device(device)
+        for loaded in self._loaded.values():
+            loaded.net.to(self.device)
+        self.prompts.text_encoder.to(self.device)
+        return self
+
+    @property
+    def parameter_count(self) -> int:
+        """Parameters of one deployed expert (every exported model has the student base's size)."""
+        return int(self.index["parameter_counts"]["model"])
+
+
+def load_export(
+    path: str | Path,
+    regions: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    preload: bool = False,
+) -> ExportedExperts:
+    """Open an export directory written by ``lorkd-export``; no peft involved.
+
+    ``regions`` restricts it to some experts; ``preload`` loads their networks now instead of on first use;
+    ``verify`` checks every file against the sha256 recorded at export time (:class:`ExportIntegrityError`).
+    """
+    root = Path(path)
+    index = read_json(root / INDEX)
+    if index.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{root / INDEX}: format {index.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    exported = list(index["expert_order"])
+    chosen = exported if regions is None else list(regions)
+    unknown = [r for r in chosen if r not in exported]
+    if unknown:
+        raise KeyError(f"{root}: no exported expert for {unknown}; exported: {exported}")
+    chosen = [r for r in exported if r in chosen]  # keep expert index order
+    if not chosen:
+        raise ValueError(f"{root}: no region selected")
+    first = root / index["regions"][chosen[0]]
+    if verify:
+        verify_file(first / CARD, index["cards_sha256"][chosen[0]])
+        verify_files(first, index["shared_files"])
+    card = read_card(first, verify=False)
+    region_map = RegionMap(**index["region_map"]) if index.get("region_map") else None
+    experts = ExportedExperts(
+        root=root,
+        index={**index, "regions": {r: index["regions"][r] for r in chosen}},
+        experts=chosen,
+        prompts=load_prompts(first, card),
+        region_map=region_map,
+        data=dict(index.get("data") or {}),
+        source=str(root),
+        device=torch.device(device),
+        verify=verify,
+    )
+    experts.prompts.text_encoder.to(experts.device)
+    if preload:
+        for region in chosen:
+            experts.expert(region)
+    return experts
+

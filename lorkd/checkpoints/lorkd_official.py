@@ -1,0 +1,287 @@
+"""Released LoRKD checkpoints (``lorkd-imbalance-{nano,pro}.pth``) -> our ``experts.style=lorkd`` student.
+
+Layout (``model_state_dict``, 830 / 994 keys; reference/lorkd.md §9):
+
+* ``model.module.backbone.{encoder.stages.{s}.0, decoder.stages.{s}}.stages.{i}.conv.conv.{weight,bias}``: W0, b
+* ``….conv.lora_A_list.{t}`` (3·r_t, 9·Cin) and ``….conv.lora_B_list.{t}`` (3·Cout, 3·r_t): expert t,
+  ΔW_t = 2·(B_t @ A_t).view(Cout, Cin, 3, 3, 3); decoder ranks are twice the encoder's
+* ``….stages.{i}.norm.*``, ``model.module.backbone.decoder.transpconvs.{s}.*``
+* ``unet.*``: the same backbone tensors again (the released adapter wrapper registers the backbone twice);
+  checked identical and explained, never loaded twice
+* ``model.module.{projection_layer, transformer_decoder, mask_embed_proj}.*`` with
+  ``multihead_attn.in_proj_{weight,bias}`` (q|k|v stacked; split into our q/k/v projections)
+
+Expert index order: abdomen, brain, head_and_neck, lower_limb, pelvis, spine, thorax, upper_limb.
+
+Two ways in: :func:`load_lorkd_official` builds the student in memory (routing with
+``lorkd.experts.route``); :func:`convert_lorkd_official` writes one of our LoRKD checkpoints (with the text
+head and a prompt bank for every region-map label), which ``load_model``/``predict.py``/``eval.py``,
+``lorkd-export`` and ``student_init=checkpoint`` fine-tuning then read like a trained one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport, load_mapped, read_state_dict
+from lorkd.checkpoints.sat import infer_sat_config, load_sat_text_encoder, sat_vision_to_model_keys
+from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts
+from lorkd.models.sat import SAT
+from lorkd.models.text import PromptBank, TextEncoder, file_fingerprint
+from lorkd.regions import RegionMap
+from lorkd.utils import CONFIG_DIR
+
+OFFICIAL_REGIONS = ("abdomen", "brain", "head_and_neck", "lower_limb", "pelvis", "spine", "thorax", "upper_limb")
+OFFICIAL_SCALING = 2.0
+OFFICIAL_PATCH_SIZE = (288, 288, 96)
+STUDENT_PRESETS = {"nano": "unet_student_nano", "pro": "unet_nano"}  # released file -> student backbone config
+_PRESET_KEYS = ("features", "strides", "n_convs", "proj_hidden", "mask_hidden")
+_MODEL_PREFIX = "model."  # the wrapper's ``model`` (a DDP-wrapped Maskformer: ``model.module.*``)
+_ALIAS_PREFIX = "unet."
+_UNIT = re.compile(r"^(backbone\.(?:encoder\.stages\.\d+\.0|decoder\.stages\.\d+))\.stages\.(\d+)\.(conv|norm)\.(.+)$")
+_LORA = re.compile(r"^lora_([AB])_list\.(\d+)$")
+_PEFT = "backbone.base_model.model."
+
+
+@dataclass
+class OfficialLoRKD:
+    """A released LoRKD student loaded into our model: ``net.backbone`` is a peft model with 8 lorkd-style experts."""
+
+    net: SAT
+    experts: dict[str, Any]  # add_region_experts arguments: regions, ranks, decoder_rank_factor, scaling, style, train_base
+    preset: str | None  # "nano" | "pro" | None (another architecture)
+    text_encoder: TextEncoder | None
+    report: KeyReport
+    source: str
+
+
+def is_lorkd_official(state: Mapping[str, Any]) -> bool:
+    return any(".lora_A_list." in k for k in state)
+
+
+def _split(state: Mapping[str, torch.Tensor], report: KeyReport) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Official keys -> plain SAT keys (W0 as ``….convs.{i}.conv.weight``) + LoRA tensors per conv unit."""
+    plain: dict[str, torch.Tensor] = {}
+    lora: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
+    for key, value in state.items():
+        if key.startswith(_ALIAS_PREFIX):
+            twin = f"{_MODEL_PREFIX}module.backbone.{key[len(_ALIAS_PREFIX):]}"
+            if twin in state and torch.equal(state[twin], value):
+                report.explained[key] = f"alias of {twin} (the released adapter wrapper registers the backbone as `unet` too)"
+            else:
+                report.unexpected.append(f"{key} (differs from {twin} or has no twin)")
+            continue
+        if not key.startswith(_MODEL_PREFIX):
+            report.unexpected.append(key)
+            continue
+        inner = key[len(_MODEL_PREFIX) :]
+        unit = _UNIT.match(inner.removeprefix("module."))
+        if unit is None:
+            plain[inner] = value
+            continue
+        stage, i, part, rest = unit.groups()
+        name = f"{stage}.convs.{i}.{part}"
+        lora_key = _LORA.match(rest) if part == "conv" else None
+        if lora_key:
+            which, t = lora_key.groups()
+            lora.setdefault(name, {})[(which, int(t))] = value
+        elif part == "conv" and rest.startswith("conv."):
+            plain[f"module.{name}.{rest[len('conv.'):]}"] = value
+        else:
+            plain[f"module.{name}.{rest}"] = value
+    return sat_vision_to_model_keys(plain, report), lora
+
+
+def _expert_ranks(lora: Mapping[str, Mapping[tuple[str, int], torch.Tensor]], regions: Sequence[str], source: str) -> tuple[dict[str, int], int]:
+    """Encoder rank per expert and the decoder rank factor, read off the A tensors (A is (3·r, 9·Cin))."""
+    found = sorted({t for tensors in lora.values() for (_, t) in tensors})
+    if found != list(range(len(regions))):
+        raise CheckpointMismatchError(f"{source}: experts {found} in the checkpoint, expected 0..{len(regions) - 1} for {list(regions)}")
+    seen: dict[str, dict[int, set[int]]] = {"encoder": {}, "decoder": {}}
+    for name, tensors in lora.items():
+        side = "encoder" if name.startswith("backbone.encoder.") else "decoder"
+        for (which, t), value in tensors.items():
+            if which == "A":
+                seen[side].setdefault(t, set()).add(int(value.shape[0]) // 3)
+    ranks: dict[str, dict[int, int]] = {}
+    for side, table in seen.items():
+        bad = {regions[t]: sorted(r) for t, r in table.items() if len(r) != 1}
+        if bad or len(table) != len(regions):
+            raise CheckpointMismatchError(f"{source}: {side} ranks are not one per expert ({bad or sorted(table)})")
+        ranks[side] = {t: min(r) for t, r in table.items()}
+    factors = {ranks["decoder"][t] / r for t, r in ranks["encoder"].items()}
+    if len(factors) != 1 or not next(iter(factors)).is_integer():
+        raise CheckpointMismatchError(f"{source}: decoder ranks are not one integer multiple of the encoder ranks")
+    return {regions[t]: r for t, r in sorted(ranks["encoder"].items())}, int(factors.pop())
+
+
+def _preset_spec(preset: str) -> dict[str, Any]:
+    if preset not in STUDENT_PRESETS:
+        raise ValueError(f"student_preset must be one of {sorted(STUDENT_PRESETS)} or None, got {preset!r}")
+    return yaml.safe_load((CONFIG_DIR / "backbone" / f"{STUDENT_PRESETS[preset]}.yaml").read_text())
+
+
+def _match_preset(config: Mapping[str, Any], wanted: str | None, source: str) -> str | None:
+    """The released student preset this architecture is; with ``wanted``, raise unless it is that one."""
+    found = [p for p in STUDENT_PRESETS if all(_preset_spec(p)[k] == config[k] for k in _PRESET_KEYS)]
+    if wanted is not None and wanted not in found:
+        spec = _preset_spec(wanted)
+        diffs = "; ".join(f"{k}: checkpoint {config[k]} vs {wanted} {spec[k]}" for k in _PRESET_KEYS if spec[k] != config[k])
+        raise CheckpointMismatchError(f"{source}: not a LoRKD-{wanted} student ({diffs})")
+    return found[0] if found else None
+
+
+def _student_state(plain: Mapping[str, torch.Tensor], lora: Mapping[str, Mapping], regions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Plain SAT keys + LoRA tensors -> the keys of ``SAT`` whose backbone carries peft experts."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in plain.items():
+        if not key.startswith("backbone."):
+            out[key] = value
+            continue
+        unit, _, kind = key.rpartition(".")
+        inner = unit[len("backbone.") :]
+        out[f"{_PEFT}{inner}.base_layer.{kind}" if unit in lora else f"{_PEFT}{key[len('backbone.'):]}"] = value
+    for unit, tensors in lora.items():
+        for (which, t), value in tensors.items():
+            out[f"{_PEFT}{unit[len('backbone.'):]}.lora_{which}.{regions[t]}.weight"] = value
+    return out
+
+
+def load_lorkd_official(
+    path: str | Path,
+    student_preset: str | None = None,
+    text_checkpoint: str | Path | None = None,
+    language_model_path: str | None = None,
+    regions: Sequence[str] = OFFICIAL_REGIONS,
+    **net_overrides: Any,
+) -> OfficialLoRKD:
+    """Load a released LoRKD student with strict key accounting (every key loaded or explained).
+
+    ``student_preset`` ("nano" | "pro") is checked against the architecture read off the keys (None: any);
+    ``net_overrides`` sets what the keys do not record (``decoder_heads``, ``dropout``, ``latent_stride``).
+    With ``text_checkpoint`` (the paired ``{nano,pro}_text_encoder.pth``) and ``language_model_path`` (a
+    local BioLORD-2023-C folder with config and tokenizer) the text encoder is loaded too.
+    """
+    source = str(path)
+    state = read_state_dict(path)
+    if not is_lorkd_official(state):
+        raise CheckpointMismatchError(f"{source}: no lora_A_list keys; not a released LoRKD checkpoint")
+    report = KeyReport(source=source)
+    plain, lora = _split(state, report)
+    report.raise_if_unexplained()
+    config = {**infer_sat_config(plain), **net_overrides}
+    preset = _match_preset(config, student_preset, source)
+    ranks, factor = _expert_ranks(lora, regions, source)
+    experts = {
+        "regions": list(regions), "ranks": ranks, "decoder_rank_factor": factor,
+        "scaling": OFFICIAL_SCALING, "style": "lorkd", "train_base": True,
+    }  # fmt: skip
+    net = SAT(**config)
+    net.backbone = add_region_experts(net.backbone, **experts)
+    load_mapped(net, _student_state(plain, lora, regions), report)
+    text = None
+    if text_checkpoint is not None:
+        if not language_model_path:
+            raise ValueError("text_checkpoint needs language_model_path (a local BioLORD-2023-C folder: config + tokenizer)")
+        text, _ = load_sat_text_encoder(text_checkpoint, language_model_path)
+        if text.query_dim != net.query_dim:
+            raise CheckpointMismatchError(f"{text_checkpoint}: query dim {text.query_dim}, the student's is {net.query_dim}")
+    return OfficialLoRKD(net.eval(), experts, preset, text, report, source)
+
+
+def default_region_map() -> RegionMap:
+    """SAT's 49-dataset label -> region map (configs/regions/sat49.yaml), the released experts' routing."""
+    spec = yaml.safe_load((CONFIG_DIR / "regions" / "sat49.yaml").read_text())
+    spec.pop("_target_", None)
+    return RegionMap(**spec)
+
+
+def _teacher_meta(teacher_checkpoint: str | Path) -> tuple[dict[str, Any], int]:
+    """What our checkpoints record about the teacher, and its parameter count (built on the meta device)."""
+    config = infer_sat_config(read_state_dict(teacher_checkpoint))
+    with torch.device("meta"):
+        count = sum(p.numel() for p in SAT(**config).parameters())
+    path = Path(teacher_checkpoint)
+    return {"path": str(path.resolve()), "fingerprint": file_fingerprint([path]), "net": config}, count
+
+
+def lorkd_checkpoint_from_official(
+    path: str | Path,
+    text_checkpoint: str | Path,
+    language_model_path: str,
+    student_preset: str | None = None,
+    region_map: RegionMap | None = None,
+    labels: Sequence[str] | None = None,
+    teacher_checkpoint: str | Path | None = None,
+    net_overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A released checkpoint as one of our LoRKD checkpoints (``{"lorkd": meta, "state_dict": ...}``), in memory.
+
+    The prompt bank is filled for ``labels`` (default: every label of the region map) with the paired
+    language model, so the result needs no language model later; ``teacher_checkpoint`` (the SAT vision
+    file distilled from) is recorded for ``model="teacher"`` and parameter ratios; ``net_overrides`` as in
+    :func:`load_lorkd_official` (the released files use SAT's defaults).
+    """
+    from lorkd.data.transforms import PreprocessConfig
+
+    official = load_lorkd_official(path, student_preset, text_checkpoint, language_model_path, **dict(net_overrides or {}))
+    region_map = region_map or default_region_map()
+    if tuple(region_map.regions) != OFFICIAL_REGIONS:
+        raise ValueError(f"the released experts are in order {list(OFFICIAL_REGIONS)}; region map has {region_map.regions}")
+    text = official.text_encoder
+    assert text is not None
+    bank = PromptBank(text)
+    bank.ensure(labels if labels is not None else sorted({k.split("_", 1)[1] for k in region_map.label_region}))
+    counts = {"student_base": base_parameter_count(official.net)}
+    experts = expert_parameter_counts(official.net.backbone)
+    counts.update(experts_all=sum(experts.values()), deployed_expert=counts["student_base"])
+    counts.update({f"expert_{k}": v for k, v in experts.items()})
+    meta: dict[str, Any] = {
+        "kind": "lorkd",
+        "net": dict(official.net.config),
+        "experts": official.experts,
+        "text_encoder": {
+            "hidden_dim": text.hidden_dim, "query_dim": text.query_dim,
+            "proj_hidden": text.projection_layer[0].out_features,
+            "language_model_path": None,  # the bank holds every prompt; the official tower is not a plain folder
+            "max_length": text.language_model.max_length if text.language_model else 64,
+        },
+        "prompt_bank": bank.state_dict(),
+        "region_map": region_map.to_dict(),
+        "data": {"preprocess": PreprocessConfig().to_dict(), "patch_size": list(OFFICIAL_PATCH_SIZE)},
+        "converted_from": {
+            "path": str(Path(path).resolve()), "fingerprint": file_fingerprint([Path(path)]),
+            "preset": official.preset, "text_checkpoint": str(Path(text_checkpoint).resolve()),
+        },
+    }  # fmt: skip
+    if teacher_checkpoint is not None:
+        meta["teacher"], counts["teacher"] = _teacher_meta(teacher_checkpoint)
+    meta["parameter_counts"] = counts
+    state = {f"student.{k}": v for k, v in official.net.state_dict().items()}
+    state.update({f"text_encoder.{k}": v for k, v in text.state_dict().items()})
+    return {"lorkd": meta, "state_dict": state}
+
+
+def convert_lorkd_official(path: str | Path, out: str | Path, **kwargs: Any) -> Path:
+    """Write :func:`lorkd_checkpoint_from_official` to ``out`` (atomically); returns ``out``."""
+    out = Path(out)
+    checkpoint = lorkd_checkpoint_from_official(path, **kwargs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out

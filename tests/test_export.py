@@ -1,0 +1,209 @@
+"""Expert export: merged standalone models per region, model cards with sha256, adapters, and the peft-free loader."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorkd.checkpoints.adapters import load_adapters
+from lorkd.checkpoints.export import export_experts
+from lorkd.checkpoints.exported import (
+    CARD,
+    MODEL,
+    PROMPTS,
+    ExportIntegrityError,
+    load_export,
+    read_card,
+    sha256_file,
+)
+from lorkd.experts import route
+from lorkd.inference.loading import load_model
+from lorkd.models.sat import SAT
+from lorkd.models.unet import PlainConvUNet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tiny_lorkd_ckpt, tmp_path_factory):
+    """The 2-step LoRKD checkpoint with clearly non-zero experts (B random), so merging matters."""
+    raw = torch.load(tiny_lorkd_ckpt, map_location="cpu", weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for key, value in raw["state_dict"].items():
+        if ".lora_B." in key:
+            raw["state_dict"][key] = torch.randn(value.shape, generator=g) * 0.05
+    path = tmp_path_factory.mktemp("trained") / "lorkd.ckpt"
+    torch.save(raw, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def export_dir(trained_ckpt, tmp_path_factory):
+    return export_experts(trained_ckpt, tmp_path_factory.mktemp("exports") / "demo")
+
+
+@pytest.fixture(scope="module")
+def student(trained_ckpt):
+    return load_model(trained_ckpt)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 1, 16, 16, 16, generator=g)
+
+
+def test_export_layout_and_index(export_dir, student):
+    index = json.loads((export_dir / "index.json").read_text())
+    assert index["expert_order"] == student.experts and index["regions"] == {r: r for r in student.experts}
+    for region in student.experts:
+        assert sorted(p.name for p in (export_dir / region).iterdir()) == [
+            "model.safetensors", "model_card.json", "prompts.safetensors", "text_head.safetensors",
+        ]  # fmt: skip
+        assert (export_dir / "adapters" / region / "adapter_model.safetensors").is_file()
+    assert (export_dir / "adapters" / "base.safetensors").is_file()
+    assert not [p for p in export_dir.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_each_exported_expert_equals_the_routed_student(export_dir, student):
+    exported = load_export(export_dir)
+    x = _inputs()
+    labels, modality = ["liver", "spleen", "heart"], "ct"
+    q = student.prompts.queries(labels, modality)
+    torch.testing.assert_close(exported.prompts.queries(labels, modality), q, rtol=0, atol=0)
+    for k, region in enumerate(student.experts):
+        with torch.no_grad(), route(student.net.backbone, torch.full((2,), k)):
+            routed = student.net(x, q)
+        with torch.no_grad():
+            merged = exported.net(region)(x, q)
+        torch.testing.assert_close(merged, routed, rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), route(student.net.backbone, torch.full((2,), -1)):
+        torch.testing.assert_close(exported.base_net()(x, q), student.net(x, q), rtol=1e-4, atol=1e-5)
+
+
+def test_an_exported_expert_has_the_student_base_size_and_only_plain_modules(export_dir, tiny_lorkd_ckpt):
+    exported = load_export(export_dir, regions=["thorax"], preload=True)
+    base = torch.load(tiny_lorkd_ckpt, weights_only=True)["lorkd"]["parameter_counts"]["student_base"]
+    expert = exported.expert("thorax")
+    assert expert.parameter_count == exported.parameter_count == base
+    assert type(expert.net) is SAT and type(expert.net.backbone) is PlainConvUNet
+    assert all(type(m).__module__.startswith(("torch.", "lorkd.")) for m in expert.net.modules())
+    with pytest.raises(KeyError, match="no exported expert 'brain'"):
+        exported.net("brain")
+
+
+def test_the_model_card_round_trips(export_dir, trained_ckpt):
+    meta = torch.load(trained_ckpt, weights_only=True)["lorkd"]
+    for region in ("abdomen", "brain"):
+        card = read_card(export_dir / region)
+        assert json.loads(json.dumps(card)) == card == load_export(export_dir).card(region)
+        assert SAT(**card["architecture"]["arguments"]).config == meta["net"]
+        assert card["architecture"]["preset"] == "unet_tiny"
+        assert card["region"] == region and card["expert_index"] == meta["experts"]["regions"].index(region)
+        rank = meta["experts"]["ranks"][region]
+        assert card["expert"] == {
+            "style": "peft", "scaling": 2.0, "rank": rank, "decoder_rank": 2 * rank, "decoder_rank_factor": 2,
+            "parameters": meta["parameter_counts"][f"expert_{region}"], "merged_into_base": True, "trained_base": True,
+        }  # fmt: skip
+        assert card["data"] == meta["data"]
+        assert card["parameter_counts"]["model"] == meta["parameter_counts"]["student_base"]
+        assert card["parameter_counts"]["teacher"] == meta["parameter_counts"]["teacher"]
+        assert set(card["versions"]) == {"lorkd", "torch", "peft", "safetensors", "python"}
+        assert card["files"][MODEL]["sha256"] == sha256_file(export_dir / region / MODEL)
+        assert card["text_encoder"]["query_dim"] == meta["text_encoder"]["query_dim"]
+        assert card["prompt_bank"]["labels"] == len(meta["prompt_bank"]["labels"])
+    labels = read_card(export_dir / "abdomen")["labels"]
+    assert "ct_liver" in labels["with_cached_prompt"] and "ct_liver tumor" in labels["abnormal"]
+    assert set(labels["with_cached_prompt"]) <= set(labels["routed"])
+    assert "ct_brainstem" not in labels["routed"]
+
+
+def test_tampered_files_fail_the_sha256_check(export_dir, tmp_path):
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    with open(copy / "brain" / MODEL, "r+b") as f:
+        f.seek(-4, 2)
+        last = f.read(4)
+        f.seek(-4, 2)
+        f.write(bytes(b ^ 0xFF for b in last))
+    exported = load_export(copy)
+    exported.net("abdomen")  # untouched experts still load
+    with pytest.raises(ExportIntegrityError, match=r"brain/model\.safetensors: sha256 .* does not match"):
+        exported.net("brain")
+    (copy / "abdomen" / PROMPTS).write_bytes((copy / "abdomen" / PROMPTS).read_bytes() + b" ")
+    with pytest.raises(ExportIntegrityError, match=r"abdomen/prompts\.safetensors"):
+        load_export(copy)
+    card = json.loads((copy / "thorax" / CARD).read_text())
+    card["expert"]["rank"] = 99
+    (copy / "thorax" / CARD).write_text(json.dumps(card))
+    with pytest.raises(ExportIntegrityError, match=r"thorax/model_card\.json"):
+        load_export(copy, regions=["thorax"])
+
+
+def test_load_export_runs_without_peft(export_dir, student, tmp_path):
+    """In a fresh interpreter where ``import peft`` fails, the export loads and predicts the same logits."""
+    x = _inputs()
+    q = student.prompts.queries(["liver"], "ct")
+    torch.save({"x": x, "q": q}, tmp_path / "inputs.pt")
+    script = f"""
+import sys
+sys.modules["peft"] = None  # any import of peft now raises ImportError
+import torch
+from lorkd.checkpoints.exported import load_export
+exported = load_export({str(export_dir)!r}, preload=True)
+inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
+with torch.no_grad():
+    out = exported.net("spine")(inputs["x"], exported.prompts.queries(["liver"], "ct"))
+assert not [n for n, m in sys.modules.items() if n.startswith("peft") and m is not None]
+torch.save(out, {str(tmp_path / 'out.pt')!r})
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
+    with torch.no_grad(), route(student.net.backbone, torch.full((2,), student.experts.index("spine"))):
+        routed = student.net(x, q)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), routed, rtol=1e-4, atol=1e-5)
+
+
+def test_adapters_reload_into_the_same_routed_student(export_dir, student):
+    net = load_adapters(export_dir / "adapters").eval()
+    x = _inputs()
+    q = student.prompts.queries(["liver"], "ct")
+    region = torch.tensor([0, 6])  # a mixed batch: abdomen, thorax
+    with torch.no_grad(), route(net.backbone, region):
+        reloaded = net(x, q)
+    with torch.no_grad(), route(student.net.backbone, region):
+        torch.testing.assert_close(reloaded, student.net(x, q), rtol=0, atol=0)
+    assert all(p.requires_grad for p in net.backbone.parameters())  # train_base: W0 and every expert train
+
+
+def test_an_existing_target_is_kept_unless_overwrite(export_dir, trained_ckpt, tmp_path):
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        export_experts(trained_ckpt, export_dir, regions=["brain"])
+    other = tmp_path / "not_an_export"
+    (other / "keep.txt").parent.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an expert export"):
+        export_experts(trained_ckpt, other, regions=["brain"], overwrite=True)
+    assert (other / "keep.txt").read_text() == "mine"
+    target = tmp_path / "again"
+    shutil.copytree(export_dir, target)
+    export_experts(trained_ckpt, target, regions=["brain"], overwrite=True)
+    assert load_export(target).experts == ["brain"] and not (target / "abdomen").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "not_an_export"]
+
+
+@pytest.mark.slow
+def test_the_export_command(trained_ckpt, tmp_path):
+    out = tmp_path / "cli"
+    subprocess.run(
+        [sys.executable, "scripts/export_experts.py", f"ckpt_path={trained_ckpt}", f"out={out}", "regions=[pelvis,spine]"],
+        check=True, cwd=ROOT,
+    )  # fmt: skip
+    assert load_export(out).experts == ["pelvis", "spine"]
+    result = subprocess.run(
+        [sys.executable, "scripts/export_experts.py", f"ckpt_path={trained_ckpt}", f"out={out}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode != 0 and "overwrite=true" in result.stderr
