@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import compose_config
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from helpers import compose_config
 from lorkd.utils import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from helpers import demo_overrides, run_training
+
 from lorkd.experts.build import expert_layers
 from lorkd.inference.loading import load_model
 from lorkd.losses import distillation_loss, hard_dice, segmentation_loss

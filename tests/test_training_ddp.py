@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import demo_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
