@@ -13,6 +13,7 @@ predict sampler refuses; hence :class:`ShardSampler` and ``use_distributed_sampl
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,10 @@ class ShardSampler(Sampler[int]):
 class EvaluationModule(pl.LightningModule):
     """What is evaluated and how: the manifest's cases, the model, the metric settings.
 
-    ``previous`` holds the records of an earlier run in the output folder (resume); the cases rank 0
-    has records for are skipped. For the writer on rank 0 it also carries :attr:`previous` (those
-    records, as a list), ``problems`` (manifest lines that could not be read) and :attr:`model_info`.
+    ``previous`` maps (dataset, case) to the records of an earlier run (resume); rank 0's keys decide
+    which cases every rank skips. For the writer on rank 0 the module exposes :attr:`previous` (the
+    kept records, after ``setup``), :attr:`problems` (manifest lines that could not be read) and
+    :attr:`model_info`.
     """
 
     def __init__(
@@ -66,7 +68,6 @@ class EvaluationModule(pl.LightningModule):
         region_map: RegionMap | None = None,
         previous: Mapping[CaseKey, CaseRecord] | None = None,
         problems: Sequence[Mapping[str, Any]] = (),
-        num_workers: int = 0,
     ) -> None:
         super().__init__()
         self.allow_zero_length_dataloader_with_multiple_devices = True
@@ -80,7 +81,6 @@ class EvaluationModule(pl.LightningModule):
         self.fallback_region_map = region_map
         self.found = dict(previous or {})
         self.problems = [dict(p) for p in problems]
-        self.num_workers = int(num_workers)
         self.pending: list[Case] = []
         self.previous: list[CaseRecord] = []
         self.predictor: Predictor | None = None
@@ -129,7 +129,6 @@ class EvaluationModule(pl.LightningModule):
             batch_size=1,
             sampler=sampler,
             collate_fn=collate_case,
-            num_workers=self.num_workers,
         )
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> CaseRecord:
@@ -138,9 +137,10 @@ class EvaluationModule(pl.LightningModule):
             self.predictor, batch["case"], self.settings, self.region_map, self.fingerprint
         )
         if record.ok:
-            dice = [r["dice"] for r in record.rows]
+            dice = [r["dice"] for r in record.rows if not math.isnan(r["dice"])]
             log.info(
                 "rank %d: %s/%s %d label(s), mean Dice %.4f (%.1f s)",
-                self.global_rank, record.dataset, record.case, len(dice), sum(dice) / max(len(dice), 1), record.seconds,
+                self.global_rank, record.dataset, record.case, len(record.rows),
+                sum(dice) / max(len(dice), 1), record.seconds,
             )  # fmt: skip
         return record

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 MODELS = ("experts", "teacher")
 # inference options that change no mask (the Predictor's results do not depend on them)
 _NEUTRAL_OPTIONS = frozenset({"sw_batch_size", "max_queries", "stitch_device"})
+DEMO_DIR = PROJECT_ROOT / "outputs" / "demo"
 _PROBLEM = re.compile(r"^(?P<file>.*):(?P<line>\d+): (?P<message>.*)$", re.S)
 
 
@@ -107,7 +108,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
         region_map=instantiate(cfg.regions) if cfg.get("regions") else None,
         previous=previous,
         problems=manifest_problems(manifest, problems),
-        num_workers=cfg.data.num_workers,
     )
     callbacks = instantiate_group(cfg.get("callbacks"))
     if not any(type(c).__name__ == "MetricsWriter" for c in callbacks):
@@ -119,30 +119,30 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     return load_summary(out) if trainer.is_global_zero else None
 
 
-def _run_eval(overrides: Sequence[str], root: Path) -> None:
-    command = [sys.executable, str(root / "eval.py"), *overrides]
-    log.info("running %s", " ".join(command))
-    subprocess.run(command, cwd=root, check=True)
+def _run_eval(overrides: Sequence[str]) -> None:
+    command = [sys.executable, str(PROJECT_ROOT / "eval.py"), *overrides]
+    print(f"\n$ {' '.join(command)}", flush=True)
+    subprocess.run(command, cwd=PROJECT_ROOT, check=True)
 
 
-def compare_demo(root: str | Path = PROJECT_ROOT, overrides: Sequence[str] = ()) -> str:
+def compare_demo(demo_dir: str | Path = DEMO_DIR, overrides: Sequence[str] = ()) -> str:
     """Evaluate the demo teacher and the demo experts on the demo test set and print the comparison.
 
-    Writes ``outputs/demo/eval/teacher/`` and ``outputs/demo/eval/lorkd/`` (whose report holds the
-    side-by-side table). The teacher is the one the experts were distilled from (``model=teacher`` on
-    the LoRKD checkpoint). Finished cases are not recomputed when the checkpoint is unchanged.
-    Returns the printed text.
+    Reads ``<demo_dir>/lorkd/checkpoints/last.ckpt`` and ``<demo_dir>/data/test.jsonl``; writes
+    ``<demo_dir>/eval/teacher/`` and ``<demo_dir>/eval/lorkd/`` (whose report holds the side-by-side
+    table). The teacher is the one the experts were distilled from (``model=teacher`` on the LoRKD
+    checkpoint). Finished cases are not recomputed while the checkpoint is unchanged. ``overrides``
+    go to both ``eval.py`` runs. Returns the printed text.
     """
-    root = Path(root)
-    demo = root / "outputs" / "demo"
+    demo = Path(demo_dir)
     checkpoint = demo / "lorkd" / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint} not found: train the demo first (make demo)")
     teacher_dir, lorkd_dir = demo / "eval" / "teacher", demo / "eval" / "lorkd"
     common = [f"ckpt_path={checkpoint}", f"data.test_manifest={demo / 'data' / 'test.jsonl'}", *overrides]
     start = time.perf_counter()
-    _run_eval([*common, "model=teacher", f"output_dir={teacher_dir}"], root)
-    _run_eval([*common, "model=experts", f"output_dir={lorkd_dir}", f"compare={teacher_dir}"], root)
+    _run_eval([*common, "model=teacher", f"output_dir={teacher_dir}"])
+    _run_eval([*common, "model=experts", f"output_dir={lorkd_dir}", f"compare={teacher_dir}"])
     mine, theirs = load_summary(lorkd_dir), load_summary(teacher_dir)
     names = comparison_names(mine, theirs, teacher_dir)
     params = {
