@@ -27,6 +27,13 @@ def evaluate(cfg: DictConfig) -> float | None:
     return summary["overall"]["dice"] if summary else None
 
 
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
+def predict(cfg: DictConfig) -> None:
+    from lorkd.inference.run import predict as run
+
+    run(cfg)
+
+
 def export() -> None:
     """``lorkd-export ckpt_path=CKPT out=DIR`` (key=value arguments, see ``lorkd.checkpoints.commands``)."""
     from lorkd.checkpoints.commands import export_main

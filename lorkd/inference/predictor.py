@@ -1,0 +1,434 @@
+"""Load once, predict many: text-prompted segmentation of whole scans, returned in their own grid.
+
+    predictor = Predictor.from_checkpoint("lorkd.ckpt")
+    result = predictor.predict("ct.nii.gz", ["liver", "spleen"], "ct")
+    result.masks["liver"]      # nibabel uint8 mask, same shape and affine as ct.nii.gz
+    result.segmentation        # multilabel map, id j+1 = labels[j] (result.label_ids)
+
+Pipeline: the checkpoint's preprocessing (orientation, spacing, foreground crop, intensity) → labels
+grouped by region expert (:mod:`lorkd.inference.routing`) → per group, MONAI sliding-window
+inference with that expert (:mod:`lorkd.inference.sliding_window`) → sigmoid → back to the input's
+grid (crop, spacing and orientation undone) → threshold. In the multilabel map each voxel takes the
+most probable label among those above the threshold (an exact tie goes to the earlier label).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from lorkd.data.io import CaseError, check_finite, read_volume, squeeze_to_3d
+from lorkd.data.transforms import InversionInfo, PreprocessConfig, invert_to_original, preprocess_image
+from lorkd.inference.loading import LoadedModel, load_model
+from lorkd.inference.routing import PromptGroup, check_fallback, plan_groups
+from lorkd.inference.sliding_window import (
+    WindowModel,
+    count_windows,
+    sliding_window_probabilities,
+    window_size,
+)
+from lorkd.models.text import PromptBank
+from lorkd.regions import UnknownLabelError, canonical_modality, normalize_label
+
+log = logging.getLogger(__name__)
+
+SAT_WINDOW = (288, 288, 96)  # SAT's crop, for files that do not record their training patch size
+STITCH_DEVICES = ("auto", "cpu", "device")
+_STITCH_FREE_FRACTION = 0.25  # "auto" stitches on the GPU while the output takes < this share of free memory
+_INVERT_BYTES = 2**30  # labels are mapped back to the input grid in chunks of about this size
+ImageInput = str | Path | nib.spatialimages.SpatialImage | np.ndarray
+WindowProgress = Callable[[int, int], None]  # (windows done, windows in this case)
+
+
+@dataclass
+class Prediction:
+    """Results of one image, every image in the input's grid (shape and affine).
+
+    ``routes`` says which network segmented each label: an expert's region name, ``"base"``,
+    ``"teacher"`` or ``"model"`` (a model without experts).
+    """
+
+    masks: dict[str, nib.Nifti1Image]
+    segmentation: nib.Nifti1Image
+    label_ids: dict[int, str]
+    routes: dict[str, str]
+    image: nib.Nifti1Image
+    modality: str
+    probabilities: dict[str, nib.Nifti1Image] | None = None
+    seconds: float = 0.0
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.label_ids[i] for i in sorted(self.label_ids)]
+
+
+def _like(data: np.ndarray, affine: np.ndarray, header: Any = None) -> nib.Nifti1Image:
+    """A NIfTI image of ``data`` with ``affine`` (and a NIfTI source header's sform/qform codes and units)."""
+    out = nib.Nifti1Image(data, affine)
+    if isinstance(header, nib.Nifti1Header):
+        out.set_sform(affine, code=int(header["sform_code"]), update_affine=False)
+        out.set_qform(affine, code=int(header["qform_code"]), update_affine=False)
+        out.header.set_xyzt_units(*header.get_xyzt_units())
+    return out
+
+
+def read_input(
+    image: ImageInput, affine: np.ndarray | None = None, nan_policy: str = "error"
+) -> nib.Nifti1Image:
+    """The input as a float32 3-D NIfTI image in its own grid; :class:`CaseError` names the file on failure."""
+    if isinstance(image, (str, Path)):
+        volume = read_volume(image, nan_policy)
+        return _like(volume.data, volume.affine, nib.load(str(image)).header)
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        name = image.get_filename() or "<nibabel image>"
+        data = squeeze_to_3d(np.asarray(image.dataobj), name)
+        header = image.header if affine is None else None
+        affine = image.affine if affine is None else affine
+    elif isinstance(image, np.ndarray):
+        if affine is None:
+            raise ValueError("a numpy image needs its affine: predict(array, ..., affine=...)")
+        name, header = "<array>", None
+        data = squeeze_to_3d(image, name)
+    else:
+        raise TypeError(
+            f"unsupported image type {type(image).__name__}; give a path, a nibabel image or an array"
+        )
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise CaseError(f"{name}: affine must be 4x4, got shape {affine.shape}")
+    data = check_finite(data.astype(np.float32, copy=False), name, nan_policy)
+    return _like(np.ascontiguousarray(data), affine, header)
+
+
+class _Assembler:
+    """Builds masks, the multilabel map and (optionally) probabilities one label at a time."""
+
+    def __init__(
+        self, reference: nib.Nifti1Image, labels: list[str], threshold: float, keep_probabilities: bool
+    ):
+        shape = reference.shape
+        self.reference = reference
+        self.labels = labels
+        self.threshold = threshold
+        self.best = np.zeros(shape, dtype=np.float32)
+        self.segmentation = np.zeros(shape, dtype=np.uint8 if len(labels) < 256 else np.uint16)
+        self.masks: dict[str, nib.Nifti1Image] = {}
+        self.probabilities: dict[str, nib.Nifti1Image] | None = {} if keep_probabilities else None
+
+    def _image(self, data: np.ndarray) -> nib.Nifti1Image:
+        return _like(data, self.reference.affine, self.reference.header)
+
+    def add(self, index: int, probability: np.ndarray) -> None:
+        label, ident = self.labels[index], index + 1
+        mask = probability > self.threshold
+        better = mask & (
+            (probability > self.best) | ((probability == self.best) & (ident < self.segmentation))
+        )
+        self.segmentation[better] = ident
+        self.best[better] = probability[better]
+        self.masks[label] = self._image(mask.astype(np.uint8))
+        if self.probabilities is not None:
+            self.probabilities[label] = self._image(probability.astype(np.float32, copy=False))
+
+
+class Predictor:
+    """Segment images with a loaded model (see the module docstring).
+
+    Args:
+        model: what :func:`~lorkd.inference.loading.load_model` returns.
+        teacher: the teacher of a LoRKD model, needed only for ``fallback="teacher"``.
+        device: where the network runs (default: CUDA when available, else CPU).
+        window: sliding-window size in voxels of the preprocessed grid (default: the training patch
+            size recorded in the checkpoint, else SAT's 288×288×96), rounded up to the network's size divisor.
+        overlap: window overlap (0.5, gaussian blending).
+        sw_batch_size: windows per forward; at least 2 on the CPU (batch 1 hits a slow conv path).
+        max_queries: prompts decoded per pass (bounds the logits' memory; results do not depend on it).
+        threshold: probability above which a voxel belongs to a label.
+        fallback: who segments labels without an expert: None (error), ``"base"`` or ``"teacher"``.
+        amp: autocast on CUDA (default: on for CUDA; never on the CPU).
+        stitch_device: where windows are blended: ``"cpu"``, ``"device"`` or ``"auto"`` (the device
+            while the blended output takes under a quarter of its free memory, else the CPU).
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        teacher: LoadedModel | None = None,
+        device: torch.device | str | None = None,
+        window: Sequence[int] | None = None,
+        overlap: float = 0.5,
+        sw_batch_size: int = 2,
+        max_queries: int = 16,
+        threshold: float = 0.5,
+        fallback: str | None = None,
+        amp: bool | None = None,
+        stitch_device: str = "auto",
+    ) -> None:
+        self.model = model
+        self.fallback = check_fallback(fallback)
+        if fallback == "teacher" and model.experts and teacher is None:
+            raise ValueError(
+                f"fallback='teacher' needs the teacher of {model.source} (Predictor(..., teacher=...))"
+            )
+        self.teacher = teacher if model.experts else None
+        if not 0.0 <= float(threshold) < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        if not 0.0 <= float(overlap) < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if stitch_device not in STITCH_DEVICES:
+            raise ValueError(f"stitch_device must be one of {STITCH_DEVICES}, got {stitch_device!r}")
+        if int(max_queries) < 1:
+            raise ValueError(f"max_queries must be >= 1, got {max_queries}")
+        self.threshold = float(threshold)
+        self.overlap = float(overlap)
+        self.max_queries = int(max_queries)
+        self.stitch_device = stitch_device
+        self.preprocess = PreprocessConfig.coerce(model.data.get("preprocess"))
+        divisor = model.net.size_divisor
+        if self.teacher is not None:
+            divisor = math.lcm(divisor, self.teacher.net.size_divisor)
+        if window is None:
+            window = model.data.get("patch_size") or SAT_WINDOW
+        self.window = window_size(window, divisor)
+        self._sw_batch_size = int(sw_batch_size)
+        self._amp = amp
+        self.device = torch.device("cpu")
+        self.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        model: str = "experts",
+        text_checkpoint: str | Path | None = None,
+        language_model_path: str | None = None,
+        official_overrides: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Predictor:
+        """Load a LoRKD, SATModule or official SAT checkpoint (see :func:`load_model`) once.
+
+        ``options`` are :class:`Predictor`'s arguments (device, window, fallback, ...).
+        """
+        loaded = load_model(path, model, text_checkpoint, language_model_path, **(official_overrides or {}))
+        teacher = None
+        if options.get("fallback") == "teacher" and loaded.experts:
+            teacher = load_model(path, "teacher")
+        return cls(loaded, teacher=teacher, **options)
+
+    # ---- devices ----------------------------------------------------------------------------------
+    def to(self, device: torch.device | str) -> Predictor:
+        """Move the networks (not the text side: queries are computed once on the CPU) to ``device``."""
+        self.device = torch.device(device)
+        for loaded in (self.model, self.teacher):
+            if loaded is not None:
+                loaded.net.to(self.device).eval()
+        self.amp = self.device.type == "cuda" and (self._amp is None or bool(self._amp))
+        self.sw_batch_size = self._sw_batch_size
+        if self.device.type == "cpu" and self.sw_batch_size < 2:
+            log.warning(
+                "sw_batch_size=%d on the CPU is slow (batch-1 3-D convs); using 2", self.sw_batch_size
+            )
+            self.sw_batch_size = 2
+        return self
+
+    def _stitch_on(self, channels: int, shape: Sequence[int]) -> torch.device:
+        if self.device.type == "cpu" or self.stitch_device == "cpu":
+            return torch.device("cpu")
+        if self.stitch_device == "device":
+            return self.device
+        padded = [max(int(s), w) for s, w in zip(shape, self.window)]
+        needed = 4 * (channels + 2) * math.prod(padded)  # output, weights and the image, float32
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return self.device if needed < _STITCH_FREE_FRACTION * free else torch.device("cpu")
+
+    # ---- prompts ----------------------------------------------------------------------------------
+    def plan(self, labels: Sequence[str], modality: str, region: str | None = None) -> list[PromptGroup]:
+        """Which network segments which labels (raises for unknown labels unless ``fallback`` is set)."""
+        return plan_groups(
+            labels,
+            modality,
+            self.model.experts,
+            self.model.region_map,
+            region,
+            self.fallback,
+            self.model.source,
+        )
+
+    def check(
+        self, labels: Sequence[str] | str, modality: str, region: str | None = None
+    ) -> list[PromptGroup]:
+        """Plan ``labels`` and make sure each has a query, without running any network on an image."""
+        labels = self._labels(labels)
+        modality = canonical_modality(modality)
+        groups = self.plan(labels, modality, region)
+        self._group_queries(labels, modality, groups)
+        return groups
+
+    def _bank(self, group: PromptGroup) -> PromptBank:
+        return (
+            self.teacher.prompts
+            if group.route == "teacher" and self.teacher is not None
+            else self.model.prompts
+        )
+
+    def _queries(self, bank: PromptBank, labels: Sequence[str], modality: str) -> torch.Tensor:
+        try:
+            with torch.inference_mode():
+                return bank.queries(list(labels), modality).to(self.device)
+        except KeyError as exc:
+            missing = sorted({lab for lab in labels if normalize_label(lab) not in bank.embeddings})
+            known = sorted(bank.embeddings)
+            close = sorted(
+                {c for lab in missing for c in difflib.get_close_matches(lab, known, n=3, cutoff=0.5)}
+            )
+            hint = f"; closest known prompts: {', '.join(close)}" if close else ""
+            raise UnknownLabelError(
+                f"prompt(s) {missing} are not in the prompt bank of {self.model.source} and no language model "
+                f"is available to encode them{hint}"
+            ) from exc
+
+    @staticmethod
+    def _labels(labels: Sequence[str] | str) -> list[str]:
+        if isinstance(labels, str):
+            labels = [labels]
+        out = [normalize_label(lab) for lab in labels]
+        if not out or not all(out):
+            raise ValueError(f"give at least one non-empty label, got {list(labels)!r}")
+        duplicates = sorted({lab for lab in out if out.count(lab) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate labels {duplicates}")
+        return out
+
+    # ---- inference --------------------------------------------------------------------------------
+    def _network(self, group: PromptGroup) -> torch.nn.Module:
+        return self.teacher.net if group.route == "teacher" and self.teacher is not None else self.model.net
+
+    def _group_probabilities(
+        self,
+        image: np.ndarray,
+        group: PromptGroup,
+        queries: torch.Tensor,
+        progress: Callable[[int], None] | None,
+    ) -> torch.Tensor:
+        """(n_group, X, Y, Z) float32 probabilities on the CPU for a preprocessed (1, X, Y, Z) image."""
+        stitch = self._stitch_on(len(group.indices), image.shape[1:])
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(stitch)
+        model = WindowModel(self._network(group), queries, group.expert, self.max_queries, self.amp, progress)
+        with torch.inference_mode():
+            probs = sliding_window_probabilities(
+                tensor, model, self.window, self.overlap, self.sw_batch_size, self.device, stitch
+            )
+        return probs.cpu()
+
+    def _group_queries(
+        self, labels: list[str], modality: str, groups: list[PromptGroup]
+    ) -> list[torch.Tensor]:
+        return [self._queries(self._bank(g), [labels[i] for i in g.indices], modality) for g in groups]
+
+    def _run_groups(
+        self,
+        image: np.ndarray,
+        groups: list[PromptGroup],
+        queries: list[torch.Tensor],
+        progress: WindowProgress | None,
+    ) -> Iterator[tuple[PromptGroup, torch.Tensor]]:
+        """Yield (group, its probabilities (n_group, X, Y, Z)) for a preprocessed image."""
+        tick = None
+        if progress is not None:
+            total = count_windows(image.shape[1:], self.window, self.overlap) * len(groups)
+            done = [0]
+
+            def tick(n: int) -> None:
+                done[0] += n
+                progress(done[0], total)
+
+        for group, q in zip(groups, queries):
+            yield group, self._group_probabilities(image, group, q, tick)
+
+    def predict_preprocessed(
+        self, image: np.ndarray, labels: Sequence[str], modality: str, region: str | None = None
+    ) -> np.ndarray:
+        """Probabilities (N, X, Y, Z) float32 for an image already in the preprocessed grid (1, X, Y, Z)."""
+        labels = self._labels(labels)
+        modality = canonical_modality(modality)
+        groups = self.plan(labels, modality, region)
+        queries = self._group_queries(labels, modality, groups)
+        out = np.zeros((len(labels), *image.shape[1:]), dtype=np.float32)
+        for group, probs in self._run_groups(image, groups, queries, None):
+            out[group.indices] = probs.numpy()
+        return out
+
+    def preprocess_input(
+        self,
+        image: ImageInput,
+        modality: str,
+        affine: np.ndarray | None = None,
+        orientation: str | None = None,
+    ) -> tuple[nib.Nifti1Image, np.ndarray, InversionInfo]:
+        """The input image, its preprocessed array (1, X, Y, Z) and the geometry to map results back."""
+        reference = read_input(image, affine, self.preprocess.nan_policy)
+        array, info = preprocess_image(
+            np.asarray(reference.dataobj),
+            modality,
+            self.preprocess,
+            affine=reference.affine,
+            orientation=orientation,
+        )
+        return reference, array, info
+
+    def predict(
+        self,
+        image: ImageInput,
+        labels: Sequence[str] | str,
+        modality: str,
+        region: str | None = None,
+        affine: np.ndarray | None = None,
+        orientation: str | None = None,
+        return_probabilities: bool = False,
+        progress: WindowProgress | None = None,
+    ) -> Prediction:
+        """Segment ``labels`` in one image (a path, a nibabel image, or an array with its ``affine``).
+
+        ``region`` forces one expert for every label; ``orientation`` overrides the checkpoint's axis
+        codes (e.g. "ASR" for sagittal spine MRI); ``progress(done, total)`` is called after each window batch.
+        """
+        start = time.perf_counter()
+        labels = self._labels(labels)
+        modality = canonical_modality(modality)
+        groups = self.plan(labels, modality, region)
+        queries = self._group_queries(labels, modality, groups)
+        reference, array, info = self.preprocess_input(image, modality, affine, orientation)
+        outputs = _Assembler(reference, labels, self.threshold, return_probabilities)
+        routes: dict[str, str] = {}
+        chunk = max(1, _INVERT_BYTES // (4 * math.prod(reference.shape)))
+        for group, probs in self._run_groups(array, groups, queries, progress):
+            for start in range(0, len(group.indices), chunk):
+                original = invert_to_original(probs[start : start + chunk].numpy(), info, mode="bilinear")
+                for index, probability in zip(group.indices[start : start + chunk], original):
+                    outputs.add(index, probability)
+                    routes[labels[index]] = group.route
+            del probs
+        return Prediction(
+            masks={lab: outputs.masks[lab] for lab in labels},
+            segmentation=outputs._image(outputs.segmentation),
+            label_ids={i + 1: lab for i, lab in enumerate(labels)},
+            routes={lab: routes[lab] for lab in labels},
+            image=reference,
+            modality=modality,
+            probabilities=(
+                {lab: outputs.probabilities[lab] for lab in labels}
+                if outputs.probabilities is not None
+                else None
+            ),
+            seconds=time.perf_counter() - start,
+        )

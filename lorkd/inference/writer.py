@@ -1,0 +1,190 @@
+"""Write a :class:`~lorkd.inference.predictor.Prediction` to a case folder, atomically and resumably.
+
+A case folder holds ``<label>.nii.gz`` (uint8 per label), ``segmentation.nii.gz`` (multilabel),
+``labels.json`` (id -> label), ``preview.png``, optionally ``probabilities/<label>.nii.gz`` and, written
+last, ``prediction.json``: the marker of a complete case (labels, files, per-label summary rows).
+Every file is written to a temporary name and moved into place, so an interrupted run never leaves
+a half-written file under a final name, and a case without its marker is simply predicted again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from lorkd.inference.predictor import Prediction
+
+MARKER = "prediction.json"
+SUMMARY_FIELDS = ("case", "label", "expert", "voxels", "volume_ml", "seconds", "status", "error")
+_RESERVED = {"segmentation", "labels", "preview", "probabilities", "prediction"}
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _file_mode() -> int:
+    """Permissions of a newly created file under the process umask (mkstemp would give 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def safe_name(name: str, fallback: str = "label") -> str:
+    """A file-name stem from free text: letters, digits, ``._-`` only, no ``..`` part, no leading dot, never empty."""
+    parts = [part for part in _UNSAFE.split(str(name)) if part.strip(".")]
+    stem = "_".join(parts).lstrip(".")
+    return stem[:120] or fallback
+
+
+def label_file_names(labels: Sequence[str]) -> dict[str, str]:
+    """Distinct safe stems per label, never one of the case folder's own file names."""
+    used = set(_RESERVED)
+    names: dict[str, str] = {}
+    for i, label in enumerate(labels, start=1):
+        stem = safe_name(label)
+        if stem.lower() in used:
+            stem = f"{stem}_{i}"
+        used.add(stem.lower())
+        names[label] = stem
+    return names
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` (same suffixes), then move it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="".join(path.suffixes))
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+
+
+def save_nifti(path: Path, image: nib.Nifti1Image) -> None:
+    atomic_write(path, lambda tmp: nib.save(image, str(tmp)))
+
+
+def voxel_volume_ml(image: nib.spatialimages.SpatialImage) -> float:
+    return float(abs(np.linalg.det(np.asarray(image.affine)[:3, :3]))) / 1000.0
+
+
+def summary_rows(case: str, prediction: Prediction, seconds: float) -> list[dict[str, Any]]:
+    """One row per label: voxels and volume (ml) of its mask, and the case's seconds."""
+    ml = voxel_volume_ml(prediction.segmentation)
+    rows = []
+    for label in prediction.labels:
+        voxels = int(np.count_nonzero(np.asarray(prediction.masks[label].dataobj)))
+        rows.append(
+            {
+                "case": case,
+                "label": label,
+                "expert": prediction.routes[label],
+                "voxels": voxels,
+                "volume_ml": round(voxels * ml, 4),
+                "seconds": round(seconds, 3),
+                "status": "ok",
+                "error": "",
+            }
+        )
+    return rows
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of a case folder, or None when absent or unreadable."""
+    try:
+        return json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def completed(folder: Path, labels: Sequence[str], checkpoint: str | None = None) -> dict[str, Any] | None:
+    """The marker when ``folder`` holds a complete prediction of exactly ``labels`` (by ``checkpoint``
+    when given), else None."""
+    marker = read_marker(folder)
+    if marker is None or marker.get("labels") != list(labels):
+        return None
+    if checkpoint is not None and marker.get("checkpoint") != checkpoint:
+        return None
+    if not all((folder / name).is_file() for name in marker.get("files", [])):
+        return None
+    return marker
+
+
+def save_prediction(
+    prediction: Prediction,
+    folder: str | Path,
+    case: str | None = None,
+    preview: bool = True,
+    probabilities: bool = True,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write every output of one image to ``folder`` (marker last) and return the marker.
+
+    ``probabilities``: also write ``probabilities/<label>.nii.gz`` when the prediction has them.
+    ``metadata`` is stored in the marker (e.g. the source image and checkpoint).
+    """
+    folder = Path(folder)
+    case = case or folder.name
+    old = read_marker(folder)
+    (folder / MARKER).unlink(missing_ok=True)  # the case is incomplete until the new marker is written
+    names = label_file_names(prediction.labels)
+    files: list[str] = []
+
+    def put(name: str, write: Callable[[Path], None]) -> None:
+        atomic_write(folder / name, write)
+        files.append(name)
+
+    for label in prediction.labels:
+        put(f"{names[label]}.nii.gz", lambda tmp, lab=label: nib.save(prediction.masks[lab], str(tmp)))
+    put("segmentation.nii.gz", lambda tmp: nib.save(prediction.segmentation, str(tmp)))
+    label_ids = {str(i): lab for i, lab in prediction.label_ids.items()}
+    put("labels.json", lambda tmp: tmp.write_text(json.dumps(label_ids, indent=2) + "\n", encoding="utf-8"))
+    if probabilities and prediction.probabilities is not None:
+        for label in prediction.labels:
+            name = f"probabilities/{names[label]}.nii.gz"
+            put(name, lambda tmp, lab=label: nib.save(prediction.probabilities[lab], str(tmp)))
+    if preview:
+        from lorkd.inference.preview import save_preview
+
+        put("preview.png", lambda tmp: save_preview(prediction, tmp))
+    for stale in set((old or {}).get("files", [])) - set(files):
+        (folder / stale).unlink(missing_ok=True)
+    marker = {
+        "case": case,
+        "labels": prediction.labels,
+        "label_ids": label_ids,
+        "label_files": {lab: f"{names[lab]}.nii.gz" for lab in prediction.labels},
+        "routes": prediction.routes,
+        "modality": prediction.modality,
+        "files": files,
+        "rows": summary_rows(case, prediction, prediction.seconds),
+        **(metadata or {}),
+    }
+    write_json(folder / MARKER, marker)
+    return marker
+
+
+def write_summary(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """``summary.csv``: one row per (case, label), and one per failed case."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)

@@ -1,0 +1,274 @@
+"""Prediction speed and peak memory: our Predictor vs MONAI's sliding_window_inference used naively.
+
+Both run the same network (random weights, a student with its 8 region experts) on the same image,
+in one process, one after the other:
+  ours   Predictor.predict: preprocessing, labels grouped by expert, each window encoded once and
+         decoded ``max_queries`` prompts at a time, stitching on the CPU when the volume is large,
+         each label mapped back to the input grid on its own, masks and the multilabel map.
+  naive  the same preprocessing, then per expert ``sliding_window_inference`` with all of that
+         expert's prompts decoded at once and stitching on the device, then every label mapped back
+         at once and thresholded.
+Workloads: the demo test set (``python scripts/make_demo_data.py --out outputs/demo/data``) and one
+CT-sized volume (512x512x120 voxels at 0.8x0.8x2.5 mm, a synthetic body with air around it).
+Peak memory: resident set size above the start of the call on the CPU (sampled every 5 ms),
+``torch.cuda.max_memory_allocated`` above the start of the call on a GPU.
+
+python scripts/benchmarks/predict.py [--device cpu|cuda] [--presets tiny nano] [--workloads demo ct]
+    [--overlap 0.5] [--window-tiny 64 64 32] [--window-nano 288 288 96] [--ct-labels 24] [--demo-cases N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from lorkd.data.transforms import PreprocessConfig, invert_to_original  # noqa: E402
+from lorkd.experts import add_region_experts, route  # noqa: E402
+from lorkd.inference.loading import LoadedModel  # noqa: E402
+from lorkd.inference.predictor import Predictor  # noqa: E402
+from lorkd.models.sat import SAT  # noqa: E402
+from lorkd.models.text import PromptBank, TextEncoder  # noqa: E402
+from lorkd.regions import RegionMap  # noqa: E402
+
+CONFIGS = ROOT / "configs"
+PRESETS = {  # backbone, expert ranks, query dim, decoder layers / heads / ffn
+    "tiny": ("unet_tiny", "ranks_tiny", 64, 2, 4, 128),
+    "nano": ("unet_student_nano", "ranks_nano", 768, 6, 8, 2048),
+}
+TEXT_DIM = 384  # MiniLM
+
+
+def region_map() -> RegionMap:
+    sat49 = yaml.safe_load((CONFIGS / "regions" / "sat49.yaml").read_text())
+    demo = yaml.safe_load((CONFIGS / "regions" / "demo.yaml").read_text())
+    return RegionMap(sat49["regions"], sat49["labels"], sat49.get("abnormal", ()), demo["extra_labels"])
+
+
+def build_model(preset: str, window: Sequence[int], regions: RegionMap, labels: Sequence[str]) -> LoadedModel:
+    backbone, ranks, query_dim, layers, heads, ffn = PRESETS[preset]
+    torch.manual_seed(0)
+    net = SAT(
+        **yaml.safe_load((CONFIGS / "backbone" / f"{backbone}.yaml").read_text()),
+        query_dim=query_dim, decoder_layers=layers, decoder_heads=heads, decoder_ffn=ffn, dropout=0.0,
+    )  # fmt: skip
+    experts = yaml.safe_load((CONFIGS / "experts" / f"{ranks}.yaml").read_text())
+    net.backbone = add_region_experts(
+        net.backbone, regions.regions, experts["ranks"], experts["decoder_rank_factor"], experts["scaling"]
+    )
+    bank = PromptBank(TextEncoder(None, hidden_dim=TEXT_DIM, query_dim=query_dim, proj_hidden=query_dim))
+    for label in labels:
+        bank.embeddings[label] = torch.randn(TEXT_DIM)
+    data = {"preprocess": PreprocessConfig().to_dict(), "patch_size": list(window)}
+    return LoadedModel(net.eval(), bank, "experts", list(regions.regions), regions, data, f"random {preset}")
+
+
+def ct_volume() -> tuple[np.ndarray, np.ndarray]:
+    """512x512x120 at 0.8x0.8x2.5 mm: air, an elliptic body (340x240 mm), organs and a spine."""
+    x, y = np.meshgrid((np.arange(512) - 255.5) * 0.8, (np.arange(512) - 255.5) * 0.8, indexing="ij")
+    body = (x / 170) ** 2 + (y / 120) ** 2 < 1
+    plane = np.where(body, 40.0, -1000.0)
+    plane[((x - 60) / 70) ** 2 + ((y + 10) / 55) ** 2 < 1] = 60.0  # liver
+    plane[((x + 70) / 35) ** 2 + ((y - 30) / 30) ** 2 < 1] = 50.0  # spleen
+    plane[(x / 18) ** 2 + ((y - 80) / 18) ** 2 < 1] = 700.0  # vertebra
+    rng = np.random.default_rng(0)
+    volume = np.repeat(plane[:, :, None], 120, axis=2).astype(np.float32)
+    volume += rng.normal(0, 10, volume.shape).astype(np.float32)
+    return volume, np.diag([0.8, 0.8, 2.5, 1.0])
+
+
+@dataclass
+class Case:
+    name: str
+    image: np.ndarray | str
+    affine: np.ndarray | None
+    labels: list[str]
+    modality: str
+
+
+def demo_cases(folder: Path, limit: int | None) -> list[Case]:
+    from lorkd.inference.inputs import discover_cases
+
+    manifest = folder / "test.jsonl"
+    if not manifest.is_file():
+        raise SystemExit(f"{manifest} not found: python scripts/make_demo_data.py --out {folder}")
+    cases = discover_cases(manifest)[:limit]
+    return [Case(c.id, str(c.image), None, c.labels, c.modality) for c in cases]
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator on a GPU, sampled RSS on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb = 0.0
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            import psutil
+
+            self.process = psutil.Process()
+            self.start = self.process.memory_info().rss
+            self.high = self.start
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.high = max(self.high, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.high = max(self.high, self.process.memory_info().rss)
+            self.peak_mb = (self.high - self.start) / 2**20
+
+
+def ours(predictor: Predictor, case: Case) -> None:
+    predictor.predict(case.image, case.labels, case.modality, affine=case.affine)
+
+
+def naive(predictor: Predictor, case: Case) -> None:
+    """The textbook MONAI loop: all of an expert's prompts in one decode, stitching where the network runs."""
+    from monai.inferers import sliding_window_inference
+
+    _, array, info = predictor.preprocess_input(case.image, case.modality, case.affine)
+    net, device = predictor.model.net, predictor.device
+    image = torch.from_numpy(array)[None].to(device)
+    probabilities = np.zeros((len(case.labels), *info.shape), dtype=np.float32)
+    for group in predictor.plan(case.labels, case.modality):
+        queries = predictor.model.prompts.queries([case.labels[i] for i in group.indices], case.modality).to(
+            device
+        )
+
+        def network(
+            windows: torch.Tensor, expert: int = group.expert, q: torch.Tensor = queries
+        ) -> torch.Tensor:
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+            with autocast, route(net.backbone, torch.full((windows.shape[0],), expert)):
+                return torch.sigmoid(net(windows, q).float())
+
+        with torch.inference_mode():
+            out = sliding_window_inference(
+                image,
+                predictor.window,
+                predictor.sw_batch_size,
+                network,
+                overlap=predictor.overlap,
+                mode="gaussian",
+            )
+        probabilities[group.indices] = out[0].cpu().numpy()
+    masks = invert_to_original(probabilities, info, mode="bilinear") > predictor.threshold
+    np.argmax(masks, axis=0)
+
+
+def measure(
+    methods: dict[str, Callable[[Predictor, Case], None]], predictor: Predictor, cases: Sequence[Case]
+) -> dict[str, tuple[float, float]]:
+    """Mean seconds per case and the largest peak memory (MB) per method; the methods take turns
+    going first from case to case, so a drift in machine load does not favour one of them."""
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    peaks = dict.fromkeys(methods, 0.0)
+    for i, case in enumerate(cases):
+        order = list(methods) if i % 2 == 0 else list(reversed(methods))
+        for name in order:
+            with PeakMemory(predictor.device) as memory:
+                start = time.perf_counter()
+                methods[name](predictor, case)
+                if predictor.device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], memory.peak_mb)
+    return {name: (float(np.mean(seconds[name])), peaks[name]) for name in methods}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "nano"], choices=sorted(PRESETS))
+    parser.add_argument("--workloads", nargs="+", default=["demo", "ct"], choices=["demo", "ct"])
+    parser.add_argument("--demo-dir", type=Path, default=ROOT / "outputs" / "demo" / "data")
+    parser.add_argument("--demo-cases", type=int, default=None, help="first N demo test cases (default: all)")
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--window-tiny", type=int, nargs=3, default=[64, 64, 32])
+    parser.add_argument("--window-nano", type=int, nargs=3, default=[288, 288, 96])
+    parser.add_argument("--ct-labels", type=int, default=24, help="abdominal prompts on the CT volume")
+    parser.add_argument("--sw-batch-size", type=int, default=2)
+    parser.add_argument("--max-queries", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    regions = region_map()
+    workloads: dict[str, list[Case]] = {}
+    if "demo" in args.workloads:
+        workloads["demo test set"] = demo_cases(args.demo_dir, args.demo_cases)
+    if "ct" in args.workloads:
+        abdomen = sorted(
+            k.split("_", 1)[1]
+            for k, r in regions.label_region.items()
+            if r == "abdomen" and k.startswith("ct_")
+        )
+        image, affine = ct_volume()
+        workloads["CT 512x512x120"] = [Case("ct", image, affine, abdomen[: args.ct_labels], "ct")]
+    labels = sorted({lab for cases in workloads.values() for case in cases for lab in case.labels})
+    warm_up = Case("warm-up", np.full((40, 40, 20), 50.0, np.float32), np.eye(4), ["liver"], "ct")
+
+    print(
+        f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'})"
+    )
+    print(
+        f"overlap {args.overlap}, gaussian; sw_batch_size {args.sw_batch_size}; ours: max_queries {args.max_queries}, stitch auto\n"
+    )
+    print(
+        "| workload | preset | window | cases | labels/case | ours s/case | naive s/case | naive/ours time | ours peak MB | naive peak MB | naive/ours memory |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for preset in args.presets:
+        window = args.window_tiny if preset == "tiny" else args.window_nano
+        predictor = Predictor(
+            build_model(preset, window, regions, labels), device=device, overlap=args.overlap,
+            sw_batch_size=args.sw_batch_size, max_queries=args.max_queries,
+        )  # fmt: skip
+        for name, cases in workloads.items():
+            ours(predictor, warm_up)  # imports and one-time allocations outside the timings
+            results = measure({"ours": ours, "naive": naive}, predictor, cases)
+            (t_ours, m_ours), (t_naive, m_naive) = results["ours"], results["naive"]
+            per_case = np.mean([len(c.labels) for c in cases])
+            print(
+                f"| {name} | {preset} | {'x'.join(map(str, predictor.window))} | {len(cases)} | {per_case:.1f} "
+                f"| {t_ours:.2f} | {t_naive:.2f} | {t_naive / t_ours:.2f} | {m_ours:.0f} | {m_naive:.0f} "
+                f"| {m_naive / max(m_ours, 1e-9):.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Predictor: geometry back to the input's grid, small images, prompt independence, expert routing, errors."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lorkd.inference import sliding_window
+from lorkd.inference.loading import LoadedModel
+from lorkd.inference.predictor import Predictor
+from lorkd.models.sat import ImageFeatures
+from lorkd.regions import UnknownLabelError, normalize_label
+
+BOX = (slice(10, 25), slice(8, 22), slice(5, 14))
+
+
+class ThresholdNet(nn.Module):
+    """A fake SAT: logits of query (a, b) are ``a * x + b`` on the preprocessed image ``x``."""
+
+    size_divisor = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows = 0
+
+    def encode(self, image: torch.Tensor) -> ImageFeatures:
+        self.windows += image.shape[0]
+        x = image[:, :1]
+        return ImageFeatures(
+            per_voxel=[x], memory=x.new_zeros(x.shape[0], 1, 2), pos=x.new_zeros(1, 1, 2), latent=x
+        )
+
+    def decode(self, features: ImageFeatures, queries: torch.Tensor) -> list[torch.Tensor]:
+        x = features.per_voxel[0]
+        return [queries[:, 0].view(1, -1, 1, 1, 1) * x + queries[:, 1].view(1, -1, 1, 1, 1)]
+
+
+class StubBank:
+    """A prompt bank whose query for a label is a fixed vector (KeyError for unknown prompts)."""
+
+    def __init__(self, vectors: dict[str, tuple[float, float]]) -> None:
+        self.embeddings = {k: torch.tensor(v, dtype=torch.float32) for k, v in vectors.items()}
+
+    def queries(self, labels, modality) -> torch.Tensor:
+        return torch.stack([self.embeddings[normalize_label(lab)] for lab in labels])
+
+
+def fake_predictor(**options) -> Predictor:
+    bank = StubBank({"object": (20.0, 0.0), "wide": (1.0, 3.0)})
+    data = {"preprocess": {"orientation": "RAS", "spacing": [1.0, 1.0, 3.0]}, "patch_size": [16, 16, 8]}
+    model = LoadedModel(ThresholdNet(), bank, "teacher", data=data, source="fake.ckpt")  # type: ignore[arg-type]
+    return Predictor(model, device="cpu", **options)
+
+
+def segment_at_half_intensity(predictor: Predictor, image: np.ndarray, affine: np.ndarray) -> None:
+    """Point the fake's "object" query at the intensity halfway between background and box, as
+    preprocessed, so its mask is the box's partial-volume boundary."""
+    _, array, _ = predictor.preprocess_input(image, "ct", affine)
+    low, high = float(array.min()), float(array.max())
+    a = 40.0 / (high - low)
+    predictor.model.prompts.embeddings["object"] = torch.tensor([a, -a * (low + high) / 2])
+
+
+def box_image(shape=(40, 36, 20)) -> np.ndarray:
+    """CT-like: background 50 HU (all foreground, so no crop), a box of 800 HU."""
+    image = np.full(shape, 50.0, dtype=np.float32)
+    image[BOX] = 800.0
+    return image
+
+
+def rotation(degrees_z: float, degrees_x: float) -> np.ndarray:
+    a, b = math.radians(degrees_z), math.radians(degrees_x)
+    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    return rz @ rx
+
+
+def affine_of(linear: np.ndarray, origin=(-20.0, 15.0, 40.0)) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = origin
+    return affine
+
+
+GEOMETRIES = {
+    # name: (affine, margin in voxels per axis around the box edges where either answer is fine)
+    "ras": (affine_of(np.diag([1.5, 1.5, 2.0])), (2, 2, 3)),
+    "lps": (affine_of(np.diag([-1.0, -1.0, 2.5])), (2, 2, 3)),
+    "oblique": (affine_of(rotation(25, 10) @ np.diag([1.2, 1.2, 2.0])), (3, 3, 3)),
+    "anisotropic": (affine_of(np.diag([0.7, 0.9, 4.0])), (3, 3, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_masks_come_back_on_the_input_grid_and_the_right_voxels(name):
+    affine, margin = GEOMETRIES[name]
+    image = box_image()
+    predictor = fake_predictor()
+    segment_at_half_intensity(predictor, image, affine)
+    result = predictor.predict(image, ["object"], "ct", affine=affine)
+    mask = np.asarray(result.masks["object"].dataobj)
+    for out in (result.masks["object"], result.segmentation):
+        assert out.shape == image.shape
+        assert np.array_equal(out.affine, affine)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    inner = tuple(slice(s.start + m, s.stop - m) for s, m in zip(BOX, margin))
+    outer = np.ones(image.shape, dtype=bool)
+    outer[tuple(slice(max(s.start - m, 0), s.stop + m) for s, m in zip(BOX, margin))] = False
+    assert mask[inner].all(), "voxels well inside the object were lost"
+    assert not mask[outer].any(), "voxels well outside the object were segmented (wrong orientation/shift?)"
+    truth = np.zeros(image.shape, dtype=bool)
+    truth[BOX] = True
+    dice = 2 * np.logical_and(mask, truth).sum() / (mask.sum() + truth.sum())
+    assert dice > 0.9
+
+
+def test_path_nibabel_and_array_inputs_agree_and_keep_the_file_header(tmp_path):
+    affine, _ = GEOMETRIES["lps"]
+    path = tmp_path / "case.nii.gz"
+    source = nib.Nifti1Image(box_image(), affine)
+    source.set_qform(affine, code=1)
+    nib.save(source, path)
+    predictor = fake_predictor()
+    loaded = nib.load(path)
+    results = [
+        predictor.predict(path, "object", "ct"),
+        predictor.predict(loaded, "object", "ct"),
+        predictor.predict(np.asarray(loaded.dataobj), "object", "ct", affine=loaded.affine),
+    ]
+    masks = [np.asarray(r.masks["object"].dataobj) for r in results]
+    assert all(np.array_equal(masks[0], m) for m in masks[1:]) and masks[0].any()
+    assert np.array_equal(results[0].masks["object"].affine, loaded.affine)
+    assert int(results[0].masks["object"].header["qform_code"]) == 1
+
+
+def test_multilabel_map_takes_the_most_probable_label_with_ids_in_prompt_order():
+    image = box_image()
+    affine = GEOMETRIES["ras"][0]
+    box = np.zeros(image.shape, dtype=bool)
+    box[BOX] = True
+    core = tuple(slice(s.start + 3, s.stop - 3) for s in BOX)
+    for labels in (["object", "wide"], ["wide", "object"]):
+        result = fake_predictor().predict(image, labels, "ct", affine=affine, return_probabilities=True)
+        seg = np.asarray(result.segmentation.dataobj)
+        assert result.label_ids == {1: labels[0], 2: labels[1]}
+        assert np.all(seg[core] == labels.index("object") + 1)  # both masks cover the box: the surer one wins
+        assert np.all(seg[~box][:100] == labels.index("wide") + 1)
+        wide = np.asarray(result.masks["wide"].dataobj)
+        assert wide[core].all(), "masks keep overlaps; only the multilabel map picks one label"
+        probs = np.asarray(result.probabilities["object"].dataobj)
+        assert probs.dtype == np.float32 and probs.shape == image.shape
+
+
+def test_windows_respect_the_size_divisor_and_a_small_image_is_padded():
+    predictor = fake_predictor(window=(10, 12, 5))
+    assert predictor.window == (16, 16, 8)
+    image = box_image((12, 10, 3))
+    image[4:8, 3:7, 1:2] = 800.0
+    result = predictor.predict(image, ["object"], "ct", affine=np.diag([1.0, 1.0, 3.0, 1.0]))
+    mask = np.asarray(result.masks["object"].dataobj)
+    assert mask.shape == (12, 10, 3)
+    assert mask[5:7, 4:6, 1].all() and not mask[:, :, 0].any() and not mask[:2].any()
+
+
+def test_unknown_prompt_names_the_closest_known_prompts():
+    with pytest.raises(UnknownLabelError, match="closest known prompts: object"):
+        fake_predictor().predict(box_image(), ["objekt"], "ct", affine=np.eye(4))
+
+
+def test_bad_arguments_fail_clearly():
+    with pytest.raises(ValueError, match="duplicate labels"):
+        fake_predictor().predict(box_image(), ["object", "Object"], "ct", affine=np.eye(4))
+    with pytest.raises(ValueError, match="needs its affine"):
+        fake_predictor().predict(box_image(), ["object"], "ct")
+    with pytest.raises(ValueError, match="threshold"):
+        fake_predictor(threshold=1.5)
+    with pytest.raises(ValueError, match="fallback"):
+        fake_predictor(fallback="nearest")
+
+
+def test_count_windows_matches_monai():
+    from monai.data.utils import dense_patch_slices
+
+    for shape, window in [
+        ((100, 120, 40), (64, 64, 32)),
+        ((64, 64, 32), (64, 64, 32)),
+        ((20, 300, 7), (32, 32, 16)),
+    ]:
+        padded = [max(s, w) for s, w in zip(shape, window)]
+        interval = [w if p == w else max(int(w * 0.5), 1) for p, w in zip(padded, window)]
+        expected = len(dense_patch_slices(padded, window, interval))
+        assert sliding_window.count_windows(shape, window, 0.5) == expected
+
+
+# ---- a real LoRKD checkpoint (2 training steps; demo student with 8 region experts) ----------------------
+
+
+@pytest.fixture(scope="module")
+def lorkd(tiny_lorkd_ckpt) -> Predictor:
+    return Predictor.from_checkpoint(tiny_lorkd_ckpt, device="cpu")
+
+
+def ct_volume(shape=(40, 30, 12), seed=0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100.0, 40.0, shape).astype(np.float32).clip(1, None)
+    image[8:30, 6:24, 3:10] += 300.0
+    return image, np.diag([1.0, 1.0, 3.0, 1.0])
+
+
+@pytest.fixture
+def routed(monkeypatch) -> list[list[int]]:
+    """Expert indices of every routed forward (records calls to lorkd.experts.route)."""
+    calls: list[list[int]] = []
+    real = sliding_window.route
+
+    def spy(model, region_index, per_sample_weights=None):
+        calls.append(region_index.tolist())
+        return real(model, region_index, per_sample_weights)
+
+    monkeypatch.setattr(sliding_window, "route", spy)
+    return calls
+
+
+def test_a_label_does_not_depend_on_other_prompts_their_order_or_chunking(lorkd):
+    image, affine = ct_volume()
+    alone = lorkd.predict(image, ["liver"], "ct", affine=affine, return_probabilities=True)
+    reference = np.asarray(alone.probabilities["liver"].dataobj)
+    runs = [
+        (["liver", "spleen", "aorta"], 16),
+        (["aorta", "spleen", "liver"], 16),
+        (["spleen", "liver", "aorta"], 1),
+        (["aorta", "liver", "spleen"], 2),
+    ]
+    for labels, max_queries in runs:
+        lorkd.max_queries = max_queries
+        try:
+            result = lorkd.predict(image, labels, "ct", affine=affine, return_probabilities=True)
+        finally:
+            lorkd.max_queries = 16
+        probs = np.asarray(result.probabilities["liver"].dataobj)
+        np.testing.assert_allclose(probs, reference, atol=1e-5)
+        sure = np.abs(reference - lorkd.threshold) > 1e-4
+        assert np.array_equal(
+            np.asarray(result.masks["liver"].dataobj)[sure], np.asarray(alone.masks["liver"].dataobj)[sure]
+        )
+
+
+def test_multi_region_prompts_run_each_expert_on_its_own_labels(lorkd, routed):
+    image, affine = ct_volume()
+    experts = lorkd.model.experts
+    result = lorkd.predict(image, ["liver", "left lung", "spleen", "heart"], "ct", affine=affine)
+    assert result.routes == {
+        "liver": "abdomen",
+        "left lung": "thorax",
+        "spleen": "abdomen",
+        "heart": "thorax",
+    }
+    ran = {i for call in routed for i in call}
+    assert ran == {experts.index("abdomen"), experts.index("thorax")}
+    assert all(len(set(call)) == 1 for call in routed), "a window batch runs one expert"
+
+
+def test_a_forced_region_sends_every_label_to_that_expert(lorkd, routed):
+    image, affine = ct_volume()
+    result = lorkd.predict(image, ["liver", "left lung"], "ct", affine=affine, region="thorax")
+    assert set(result.routes.values()) == {"thorax"}
+    assert {i for call in routed for i in call} == {lorkd.model.experts.index("thorax")}
+
+
+def test_unknown_labels_and_regions_without_experts_are_clear_errors(lorkd):
+    with pytest.raises(
+        UnknownLabelError, match=r"unknown label 'livr'.*closest known labels: liver.*fallback=base"
+    ):
+        lorkd.check(["livr"], "ct")
+    with pytest.raises(ValueError, match=r"'bone'.*region 'whole_body', which has no expert"):
+        lorkd.check(["bone"], "ct")
+    with pytest.raises(ValueError, match="region 'chest' has no expert"):
+        lorkd.check(["liver"], "ct", region="chest")
+
+
+def test_fallback_base_runs_the_shared_weights(tiny_lorkd_ckpt, routed):
+    predictor = Predictor.from_checkpoint(tiny_lorkd_ckpt, device="cpu", fallback="base")
+    image, affine = ct_volume(shape=(20, 18, 4))
+    result = predictor.predict(image, ["liver", "bone"], "ct", affine=affine)
+    assert result.routes == {"liver": "abdomen", "bone": "base"}
+    assert {i for call in routed for i in call} == {predictor.model.experts.index("abdomen"), -1}
+    assert result.masks["bone"].shape == image.shape  # smaller than the 32x32x16 window: padded, cropped back
+
+
+def test_fallback_teacher_segments_labels_without_expert_with_the_teacher(tiny_lorkd_ckpt):
+    predictor = Predictor.from_checkpoint(tiny_lorkd_ckpt, device="cpu", fallback="teacher")
+    image, affine = ct_volume(shape=(20, 18, 4))
+    result = predictor.predict(image, ["spleen", "bone"], "ct", affine=affine)
+    assert result.routes == {"spleen": "abdomen", "bone": "teacher"}
+
+
+def test_teacher_checkpoint_runs_all_labels_itself(tiny_teacher_ckpt):
+    predictor = Predictor.from_checkpoint(tiny_teacher_ckpt, device="cpu")
+    image, affine = ct_volume(shape=(20, 18, 4))
+    result = predictor.predict(image, ["liver", "white matter"], "mri", affine=affine)
+    assert set(result.routes.values()) == {"model"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_with_amp_matches_the_cpu(tiny_lorkd_ckpt):
+    image, affine = ct_volume()
+    cpu = Predictor.from_checkpoint(tiny_lorkd_ckpt, device="cpu")
+    gpu = Predictor.from_checkpoint(tiny_lorkd_ckpt, device="cuda")
+    assert gpu.amp
+    a = cpu.predict(image, ["liver", "left lung"], "ct", affine=affine, return_probabilities=True)
+    b = gpu.predict(image, ["liver", "left lung"], "ct", affine=affine, return_probabilities=True)
+    for label in ("liver", "left lung"):
+        pa, pb = (np.asarray(r.probabilities[label].dataobj) for r in (a, b))
+        assert np.abs(pa - pb).max() < 0.05

@@ -1,0 +1,209 @@
+"""``python predict.py``: folders and manifests in, case folders + summary.csv out; bad cases, resume, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import compose_config
+
+from lorkd.data.manifest import ManifestError
+from lorkd.inference.inputs import discover_cases
+from lorkd.inference.run import predict
+from lorkd.inference.writer import label_file_names, safe_name
+from lorkd.utils import PROJECT_ROOT
+
+AFFINE = np.diag([1.0, 1.0, 3.0, 1.0])
+
+
+def write_case(path: Path, seed: int = 0, shape=(36, 28, 10)) -> Path:
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100.0, 40.0, shape).astype(np.float32).clip(1, None)
+    image[6:28, 6:22, 3:8] += 300.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, AFFINE), path)
+    return path
+
+
+def run(ckpt: Path, input: Path, out: Path, *extra: str) -> list[dict]:
+    overrides = [f"ckpt_path={ckpt}", f"input={input}", f"output_dir={out}", "progress=false", *extra]
+    return predict(compose_config("predict", overrides))
+
+
+def read_summary(out: Path) -> list[dict]:
+    with (out / "summary.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Three good scans, one corrupt file, one 4-D scan with 2 channels, one with NaNs."""
+    data = tmp_path / "scans"
+    for i in range(3):
+        write_case(data / f"case{i}.nii.gz", seed=i)
+    (data / "corrupt.nii.gz").write_bytes(b"not a nifti file")
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 4, 2), np.float32), AFFINE), data / "two_channels.nii.gz")
+    nan = np.ones((8, 8, 4), np.float32)
+    nan[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(nan, AFFINE), data / "with_nan.nii.gz")
+    (data / "notes.txt").write_text("not an image")
+    return data
+
+
+def test_folder_with_bad_cases_finishes_the_others_and_reports_them(tiny_lorkd_ckpt, folder, tmp_path):
+    out = tmp_path / "out"
+    rows = run(tiny_lorkd_ckpt, folder, out, "labels=[liver,left kidney]", "modality=ct")
+    written = [(r["case"], r["label"], r["status"]) for r in read_summary(out)]
+    assert written == [(r["case"], r.get("label", ""), r["status"]) for r in rows]
+    by_case: dict[str, list[dict]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], []).append(row)
+    assert sorted(by_case) == ["case0", "case1", "case2", "corrupt", "two_channels", "with_nan"]
+    for bad, reason in [
+        ("corrupt", "cannot read image"),
+        ("two_channels", "expected a 3-D volume"),
+        ("with_nan", "NaN"),
+    ]:
+        (row,) = by_case[bad]
+        assert row["status"] == "error" and reason in row["error"] and bad in row["error"]
+        assert not (out / bad / "prediction.json").exists()
+    for name in ("case0", "case1", "case2"):
+        assert [r["label"] for r in by_case[name]] == ["liver", "left kidney"]
+        assert all(r["status"] == "ok" and r["expert"] == "abdomen" for r in by_case[name])
+        case = out / name
+        files = {p.relative_to(case).as_posix() for p in case.rglob("*")}
+        assert files == {
+            "liver.nii.gz", "left_kidney.nii.gz", "segmentation.nii.gz", "labels.json", "preview.png", "prediction.json",
+        }  # fmt: skip
+        assert json.loads((case / "labels.json").read_text()) == {"1": "liver", "2": "left kidney"}
+        mask = nib.load(case / "left_kidney.nii.gz")
+        assert mask.get_data_dtype() == np.uint8 and mask.shape == (36, 28, 10)
+        assert np.allclose(mask.affine, AFFINE)
+        voxels = int(np.count_nonzero(np.asarray(mask.dataobj)))
+        row = by_case[name][1]
+        assert row["voxels"] == voxels and row["volume_ml"] == pytest.approx(voxels * 3 / 1000, abs=1e-3)
+        seg = np.asarray(nib.load(case / "segmentation.nii.gz").dataobj)
+        assert set(np.unique(seg)) <= {0, 1, 2}
+
+
+def test_resume_skips_complete_cases_and_overwrite_redoes_them(tiny_lorkd_ckpt, tmp_path):
+    data = tmp_path / "scans"
+    for i in range(2):
+        write_case(data / f"case{i}.nii.gz", seed=i)
+    out = tmp_path / "out"
+    args = ("labels=[spleen]", "modality=ct", "inference.threshold=0.4")
+    first = run(tiny_lorkd_ckpt, data, out, *args)
+    assert {r["status"] for r in first} == {"ok"}
+    stamp = (out / "case0" / "spleen.nii.gz").stat().st_mtime_ns
+    (out / "case1" / "prediction.json").unlink()  # case1 was interrupted before its marker
+    second = run(tiny_lorkd_ckpt, data, out, *args)
+    assert [(r["case"], r["status"]) for r in second] == [("case0", "skipped"), ("case1", "ok")]
+    assert second[0]["voxels"] == first[0]["voxels"]
+    assert (out / "case0" / "spleen.nii.gz").stat().st_mtime_ns == stamp
+    third = run(
+        tiny_lorkd_ckpt, data, out, "labels=[spleen,liver]", "modality=ct"
+    )  # other labels: not complete
+    assert {r["status"] for r in third} == {"ok"}
+    fourth = run(tiny_lorkd_ckpt, data, out, "labels=[spleen,liver]", "modality=ct", "overwrite=true")
+    assert {r["status"] for r in fourth} == {"ok"}
+    assert (out / "case0" / "spleen.nii.gz").stat().st_mtime_ns != stamp
+
+
+def test_manifest_lines_bring_their_own_labels_modality_and_region(tiny_lorkd_ckpt, tmp_path):
+    write_case(tmp_path / "a.nii.gz", seed=0)
+    write_case(tmp_path / "b.nii.gz", seed=1)
+    lines = [
+        {"image": "a.nii.gz", "label": ["liver", "left lung"], "modality": "ct", "id": "first"},
+        {"image": "b.nii.gz", "label": ["heart"], "region": "abdomen"},
+    ]
+    manifest = tmp_path / "cases.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "out"
+    rows = run(tiny_lorkd_ckpt, manifest, out, "modality=ct", "writer.save_probabilities=true")
+    assert [(r["case"], r["label"], r["expert"]) for r in rows] == [
+        ("first", "liver", "abdomen"), ("first", "left lung", "thorax"), ("b", "heart", "abdomen"),
+    ]  # fmt: skip
+    probs = nib.load(out / "first" / "probabilities" / "left_lung.nii.gz")
+    assert probs.get_data_dtype() == np.float32 and probs.shape == (36, 28, 10)
+    marker = json.loads((out / "b" / "prediction.json").read_text())
+    assert marker["image"] == str((tmp_path / "b.nii.gz").resolve()) and marker["routes"] == {
+        "heart": "abdomen"
+    }
+
+
+def test_prompt_problems_stop_the_run_before_anything_is_predicted(tiny_lorkd_ckpt, folder, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"unknown label 'livr'.*closest known labels: liver"):
+        run(tiny_lorkd_ckpt, folder, out, "labels=[livr]", "modality=ct")
+    assert not out.exists() or not any(p.name == "prediction.json" for p in out.rglob("*"))
+
+
+def test_inputs_are_validated_up_front(tmp_path):
+    write_case(tmp_path / "a.nii.gz")
+    with pytest.raises(ValueError, match="labels="):
+        discover_cases(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"image": "a.nii.gz"}\nnot json\n{"image": "a.nii.gz", "label": ["x"], "modality": "xray"}\n'
+    )
+    with pytest.raises(ManifestError) as info:
+        discover_cases(bad)
+    assert [p.split(": ", 1)[0].rsplit(":", 1)[1] for p in info.value.problems] == ["1", "2", "3"]
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text('{"image": "a.nii.gz", "id": "x/y"}\n{"image": "a.nii.gz", "id": "x_y"}\n')
+    with pytest.raises(ValueError, match="same output folder"):
+        discover_cases(clash, ["liver"], "ct")
+    with pytest.raises(FileNotFoundError):
+        discover_cases(tmp_path / "missing")
+
+
+def test_label_and_case_names_become_safe_file_names():
+    assert safe_name("../../etc/passwd") == "etc_passwd"
+    assert safe_name("..") == "label" and safe_name(" left  kidney ") == "left_kidney"
+    names = label_file_names(["segmentation", "a/b", "a b", "Labels"])
+    assert names == {"segmentation": "segmentation_1", "a/b": "a_b", "a b": "a_b_3", "Labels": "Labels_4"}
+    assert all("/" not in n and not n.startswith(".") for n in names.values())
+
+
+def test_two_cpu_processes_write_each_case_exactly_once(tiny_lorkd_ckpt, tmp_path):
+    data = tmp_path / "scans"
+    for i in range(5):
+        write_case(data / f"case{i}.nii.gz", seed=i, shape=(20, 18, 5))
+    out = tmp_path / "out"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK")
+    }
+    command = [
+        sys.executable, str(PROJECT_ROOT / "predict.py"), f"ckpt_path={tiny_lorkd_ckpt}", f"input={data}",
+        f"output_dir={out}", "labels=[liver,spleen]", "modality=ct", "progress=false",
+        "trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"2-process prediction timed out:\n{output.decode()[-3000:]}")
+    assert process.returncode == 0, output.decode()[-3000:]
+    rows = read_summary(out)
+    keys = [(r["case"], r["label"]) for r in rows]
+    assert sorted(keys) == sorted((f"case{i}", lab) for i in range(5) for lab in ("liver", "spleen"))
+    assert {r["status"] for r in rows} == {"ok"}
+    ranks = [json.loads((out / f"case{i}" / "prediction.json").read_text())["rank"] for i in range(5)]
+    assert sorted(ranks) == [0, 0, 0, 1, 1]
