@@ -17,8 +17,9 @@ from helpers import compose_config
 
 from lorkd.data.manifest import ManifestError
 from lorkd.inference.inputs import discover_cases
+from lorkd.inference.predictor import Prediction
 from lorkd.inference.run import predict
-from lorkd.inference.writer import label_file_names, safe_name
+from lorkd.inference.writer import MARKER, completed, label_file_names, safe_name, save_prediction
 from lorkd.utils import PROJECT_ROOT
 
 AFFINE = np.diag([1.0, 1.0, 3.0, 1.0])
@@ -171,6 +172,42 @@ def test_label_and_case_names_become_safe_file_names():
     names = label_file_names(["segmentation", "a/b", "a b", "Labels"])
     assert names == {"segmentation": "segmentation_1", "a/b": "a_b", "a b": "a_b_3", "Labels": "Labels_4"}
     assert all("/" not in n and not n.startswith(".") for n in names.values())
+
+
+def small_prediction(labels: list[str]) -> Prediction:
+    image = nib.Nifti1Image(np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4), AFFINE)
+    masks = {
+        lab: nib.Nifti1Image((np.asarray(image.dataobj) > 10 * i).astype(np.uint8), AFFINE)
+        for i, lab in enumerate(labels)
+    }
+    segmentation = nib.Nifti1Image(np.zeros((6, 5, 4), np.uint8), AFFINE)
+    return Prediction(
+        masks,
+        segmentation,
+        {i + 1: lab for i, lab in enumerate(labels)},
+        dict.fromkeys(labels, "abdomen"),
+        image,
+        "ct",
+    )
+
+
+def test_rewriting_a_case_removes_stale_files_inside_its_folder_only(tmp_path):
+    folder = tmp_path / "out" / "case"
+    save_prediction(small_prediction(["liver", "left kidney"]), folder, preview=False)
+    assert completed(folder, ["liver", "left kidney"]) is not None and completed(folder, ["liver"]) is None
+    marker = json.loads((folder / MARKER).read_text())
+    marker["files"].append("../../outside.txt")
+    (folder / MARKER).write_text(json.dumps(marker))
+    (tmp_path / "outside.txt").write_text("keep me")
+    save_prediction(small_prediction(["liver"]), folder, preview=False)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "labels.json",
+        "liver.nii.gz",
+        MARKER,
+        "segmentation.nii.gz",
+    ]
+    assert (tmp_path / "outside.txt").read_text() == "keep me"
+    assert [r["voxels"] for r in json.loads((folder / MARKER).read_text())["rows"]] == [119]
 
 
 def test_two_cpu_processes_write_each_case_exactly_once(tiny_lorkd_ckpt, tmp_path):

@@ -162,7 +162,8 @@ def save_prediction(
 
         put("preview.png", lambda tmp: save_preview(prediction, tmp))
     for stale in set((old or {}).get("files", [])) - set(files):
-        (folder / stale).unlink(missing_ok=True)
+        if not Path(stale).is_absolute() and ".." not in Path(stale).parts:  # never outside the folder
+            (folder / stale).unlink(missing_ok=True)
     marker = {
         "case": case,
         "labels": prediction.labels,
