@@ -195,7 +195,9 @@ def test_manifest_problems_name_the_case(tmp_path):
 
 def test_eval_config_composes_and_runs_in_output_dir(tmp_path):
     cfg = compose_config("eval", ["ckpt_path=x.ckpt", f"output_dir={tmp_path}", "metrics.empty_rule=nnunet"])
-    assert cfg.hydra.run.dir == str(tmp_path) and cfg.metrics.empty_rule == "nnunet"
+    assert (cfg.hydra.run.dir, cfg.metrics.empty_rule, cfg.model) == (str(tmp_path), "nnunet", "experts")
+    teacher = compose_config("eval", ["ckpt_path=x.ckpt", "model=teacher"])  # not configs/model/
+    assert teacher.model == "teacher"
     assert cfg.trainer.precision == "32-true" and cfg.callbacks.metrics_writer.compare is None
 
 
