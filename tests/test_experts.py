@@ -132,3 +132,22 @@ def test_per_sample_weight_form_equals_grouped_form(style):
         grads.append(torch.cat([p.grad.flatten() for p in net.backbone.parameters() if p.grad is not None]))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-10)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-10)
+
+
+def test_inference_reuses_the_merged_weight_until_a_parameter_changes():
+    net, _ = student("peft")
+    x, q = _inputs(b=2)
+    layer = expert_layers(net)[0]
+    calls = []
+    original = layer.expert_delta
+    layer.expert_delta = lambda name: calls.append(name) or original(name)
+    with torch.no_grad(), route(net, torch.tensor([1, 1])):
+        first = net(x, q)
+        net(x, q)
+        assert calls == ["brain"]  # merged once, reused by the second forward
+        layer.lora_B["brain"].weight.add_(0.1)  # an in-place update invalidates it
+        changed = net(x, q)
+    assert calls == ["brain", "brain"] and not torch.allclose(first, changed)
+    with route(net, torch.tensor([1, 1])):
+        net(x, q)  # with grad: never cached, so gradients flow to the expert
+    assert calls == ["brain", "brain", "brain"]

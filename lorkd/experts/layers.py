@@ -44,12 +44,29 @@ class RoutedLoraConv3d(PeftLoraConv3d):
     """peft's Conv3d LoRA with grouped per-sample routing (``experts.style=peft``)."""
 
     routing: Routing | None = None
+    _merged: tuple[tuple, torch.Tensor] | None = None  # (stamp, W0 + ΔW) of the last expert used without grad
 
     def expert_delta(self, adapter: str) -> torch.Tensor:
         """``s·ΔW`` of one expert, shaped like the base weight."""
         return self.get_delta_weight(adapter)
 
+    def _stamp(self, adapters: tuple[str, ...]) -> tuple:
+        """Identifies the tensors a merged weight was built from (changes on any in-place update or move)."""
+        tensors = [self.get_base_layer().weight]
+        for name in adapters:
+            tensors += [self.lora_A[name].weight, self.lora_B[name].weight]
+        return adapters, tuple((t.data_ptr(), t._version) for t in tensors)
+
     def _weight(self, adapters: tuple[str, ...]) -> torch.Tensor:
+        """``W0 + Σ ΔW`` of ``adapters``; without grad (inference) the last one is kept and reused."""
+        if torch.is_grad_enabled():
+            return self._merge(adapters)
+        stamp = self._stamp(adapters)
+        if self._merged is None or self._merged[0] != stamp:
+            self._merged = (stamp, self._merge(adapters))
+        return self._merged[1]
+
+    def _merge(self, adapters: tuple[str, ...]) -> torch.Tensor:
         weight = self.get_base_layer().weight
         for name in adapters:
             weight = weight + self.expert_delta(name).to(weight.dtype)
