@@ -131,12 +131,12 @@ class _Assembler:
     def add(self, index: int, probability: np.ndarray) -> None:
         label, ident = self.labels[index], index + 1
         mask = probability > self.threshold
-        better = mask & (
-            (probability > self.best) | ((probability == self.best) & (ident < self.segmentation))
-        )
-        self.segmentation[better] = ident
-        self.best[better] = probability[better]
-        self.masks[label] = self._image(mask.astype(np.uint8))
+        better = probability > self.best
+        better |= (probability == self.best) & (self.segmentation > ident)  # a tie goes to the earlier label
+        better &= mask
+        np.copyto(self.segmentation, ident, where=better, casting="unsafe")
+        np.copyto(self.best, probability, where=better)
+        self.masks[label] = self._image(mask.view(np.uint8))
         if self.probabilities is not None:
             self.probabilities[label] = self._image(probability.astype(np.float32, copy=False))
 
