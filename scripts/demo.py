@@ -1,10 +1,11 @@
 """The demo, end to end on a laptop CPU (``make demo``):
 
-demo data -> demo SAT teacher -> decomposition into region experts -> per-region comparison.
+demo data -> demo SAT teacher -> decomposition into region experts -> per-region comparison
+(validation patch Dice, then full-volume Dice/NSD of teacher and experts on the demo test set).
 
 Each stage is skipped when its output is complete and resumed from ``last.ckpt`` when it was interrupted.
 Outputs: ``outputs/demo/data``, ``outputs/demo/teacher``, ``outputs/demo/lorkd`` (each run with
-``checkpoints/last.ckpt``).
+``checkpoints/last.ckpt``), ``outputs/demo/eval/{teacher,lorkd}`` (reports).
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def main() -> None:
     table = patch_dice_table(DEMO / "lorkd")
     print("\n" + table)
     (DEMO / "patch_dice.md").write_text(table + "\n")
+    from lorkd.evaluation.pipeline import compare_demo
+
+    print("\nFull-volume evaluation on the demo test set (outputs/demo/eval/):")
+    (DEMO / "comparison.md").write_text(compare_demo(DEMO) + "\n")
     print(f"\ndemo finished in {(time.time() - start) / 60:.1f} min; outputs in {DEMO}")
 
 

@@ -3,7 +3,8 @@
 * a LoRKD checkpoint (``kind: lorkd``): the student with its region experts (``model="experts"``) or its
   teacher (``model="teacher"``, read from the path recorded in the checkpoint, fingerprint checked);
 * a SATModule checkpoint (``kind: sat``): the teacher alone;
-* an official SAT vision file + its paired text encoder (``text_checkpoint`` and ``language_model_path``).
+* an official SAT vision file + its paired text encoder (``text_checkpoint`` and ``language_model_path``);
+* an export directory (``lorkd-export``): one merged standalone model per region, no peft involved.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from lorkd.checkpoints.exported import ExportedExperts, load_export
 from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.sat import build_text_encoder, sat_model_from_checkpoint
 from lorkd.checkpoints.teacher import (
@@ -45,6 +47,44 @@ class LoadedModel:
         """Parameters used for one forward (a deployed expert: the base's size; experts excluded)."""
         return sum(p.numel() for n, p in self.net.named_parameters() if ".lora_" not in n)
 
+    @property
+    def size_divisor(self) -> int:
+        return self.net.size_divisor
+
+    def network(self, expert: int | None) -> tuple[torch.nn.Module, int | None]:
+        """The network that runs expert index ``expert`` (-1: the shared base; None: a model without
+        experts) and the routing index to run it with (None: no routing)."""
+        return self.net, expert
+
+    def to(self, device: torch.device | str) -> LoadedModel:
+        self.net.to(device).eval()
+        return self
+
+
+class ExportedModel(LoadedModel):
+    """An export directory seen as a :class:`LoadedModel`: each expert is its own merged network."""
+
+    def __init__(self, exported: ExportedExperts) -> None:
+        self.exported = exported
+        base = exported.base_net()
+        super().__init__(
+            base, exported.prompts, "experts", list(exported.experts), exported.region_map, exported.data, exported.source
+        )
+
+    @property
+    def parameter_count(self) -> int:
+        return self.exported.parameter_count
+
+    def network(self, expert: int | None) -> tuple[torch.nn.Module, int | None]:
+        if expert is None or expert < 0:
+            return self.net, None
+        return self.exported.net(self.experts[expert]), None
+
+    def to(self, device: torch.device | str) -> LoadedModel:
+        self.exported.to(device)
+        self.net.to(device).eval()
+        return self
+
 
 def _region_map(meta: Mapping[str, Any]) -> RegionMap | None:
     data = meta.get("region_map")
@@ -68,6 +108,10 @@ def load_model(
     """Build the network and prompt bank stored at ``path`` (see module docstring), in eval mode."""
     if model not in ("experts", "teacher"):
         raise ValueError(f"model must be 'experts' or 'teacher', got {model!r}")
+    if Path(path).is_dir():
+        if model != "experts":
+            raise ValueError(f"{path} is an export directory: it holds region experts, not the teacher")
+        return ExportedModel(load_export(path))
     raw = read_checkpoint(path)
     meta = raw.get(META_KEY) if isinstance(raw, Mapping) else None
     source = str(path)

@@ -194,9 +194,9 @@ class Predictor:
         self.max_queries = int(max_queries)
         self.stitch_device = stitch_device
         self.preprocess = PreprocessConfig.coerce(model.data.get("preprocess"))
-        divisor = model.net.size_divisor
+        divisor = model.size_divisor
         if self.teacher is not None:
-            divisor = math.lcm(divisor, self.teacher.net.size_divisor)
+            divisor = math.lcm(divisor, self.teacher.size_divisor)
         if window is None:
             window = model.data.get("patch_size") or SAT_WINDOW
         self.window = window_size(window, divisor)
@@ -231,7 +231,7 @@ class Predictor:
         self.device = torch.device(device)
         for loaded in (self.model, self.teacher):
             if loaded is not None:
-                loaded.net.to(self.device).eval()
+                loaded.to(self.device)
         self.amp = self.device.type == "cuda" and (self._amp is None or bool(self._amp))
         self.sw_batch_size = self._sw_batch_size
         if self.device.type == "cpu" and self.sw_batch_size < 2:
@@ -310,8 +310,11 @@ class Predictor:
         return out
 
     # ---- inference --------------------------------------------------------------------------------
-    def _network(self, group: PromptGroup) -> torch.nn.Module:
-        return self.teacher.net if group.route == "teacher" and self.teacher is not None else self.model.net
+    def _network(self, group: PromptGroup) -> tuple[torch.nn.Module, int | None]:
+        """The network of a prompt group and the expert index to route it with."""
+        if group.route == "teacher" and self.teacher is not None:
+            return self.teacher.network(None)
+        return self.model.network(group.expert)
 
     def _group_probabilities(
         self,
@@ -323,7 +326,8 @@ class Predictor:
         """(n_group, X, Y, Z) float32 probabilities on the CPU for a preprocessed (1, X, Y, Z) image."""
         stitch = self._stitch_on(len(group.indices), image.shape[1:])
         tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(stitch)
-        model = WindowModel(self._network(group), queries, group.expert, self.max_queries, self.amp, progress)
+        net, expert = self._network(group)
+        model = WindowModel(net, queries, expert, self.max_queries, self.amp, progress)
         with torch.inference_mode():
             probs = sliding_window_probabilities(
                 tensor, model, self.window, self.overlap, self.sw_batch_size, self.device, stitch
