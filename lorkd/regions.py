@@ -53,6 +53,21 @@ def normalize_label(label: str) -> str:
     return " ".join(str(label).lower().split())
 
 
+def normalize_labels(labels: str | Sequence[str]) -> list[str]:
+    """A prompt list: one name or several, each normalised; empty names and duplicates are errors."""
+    if isinstance(labels, str):
+        labels = [labels]
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels):
+        raise ValueError(f"labels must be a list of names, got {labels!r}")
+    out = [normalize_label(x) for x in labels]
+    if not out or not all(out):
+        raise ValueError(f"labels must be non-empty names, got {list(labels)!r}")
+    duplicates = sorted({x for x in out if out.count(x) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate labels {duplicates}")
+    return out
+
+
 def mod_label(modality: str, label: str) -> str:
     return f"{canonical_modality(modality)}_{normalize_label(label)}"
 

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from lorkd.data.transforms import dataclass_from_mapping
+
 
 @dataclass
 class AugmentConfig:
@@ -50,11 +52,7 @@ class AugmentConfig:
         if isinstance(value, cls):
             return value
         if isinstance(value, Mapping):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"unknown augment key(s) {unknown}; expected some of {sorted(known)}")
-            return cls(**{k: value[k] for k in value})
+            return dataclass_from_mapping(cls, value, "augment")
         raise TypeError(f"augment must be a bool, a mapping or an AugmentConfig, got {type(value).__name__}")
 
 

@@ -95,15 +95,20 @@ class PreprocessConfig:
         if isinstance(value, cls):
             return value
         if isinstance(value, Mapping):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"unknown preprocess key(s) {unknown}; expected some of {sorted(known)}")
-            return cls(**{k: value[k] for k in value})
+            return dataclass_from_mapping(cls, value, "preprocess")
         raise TypeError(f"preprocess must be a PreprocessConfig or a mapping, got {type(value).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def dataclass_from_mapping(cls: type, value: Mapping[str, Any], what: str) -> Any:
+    """``cls(**value)`` with an error naming unknown keys (config blocks such as ``data.preprocess``)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} key(s) {unknown}; expected some of {sorted(known)}")
+    return cls(**{k: value[k] for k in value})
 
 
 def _affine_tuple(affine: np.ndarray) -> Affine:

@@ -12,30 +12,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from lorkd.data.manifest import Case, ManifestError, default_id, valid_axcodes
-from lorkd.regions import UnknownModalityError, canonical_modality, normalize_label
+from lorkd.regions import UnknownModalityError, canonical_modality, normalize_labels
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def _labels(raw: Any) -> list[str]:
-    if isinstance(raw, str):
-        raw = [raw]
-    if not isinstance(raw, (list, tuple)) or not all(isinstance(x, str) for x in raw):
-        raise ValueError(f"labels must be a list of names, got {raw!r}")
-    labels = [normalize_label(x) for x in raw]
-    if not labels or not all(labels):
-        raise ValueError(f"labels must be non-empty names, got {list(raw)!r}")
-    duplicates = sorted({x for x in labels if labels.count(x) > 1})
-    if duplicates:
-        raise ValueError(f"duplicate labels {duplicates}")
-    return labels
 
 
 def _case(
@@ -85,7 +70,7 @@ def discover_cases(
             raise ValueError(
                 f"input {path} is not a manifest: give labels='[...]' and modality=... on the command line"
             )
-        shared = _labels(labels)
+        shared = normalize_labels(labels)
         mod = canonical_modality(modality)
         cases = [_case(f.resolve(), shared, mod, default_id(f), region, orientation, 0, path) for f in files]
     _check_unique(cases, path)
@@ -155,7 +140,7 @@ def _manifest_line(
     line_region = row.get("region", region)
     return _case(
         image_path,
-        _labels(raw_labels),
+        normalize_labels(raw_labels),
         canonical_modality(raw_modality),
         case_id,
         str(line_region) if line_region is not None else None,

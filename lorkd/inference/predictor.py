@@ -38,7 +38,7 @@ from lorkd.inference.sliding_window import (
     window_size,
 )
 from lorkd.models.text import PromptBank
-from lorkd.regions import UnknownLabelError, canonical_modality, normalize_label
+from lorkd.regions import UnknownLabelError, canonical_modality, normalize_label, normalize_labels
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class Predictor:
         self, labels: Sequence[str] | str, modality: str, region: str | None = None
     ) -> list[PromptGroup]:
         """Plan ``labels`` and make sure each has a query, without running any network on an image."""
-        labels = self._labels(labels)
+        labels = normalize_labels(labels)
         modality = canonical_modality(modality)
         groups = self.plan(labels, modality, region)
         self._group_queries(labels, modality, groups)
@@ -296,18 +296,6 @@ class Predictor:
                 f"prompt(s) {missing} are not in the prompt bank of {self.model.source} and no language model "
                 f"is available to encode them{hint}"
             ) from exc
-
-    @staticmethod
-    def _labels(labels: Sequence[str] | str) -> list[str]:
-        if isinstance(labels, str):
-            labels = [labels]
-        out = [normalize_label(lab) for lab in labels]
-        if not out or not all(out):
-            raise ValueError(f"give at least one non-empty label, got {list(labels)!r}")
-        duplicates = sorted({lab for lab in out if out.count(lab) > 1})
-        if duplicates:
-            raise ValueError(f"duplicate labels {duplicates}")
-        return out
 
     # ---- inference --------------------------------------------------------------------------------
     def _network(self, group: PromptGroup) -> tuple[torch.nn.Module, int | None]:
@@ -363,7 +351,7 @@ class Predictor:
         self, image: np.ndarray, labels: Sequence[str], modality: str, region: str | None = None
     ) -> np.ndarray:
         """Probabilities (N, X, Y, Z) float32 for an image already in the preprocessed grid (1, X, Y, Z)."""
-        labels = self._labels(labels)
+        labels = normalize_labels(labels)
         modality = canonical_modality(modality)
         groups = self.plan(labels, modality, region)
         queries = self._group_queries(labels, modality, groups)
@@ -407,7 +395,7 @@ class Predictor:
         codes (e.g. "ASR" for sagittal spine MRI); ``progress(done, total)`` is called after each window batch.
         """
         start = time.perf_counter()
-        labels = self._labels(labels)
+        labels = normalize_labels(labels)
         modality = canonical_modality(modality)
         groups = self.plan(labels, modality, region)
         queries = self._group_queries(labels, modality, groups)
