@@ -4,8 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from helpers import compose_config
+
 from lorkd.checkpoints.export import export_experts
 from lorkd.inference.predictor import Predictor
 from lorkd.inference.run import predict
