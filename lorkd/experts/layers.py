@@ -7,9 +7,9 @@ Two parameterisations of an expert's weight update ``ΔW`` (both registered as c
 * ``lorkd`` (:class:`LorkdLoraConv3d`): the released LoRKD experts, ``A`` (r·k, Cin·k²), ``B`` (Cout·k, r·k),
   ``ΔW = s·view(B @ A)`` (stored as bias-free ``nn.Linear`` weights of those shapes).
 
-Routing: while a :class:`Routing` is attached (see ``lorkd.experts.routing.route``), the batch is split into
-groups of samples sharing an expert and each group runs one convolution with ``W0 + ΔW_expert``. Experts
-absent from the batch are not in the graph, so they get no gradient. Without routing the layer behaves like
+Routing: while a :class:`Routing` is attached (see ``lorkd.experts.build.route``), each sample is convolved
+with ``W0 + ΔW`` of its own expert (a batch of one expert: one plain convolution). Experts absent from the
+batch are not in the graph, so they get no gradient. Without routing the layer behaves like
 peft: the active adapters' updates are applied to every sample.
 """
 
@@ -29,9 +29,10 @@ class Routing:
 
     ``groups``: (adapter names applied together — empty for the shared base alone, sample indices or None
     for the whole batch); ``sample_group[b]`` is the group of sample ``b``. A batch mixing experts runs
-    either one convolution per group on its sub-batch (``per_sample_weights=False``, fastest on the CPU)
-    or one grouped convolution with a weight per sample (``True``, the paper's EKS form restricted to the
-    experts present; fastest on the GPU, see ``scripts/benchmarks/RESULTS.md``).
+    either one convolution per group on its sub-batch (``per_sample_weights=False``, the CPU default:
+    bit-identical to running each group alone) or one grouped convolution with a weight per sample
+    (``True``, the CUDA default: the paper's EKS form restricted to the experts present, fastest measured
+    on the H100, see ``scripts/benchmarks/RESULTS.md``).
     """
 
     groups: tuple[tuple[tuple[str, ...], torch.Tensor | None], ...]

@@ -45,14 +45,18 @@ def eks_forward(layer: RoutedLoraConv3d, x: torch.Tensor, onehot: torch.Tensor) 
     return y.reshape(b, cout, *y.shape[2:])
 
 
-def time_step(step: Callable[[], None], repeats: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def time_rounds(steps: list[Callable[[], None]], repeats: int) -> list[float]:
+    """Median seconds of each step, timed in interleaved rounds (one warm-up round first), so that drift
+    of a noisy machine hits every method alike."""
+    for step in steps:
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -119,17 +123,17 @@ def main() -> None:
         ("per-sample loop", per_sample_step),
         ("EKS grouped conv (paper: all experts' deltas)", eks_step),
     ]
-    results = [(name, time_step(fn, args.repeats)) for name, fn in rows]
+    results = list(zip([name for name, _ in rows], time_rounds([fn for _, fn in rows], args.repeats)))
     base = results[0][1]
     print(
         f"\nstudent {args.backbone} ({sum(p.numel() for p in plain.parameters()):,} params), experts {args.ranks}, "
         f"batch {args.batch} with {len(set(regions.tolist()))} regions, {tuple(args.size)}, {device.type}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats} forward+backward steps\n"
+        f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved forward+backward steps\n"
     )
-    print(f"| {'method':<42} | {'ms / step':>9} | {'vs plain':>8} |")
-    print(f"|{'-' * 44}|{'-' * 11}|{'-' * 10}|")
+    print("| method | ms / step | vs plain |")
+    print("|---|---|---|")
     for name, seconds in results:
-        print(f"| {name:<42} | {1000 * seconds:9.1f} | {seconds / base:7.2f}x |")
+        print(f"| {name} | {1000 * seconds:.1f} | {seconds / base:.2f}x |")
 
 
 if __name__ == "__main__":
