@@ -47,6 +47,9 @@ def test_routed_mixed_batch_equals_each_sample_alone(style):
     with torch.no_grad():
         with route(net, regions):
             mixed = net(x, q)
+        with route(net, torch.tensor([2, 2, 0, 1])):  # experts in contiguous blocks: the slicing path
+            blocks = net(x[[0, 2, 1, 3]], q)
+        torch.testing.assert_close(blocks, mixed[[0, 2, 1, 3]], rtol=0, atol=1e-10)
         for b in range(4):
             with route(net, regions[b : b + 1]):
                 alone = net(x[b : b + 1], q)

@@ -104,7 +104,17 @@ def make_routing(region_index: torch.Tensor, names: Sequence[str], per_sample_we
     )
     if per_sample_weights is None:
         per_sample_weights = device.type == "cuda"
-    return Routing(groups, len(index), inverse.to(device), per_sample_weights)
+    return Routing(groups, len(index), inverse.to(device), per_sample_weights, _contiguous_runs(index, names))
+
+
+def _contiguous_runs(index: torch.Tensor, names: Sequence[str]) -> tuple[tuple[tuple[str, ...], int, int], ...] | None:
+    """(adapters, start, stop) per expert when each expert's samples form one block of the batch."""
+    change = torch.nonzero(index[1:] != index[:-1]).flatten() + 1
+    bounds = [0, *change.tolist(), len(index)]
+    runs = [(int(index[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    if len({u for u, _, _ in runs}) != len(runs):
+        return None
+    return tuple((((names[u],) if u >= 0 else ()), a, b) for u, a, b in runs)
 
 
 @contextmanager

@@ -39,6 +39,7 @@ class Routing:
     batch_size: int
     sample_group: torch.Tensor | None = None
     per_sample_weights: bool = False
+    runs: tuple[tuple[tuple[str, ...], int, int], ...] | None = None  # (adapters, start, stop) when contiguous
 
 
 class RoutedLoraConv3d(PeftLoraConv3d):
@@ -106,6 +107,8 @@ class RoutedLoraConv3d(PeftLoraConv3d):
         if routing.per_sample_weights:
             weights = torch.stack([self._weight(adapters) for adapters, _ in routing.groups])
             return self._per_sample_conv(x, weights.index_select(0, routing.sample_group))
+        if routing.runs is not None:  # each expert one block of the batch: slices, no gather/scatter
+            return torch.cat([self._conv(x[a:b], self._weight(adapters)) for adapters, a, b in routing.runs])
         outputs, order = [], []
         for adapters, index in routing.groups:
             outputs.append(self._conv(x.index_select(0, index), self._weight(adapters)))
