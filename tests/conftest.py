@@ -69,3 +69,26 @@ def tiny_lorkd_ckpt(tiny_demo_data: Path, tiny_teacher_ckpt: Path, tmp_path_fact
     out = tmp_path_factory.mktemp("lorkd")
     run_training(["experiment=demo", f"teacher.checkpoint={tiny_teacher_ckpt}", *demo_overrides(tiny_demo_data, out)], out)
     return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def distinct_lorkd_ckpt(tiny_lorkd_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_lorkd_ckpt`` with random LoRA B weights, so every expert differs from the base and merging matters."""
+    import torch
+
+    raw = torch.load(tiny_lorkd_ckpt, map_location="cpu", weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for key, value in raw["state_dict"].items():
+        if ".lora_B." in key:
+            raw["state_dict"][key] = torch.randn(value.shape, generator=g) * 0.05
+    path = tmp_path_factory.mktemp("distinct") / "lorkd.ckpt"
+    torch.save(raw, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(distinct_lorkd_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The expert export of ``distinct_lorkd_ckpt`` (alone in its parent folder; tests must not modify it)."""
+    from lorkd.checkpoints.export import export_experts
+
+    return export_experts(distinct_lorkd_ckpt, tmp_path_factory.mktemp("exports") / "demo")

@@ -29,26 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained_ckpt(tiny_lorkd_ckpt, tmp_path_factory):
-    """The 2-step LoRKD checkpoint with clearly non-zero experts (B random), so merging matters."""
-    raw = torch.load(tiny_lorkd_ckpt, map_location="cpu", weights_only=True)
-    g = torch.Generator().manual_seed(0)
-    for key, value in raw["state_dict"].items():
-        if ".lora_B." in key:
-            raw["state_dict"][key] = torch.randn(value.shape, generator=g) * 0.05
-    path = tmp_path_factory.mktemp("trained") / "lorkd.ckpt"
-    torch.save(raw, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def export_dir(trained_ckpt, tmp_path_factory):
-    return export_experts(trained_ckpt, tmp_path_factory.mktemp("exports") / "demo")
-
-
-@pytest.fixture(scope="module")
-def student(trained_ckpt):
-    return load_model(trained_ckpt)
+def student(distinct_lorkd_ckpt):
+    return load_model(distinct_lorkd_ckpt)
 
 
 def _inputs():
@@ -56,20 +38,20 @@ def _inputs():
     return torch.randn(2, 1, 16, 16, 16, generator=g)
 
 
-def test_export_layout_and_index(export_dir, student):
-    index = json.loads((export_dir / "index.json").read_text())
+def test_export_layout_and_index(tiny_export, student):
+    index = json.loads((tiny_export / "index.json").read_text())
     assert index["expert_order"] == student.experts and index["regions"] == {r: r for r in student.experts}
     for region in student.experts:
-        assert sorted(p.name for p in (export_dir / region).iterdir()) == [
+        assert sorted(p.name for p in (tiny_export / region).iterdir()) == [
             "model.safetensors", "model_card.json", "prompts.safetensors", "text_head.safetensors",
         ]  # fmt: skip
-        assert (export_dir / "adapters" / region / "adapter_model.safetensors").is_file()
-    assert (export_dir / "adapters" / "base.safetensors").is_file()
-    assert not [p for p in export_dir.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
+        assert (tiny_export / "adapters" / region / "adapter_model.safetensors").is_file()
+    assert (tiny_export / "adapters" / "base.safetensors").is_file()
+    assert not [p for p in tiny_export.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
 
-def test_each_exported_expert_equals_the_routed_student(export_dir, student):
-    exported = load_export(export_dir)
+def test_each_exported_expert_equals_the_routed_student(tiny_export, student):
+    exported = load_export(tiny_export)
     x = _inputs()
     labels, modality = ["liver", "spleen", "heart"], "ct"
     q = student.prompts.queries(labels, modality)
@@ -84,8 +66,8 @@ def test_each_exported_expert_equals_the_routed_student(export_dir, student):
         torch.testing.assert_close(exported.base_net()(x, q), student.net(x, q), rtol=1e-4, atol=1e-5)
 
 
-def test_an_exported_expert_has_the_student_base_size_and_only_plain_modules(export_dir, tiny_lorkd_ckpt):
-    exported = load_export(export_dir, regions=["thorax"], preload=True)
+def test_an_exported_expert_has_the_student_base_size_and_only_plain_modules(tiny_export, tiny_lorkd_ckpt):
+    exported = load_export(tiny_export, regions=["thorax"], preload=True)
     base = torch.load(tiny_lorkd_ckpt, weights_only=True)["lorkd"]["parameter_counts"]["student_base"]
     expert = exported.expert("thorax")
     assert expert.parameter_count == exported.parameter_count == base
@@ -95,11 +77,11 @@ def test_an_exported_expert_has_the_student_base_size_and_only_plain_modules(exp
         exported.net("brain")
 
 
-def test_the_model_card_round_trips(export_dir, trained_ckpt):
-    meta = torch.load(trained_ckpt, weights_only=True)["lorkd"]
+def test_the_model_card_round_trips(tiny_export, distinct_lorkd_ckpt):
+    meta = torch.load(distinct_lorkd_ckpt, weights_only=True)["lorkd"]
     for region in ("abdomen", "brain"):
-        card = read_card(export_dir / region)
-        assert json.loads(json.dumps(card)) == card == load_export(export_dir).card(region)
+        card = read_card(tiny_export / region)
+        assert json.loads(json.dumps(card)) == card == load_export(tiny_export).card(region)
         assert SAT(**card["architecture"]["arguments"]).config == meta["net"]
         assert card["architecture"]["preset"] == "unet_tiny"
         assert card["region"] == region and card["expert_index"] == meta["experts"]["regions"].index(region)
@@ -112,18 +94,18 @@ def test_the_model_card_round_trips(export_dir, trained_ckpt):
         assert card["parameter_counts"]["model"] == meta["parameter_counts"]["student_base"]
         assert card["parameter_counts"]["teacher"] == meta["parameter_counts"]["teacher"]
         assert set(card["versions"]) == {"lorkd", "torch", "peft", "safetensors", "python"}
-        assert card["files"][MODEL]["sha256"] == sha256_file(export_dir / region / MODEL)
+        assert card["files"][MODEL]["sha256"] == sha256_file(tiny_export / region / MODEL)
         assert card["text_encoder"]["query_dim"] == meta["text_encoder"]["query_dim"]
         assert card["prompt_bank"]["labels"] == len(meta["prompt_bank"]["labels"])
-    labels = read_card(export_dir / "abdomen")["labels"]
+    labels = read_card(tiny_export / "abdomen")["labels"]
     assert "ct_liver" in labels["with_cached_prompt"] and "ct_liver tumor" in labels["abnormal"]
     assert set(labels["with_cached_prompt"]) <= set(labels["routed"])
     assert "ct_brainstem" not in labels["routed"]
 
 
-def test_tampered_files_fail_the_sha256_check(export_dir, tmp_path):
+def test_tampered_files_fail_the_sha256_check(tiny_export, tmp_path):
     copy = tmp_path / "export"
-    shutil.copytree(export_dir, copy)
+    shutil.copytree(tiny_export, copy)
     with open(copy / "brain" / MODEL, "r+b") as f:
         f.seek(-4, 2)
         last = f.read(4)
@@ -143,7 +125,7 @@ def test_tampered_files_fail_the_sha256_check(export_dir, tmp_path):
         load_export(copy, regions=["thorax"])
 
 
-def test_load_export_runs_without_peft(export_dir, student, tmp_path):
+def test_load_export_runs_without_peft(tiny_export, student, tmp_path):
     """In a fresh interpreter where ``import peft`` fails, the export loads and predicts the same logits."""
     x = _inputs()
     q = student.prompts.queries(["liver"], "ct")
@@ -153,7 +135,7 @@ import sys
 sys.modules["peft"] = None  # any import of peft now raises ImportError
 import torch
 from lorkd.checkpoints.exported import load_export
-exported = load_export({str(export_dir)!r}, preload=True)
+exported = load_export({str(tiny_export)!r}, preload=True)
 inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
 with torch.no_grad():
     out = exported.net("spine")(inputs["x"], exported.prompts.queries(["liver"], "ct"))
@@ -166,8 +148,8 @@ torch.save(out, {str(tmp_path / 'out.pt')!r})
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), routed, rtol=1e-4, atol=1e-5)
 
 
-def test_adapters_reload_into_the_same_routed_student(export_dir, student):
-    net = load_adapters(export_dir / "adapters").eval()
+def test_adapters_reload_into_the_same_routed_student(tiny_export, student):
+    net = load_adapters(tiny_export / "adapters").eval()
     x = _inputs()
     q = student.prompts.queries(["liver"], "ct")
     region = torch.tensor([0, 6])  # a mixed batch: abdomen, thorax
@@ -178,32 +160,32 @@ def test_adapters_reload_into_the_same_routed_student(export_dir, student):
     assert all(p.requires_grad for p in net.backbone.parameters())  # train_base: W0 and every expert train
 
 
-def test_an_existing_target_is_kept_unless_overwrite(export_dir, trained_ckpt, tmp_path):
+def test_an_existing_target_is_kept_unless_overwrite(tiny_export, distinct_lorkd_ckpt, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=true"):
-        export_experts(trained_ckpt, export_dir, regions=["brain"])
+        export_experts(distinct_lorkd_ckpt, tiny_export, regions=["brain"])
     other = tmp_path / "not_an_export"
     (other / "keep.txt").parent.mkdir()
     (other / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an expert export"):
-        export_experts(trained_ckpt, other, regions=["brain"], overwrite=True)
+        export_experts(distinct_lorkd_ckpt, other, regions=["brain"], overwrite=True)
     assert (other / "keep.txt").read_text() == "mine"
     target = tmp_path / "again"
-    shutil.copytree(export_dir, target)
-    export_experts(trained_ckpt, target, regions=["brain"], overwrite=True)
+    shutil.copytree(tiny_export, target)
+    export_experts(distinct_lorkd_ckpt, target, regions=["brain"], overwrite=True)
     assert load_export(target).experts == ["brain"] and not (target / "abdomen").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "not_an_export"]
 
 
 @pytest.mark.slow
-def test_the_export_command(trained_ckpt, tmp_path):
+def test_the_export_command(distinct_lorkd_ckpt, tmp_path):
     out = tmp_path / "cli"
     subprocess.run(
-        [sys.executable, "scripts/export_experts.py", f"ckpt_path={trained_ckpt}", f"out={out}", "regions=[pelvis,spine]"],
+        [sys.executable, "scripts/export_experts.py", f"ckpt_path={distinct_lorkd_ckpt}", f"out={out}", "regions=[pelvis,spine]"],
         check=True, cwd=ROOT,
     )  # fmt: skip
     assert load_export(out).experts == ["pelvis", "spine"]
     result = subprocess.run(
-        [sys.executable, "scripts/export_experts.py", f"ckpt_path={trained_ckpt}", f"out={out}"],
+        [sys.executable, "scripts/export_experts.py", f"ckpt_path={distinct_lorkd_ckpt}", f"out={out}"],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode != 0 and "overwrite=true" in result.stderr

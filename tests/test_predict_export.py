@@ -3,26 +3,10 @@
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from helpers import compose_config
 
-from lorkd.checkpoints.export import export_experts
 from lorkd.inference.predictor import Predictor
 from lorkd.inference.run import predict
-
-
-@pytest.fixture(scope="module")
-def distinct_experts(tiny_lorkd_ckpt, tmp_path_factory):
-    """The 2-step LoRKD checkpoint with random expert B weights (experts differ from the base) and its export."""
-    raw = torch.load(tiny_lorkd_ckpt, map_location="cpu", weights_only=True)
-    g = torch.Generator().manual_seed(0)
-    for key, value in raw["state_dict"].items():
-        if ".lora_B." in key:
-            raw["state_dict"][key] = torch.randn(value.shape, generator=g) * 0.05
-    folder = tmp_path_factory.mktemp("export_predict")
-    ckpt = folder / "lorkd.ckpt"
-    torch.save(raw, ckpt)
-    return ckpt, export_experts(ckpt, folder / "export")
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +19,8 @@ def scan(tmp_path_factory):
     return path
 
 
-def test_an_export_predicts_like_the_routed_student(distinct_experts, scan):
-    ckpt, export = distinct_experts
+def test_an_export_predicts_like_the_routed_student(distinct_lorkd_ckpt, tiny_export, scan):
+    ckpt, export = distinct_lorkd_ckpt, tiny_export
     labels = ["liver", "left lung", "spleen"]  # abdomen and thorax experts
     options = dict(device="cpu", threshold=0.5)
     routed = Predictor.from_checkpoint(ckpt, **options).predict(scan, labels, "ct", return_probabilities=True)
@@ -50,8 +34,8 @@ def test_an_export_predicts_like_the_routed_student(distinct_experts, scan):
         Predictor.from_checkpoint(export, model="teacher")
 
 
-def test_predict_cli_on_an_export(distinct_experts, scan, tmp_path):
-    _, export = distinct_experts
+def test_predict_cli_on_an_export(tiny_export, scan, tmp_path):
+    export = tiny_export
     out = tmp_path / "out"
     overrides = [f"ckpt_path={export}", f"input={scan}", f"output_dir={out}", "labels=[liver,heart]",
                  "modality=ct", "progress=false", "writer.preview=false"]  # fmt: skip
