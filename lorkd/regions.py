@@ -96,6 +96,14 @@ class RegionMap:
         unknown_regions = set(self.label_region.values()) - set(self.regions)
         self.regions_without_expert = sorted(unknown_regions)
 
+    @classmethod
+    def from_config(cls, name: str = "sat49") -> RegionMap:
+        """The map of ``configs/regions/<name>.yaml`` (its ``defaults`` list resolved as Hydra does,
+        without needing a Hydra app, so it also works inside one)."""
+        from hydra.utils import instantiate
+
+        return instantiate(_region_config(name))
+
     @staticmethod
     def _key(name: str) -> str:
         modality, _, label = name.partition("_")
@@ -163,3 +171,20 @@ class RegionMap:
             return "abnormal"
         key = mod_label(modality, label)
         return self.label_region.get(key, "unknown")
+
+
+def _region_config(name: str):
+    """``configs/regions/<name>.yaml`` merged over the files its ``defaults`` name (``_self_`` last unless placed)."""
+    from omegaconf import OmegaConf
+
+    from lorkd.utils import CONFIG_DIR
+
+    path = CONFIG_DIR / "regions" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise FileNotFoundError(f"no region map {name!r} in {path.parent} (known: {', '.join(known)})")
+    own = OmegaConf.load(path)
+    defaults = list(own.pop("defaults", []))
+    if "_self_" not in defaults:
+        defaults.append("_self_")
+    return OmegaConf.merge(*(own if entry == "_self_" else _region_config(str(entry)) for entry in defaults))

@@ -8,22 +8,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from lorkd.regions import RegionMap
-from lorkd.utils import CONFIG_DIR
 
 
 @pytest.fixture(scope="session")
 def region_map() -> RegionMap:
     """sat49 plus the demo's extra label (ct 'liver tumor' -> abdomen, abnormal), as configs/regions/demo.yaml."""
-    demo = OmegaConf.load(CONFIG_DIR / "regions" / "demo.yaml")
-    return instantiate(
-        OmegaConf.load(CONFIG_DIR / "regions" / "sat49.yaml"),
-        extra_labels=OmegaConf.to_container(demo.extra_labels),
-        extra_abnormal=OmegaConf.to_container(demo.extra_abnormal),
-    )
+    return RegionMap.from_config("demo")
 
 
 @pytest.fixture

@@ -198,13 +198,6 @@ def load_lorkd_official(
     return OfficialLoRKD(net.eval(), experts, preset, text, report, source)
 
 
-def default_region_map() -> RegionMap:
-    """SAT's 49-dataset label -> region map (configs/regions/sat49.yaml), the released experts' routing."""
-    spec = yaml.safe_load((CONFIG_DIR / "regions" / "sat49.yaml").read_text())
-    spec.pop("_target_", None)
-    return RegionMap(**spec)
-
-
 def _teacher_meta(teacher_checkpoint: str | Path) -> tuple[dict[str, Any], int]:
     """What our checkpoints record about the teacher, and its parameter count (built on the meta device)."""
     config = infer_sat_config(read_state_dict(teacher_checkpoint))
@@ -234,7 +227,7 @@ def lorkd_checkpoint_from_official(
     from lorkd.data.transforms import PreprocessConfig
 
     official = load_lorkd_official(path, student_preset, text_checkpoint, language_model_path, **dict(net_overrides or {}))
-    region_map = region_map or default_region_map()
+    region_map = region_map or RegionMap.from_config("sat49")  # the released experts' routing
     if tuple(region_map.regions) != OFFICIAL_REGIONS:
         raise ValueError(f"the released experts are in order {list(OFFICIAL_REGIONS)}; region map has {region_map.regions}")
     text = official.text_encoder

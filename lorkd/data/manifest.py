@@ -310,24 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-masks", action="store_true", help="predict manifests: masks are optional")
     args = parser.parse_args(argv)
-    region_map = None if args.regions == "none" else _region_map(args.regions)
+    region_map = None if args.regions == "none" else RegionMap.from_config(args.regions)
     failed = 0
     for path in args.manifests:
         problems = validate_manifest(path, require_masks=not args.no_masks, region_map=region_map)
         print("\n".join(problems) if problems else f"{path}: OK")
         failed += bool(problems)
     return 1 if failed else 0
-
-
-def _region_map(name: str) -> RegionMap:
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-
-    from lorkd.utils import CONFIG_DIR, register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return instantiate(compose("train", overrides=[f"regions={name}"]).regions)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lorkd.data.cache import PreprocessCache
@@ -28,15 +27,6 @@ from lorkd.data.sampling import RegionSampler, item_weights
 from lorkd.data.transforms import PreprocessConfig, preprocess_case
 from lorkd.regions import RegionMap
 from lorkd.utils import CONFIG_DIR
-
-
-def demo_region_map() -> RegionMap:
-    demo = OmegaConf.load(CONFIG_DIR / "regions" / "demo.yaml")
-    return instantiate(
-        OmegaConf.load(CONFIG_DIR / "regions" / "sat49.yaml"),
-        extra_labels=OmegaConf.to_container(demo.extra_labels),
-        extra_abnormal=OmegaConf.to_container(demo.extra_abnormal),
-    )
 
 
 def rate(dataset: PatchDataset, keys: list[tuple[int, int]]) -> tuple[int, float]:
@@ -67,7 +57,7 @@ def main() -> None:
             build_demo(data, seed=0)
         demo_cfg = OmegaConf.load(CONFIG_DIR / "data" / "demo.yaml")
         cfg = PreprocessConfig.coerce(OmegaConf.to_container(demo_cfg.preprocess))
-        region_map = demo_region_map()
+        region_map = RegionMap.from_config("demo")
         cases = load_manifest(data / "train.jsonl", region_map=region_map)
         preprocess_case(cases[0], cfg)  # pay MONAI's import outside the timings
         items = expand_items(cases, region_map)

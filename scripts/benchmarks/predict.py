@@ -51,12 +51,6 @@ PRESETS = {  # backbone, expert ranks, query dim, decoder layers / heads / ffn
 TEXT_DIM = 384  # MiniLM
 
 
-def region_map() -> RegionMap:
-    sat49 = yaml.safe_load((CONFIGS / "regions" / "sat49.yaml").read_text())
-    demo = yaml.safe_load((CONFIGS / "regions" / "demo.yaml").read_text())
-    return RegionMap(sat49["regions"], sat49["labels"], sat49.get("abnormal", ()), demo["extra_labels"])
-
-
 def build_model(preset: str, window: Sequence[int], regions: RegionMap, labels: Sequence[str]) -> LoadedModel:
     backbone, ranks, query_dim, layers, heads, ffn = PRESETS[preset]
     torch.manual_seed(0)
@@ -226,7 +220,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    regions = region_map()
+    regions = RegionMap.from_config("demo")
     workloads: dict[str, list[Case]] = {}
     if "demo" in args.workloads:
         workloads["demo test set"] = demo_cases(args.demo_dir, args.demo_cases)
