@@ -11,6 +11,9 @@ import pytest
 from lorkd.data.io import CaseError, read_volume
 from lorkd.data.manifest import ManifestError, load_manifest, main, validate_manifest
 
+GOOD = {"image": "ct/case1.nii.gz", "label": ["liver"], "modality": "ct", "dataset": "D", "mask": "ct/case1_seg.nii.gz"}
+
+
 
 def write_manifest(path: Path, rows: list) -> Path:
     lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
@@ -70,24 +73,17 @@ def test_default_id_strips_nii_suffixes(tmp_path, files):
 
 
 def test_every_problem_is_reported_with_file_and_line(tmp_path, files, region_map):
-    good = {
-        "image": "ct/case1.nii.gz",
-        "label": ["liver"],
-        "modality": "ct",
-        "dataset": "D",
-        "mask": "ct/case1_seg.nii.gz",
-    }
     rows = [
-        good,  # 1
+        GOOD,  # 1
         '{"image": "ct/case1.nii.gz", "label": [',  # 2 bad JSON
-        {**good, "id": "b", "modality": "xray"},  # 3 unknown modality
-        {**good, "id": "c", "label": []},  # 4 empty label list
-        {**good, "id": "d", "image": "ct/missing.nii.gz"},  # 5 missing file
-        {**good, "id": "e", "mask": "ct/bad_seg.nii.gz"},  # 6 mask shape
-        good,  # 7 duplicate id (case1 in dataset D)
-        {**good, "id": "g", "label": ["livre"]},  # 8 unknown label, with the closest name
-        {**good, "id": "h", "orientation": "RRS"},  # 9 invalid orientation
-        {**good, "id": "i", "masks": {"liver": "ct/case2_liver.nii.gz"}},  # 10 mask and masks
+        {**GOOD, "id": "b", "modality": "xray"},  # 3 unknown modality
+        {**GOOD, "id": "c", "label": []},  # 4 empty label list
+        {**GOOD, "id": "d", "image": "ct/missing.nii.gz"},  # 5 missing file
+        {**GOOD, "id": "e", "mask": "ct/bad_seg.nii.gz"},  # 6 mask shape
+        GOOD,  # 7 duplicate id (case1 in dataset D)
+        {**GOOD, "id": "g", "label": ["livre"]},  # 8 unknown label, with the closest name
+        {**GOOD, "id": "h", "orientation": "RRS"},  # 9 invalid orientation
+        {**GOOD, "id": "i", "masks": {"liver": "ct/case2_liver.nii.gz"}},  # 10 mask and masks
         {"image": "ct/case2.nii", "label": ["liver"], "modality": "ct", "dataset": "D"},  # 11 no mask
         [1, 2],  # 12 not an object
     ]
@@ -161,15 +157,8 @@ def test_read_volume_errors_name_the_file(tmp_path, write_nifti):
 
 
 def test_command_line_reports_problems(tmp_path, files, capsys):
-    good = {
-        "image": "ct/case1.nii.gz",
-        "label": ["liver"],
-        "modality": "ct",
-        "dataset": "D",
-        "mask": "ct/case1_seg.nii.gz",
-    }
-    ok = write_manifest(tmp_path / "ok.jsonl", [good])
-    bad = write_manifest(tmp_path / "bad.jsonl", [{**good, "label": ["liver tumor"]}])
+    ok = write_manifest(tmp_path / "ok.jsonl", [GOOD])
+    bad = write_manifest(tmp_path / "bad.jsonl", [{**GOOD, "label": ["liver tumor"]}])
     assert main([str(ok)]) == 0 and "ok.jsonl: OK" in capsys.readouterr().out
     assert main([str(ok), str(bad)]) == 1
     assert "bad.jsonl:1: unknown label 'liver tumor'" in capsys.readouterr().out
