@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -48,6 +49,29 @@ def official_vision_layout(model: SAT) -> dict[str, torch.Tensor]:
             base, mod, kind = unit.groups()
             out[f"module.{base}.all_modules.{0 if mod == 'conv' else 1}.{kind}"] = out[f"module.{key}"]
     return out
+
+
+def official_text_layout(folder: Path, query_dim: int, layers: int = 1) -> tuple[dict[str, torch.Tensor], Path, torch.nn.Module]:
+    """SAT's text-encoder state_dict (``module.`` prefix) around a tiny random BERT tower (hidden 32,
+    projection 32 -> 48 -> ``query_dim``). The tower's config and tokenizer go to ``folder/tower``.
+    Returns (state, tower folder, tower)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from lorkd.models.text import default_language_model_path
+
+    lm_dir = folder / "tower"
+    AutoTokenizer.from_pretrained(default_language_model_path()).save_pretrained(lm_dir)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64)
+    config.save_pretrained(lm_dir)
+    torch.manual_seed(0)
+    tower = BertModel(config).eval()
+    state = {f"module.text_tower.biolord.{k}": v for k, v in tower.state_dict().items()}
+    state.update({
+        "module.projection_layer.0.weight": torch.randn(48, 32), "module.projection_layer.0.bias": torch.zeros(48),
+        "module.projection_layer.2.weight": torch.randn(query_dim, 48), "module.projection_layer.2.bias": torch.zeros(query_dim),
+        "module.modality_embed.weight": torch.randn(4, query_dim),
+    })  # fmt: skip
+    return state, lm_dir, tower
 
 
 def demo_overrides(data_dir, out_dir, steps: int = 2) -> list[str]:

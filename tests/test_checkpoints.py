@@ -1,7 +1,6 @@
 import pytest
 import torch
-from helpers import official_vision_layout, tiny_sat
-from transformers import AutoTokenizer, BertConfig, BertModel
+from helpers import official_text_layout, official_vision_layout, tiny_sat
 
 from lorkd.checkpoints.report import CheckpointMismatchError
 from lorkd.checkpoints.sat import (
@@ -10,7 +9,6 @@ from lorkd.checkpoints.sat import (
     load_sat_vision,
     sat_model_from_checkpoint,
 )
-from lorkd.models.text import default_language_model_path
 
 
 def _save(tmp_path, state, name="SAT_Nano.pth"):
@@ -82,19 +80,10 @@ def test_unexplained_keys_and_inconsistent_aliases_fail(tmp_path):
 
 def test_official_text_encoder_checkpoint(tmp_path):
     """A SAT text-encoder file (text_tower.biolord.* + head) with a small random BERT as the tower."""
-    lm_dir = tmp_path / "tower"
-    AutoTokenizer.from_pretrained(default_language_model_path()).save_pretrained(lm_dir)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    config.save_pretrained(lm_dir)
-    torch.manual_seed(0)
-    tower = BertModel(config).eval()
-    state = {f"module.text_tower.biolord.{k}": v for k, v in tower.state_dict().items()}
-    proj0, proj2, modality = torch.randn(48, 32), torch.randn(16, 48), torch.randn(4, 16)
-    state.update({
-        "module.projection_layer.0.weight": proj0, "module.projection_layer.0.bias": torch.zeros(48),
-        "module.projection_layer.2.weight": proj2, "module.projection_layer.2.bias": torch.zeros(16),
-        "module.modality_embed.weight": modality, "module.atlas_tower.fc.weight": torch.zeros(2),
-    })  # fmt: skip
+    state, lm_dir, tower = official_text_layout(tmp_path, query_dim=16, layers=2)
+    state["module.atlas_tower.fc.weight"] = torch.zeros(2)  # SAT's unused atlas tower: explained, not loaded
+    proj0, proj2 = state["module.projection_layer.0.weight"], state["module.projection_layer.2.weight"]
+    modality = state["module.modality_embed.weight"]
     path = _save(tmp_path, state, "text_encoder.pth")
     encoder, report = load_sat_text_encoder(path, str(lm_dir))
     assert report.ok and "module.atlas_tower.fc.weight" not in report.loaded

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import TINY, tiny_sat
-from transformers import AutoTokenizer, BertConfig, BertModel
+from helpers import TINY, official_text_layout, tiny_sat
 
 from lorkd.checkpoints.lorkd_official import (
     OFFICIAL_REGIONS,
@@ -20,7 +19,6 @@ from lorkd.checkpoints.lorkd_official import (
 from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport
 from lorkd.experts import add_region_experts, route
 from lorkd.models.sat import SAT
-from lorkd.models.text import default_language_model_path
 from lorkd.utils import CONFIG_DIR
 
 RANKS = {"abdomen": 4, "brain": 4, "head_and_neck": 2, "lower_limb": 2, "pelvis": 2, "spine": 2, "thorax": 4, "upper_limb": 2}
@@ -208,17 +206,7 @@ def test_released_key_counts_and_every_real_size_key_has_its_place(preset, backb
 
 def _text_encoder_file(tmp_path):
     """A SAT-layout text-encoder file with a tiny random BERT tower (hidden 32 -> queries of 64)."""
-    lm_dir = tmp_path / "tower"
-    AutoTokenizer.from_pretrained(default_language_model_path()).save_pretrained(lm_dir)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    config.save_pretrained(lm_dir)
-    torch.manual_seed(0)
-    state = {f"module.text_tower.biolord.{k}": v for k, v in BertModel(config).state_dict().items()}
-    state.update({
-        "module.projection_layer.0.weight": torch.randn(48, 32), "module.projection_layer.0.bias": torch.zeros(48),
-        "module.projection_layer.2.weight": torch.randn(64, 48), "module.projection_layer.2.bias": torch.zeros(64),
-        "module.modality_embed.weight": torch.randn(4, 64),
-    })  # fmt: skip
+    state, lm_dir, _ = official_text_layout(tmp_path, query_dim=64)
     path = tmp_path / "tiny_text_encoder.pth"
     torch.save({"model_state_dict": state}, path)
     return path, lm_dir
