@@ -98,6 +98,10 @@ def test_orientation_override_from_the_case(tmp_path, write_nifti):
     )
     out = preprocess_case(case, PreprocessConfig(spacing=None))
     assert out.info.orientation == "LPS" and nib.aff2axcodes(out.info.affine) == ("L", "P", "S")
+    _, info = preprocess_image(image, "ct", PreprocessConfig(spacing=None), np.eye(4), orientation="asr")
+    assert info.orientation == "ASR" and nib.aff2axcodes(info.affine) == ("A", "S", "R")
+    with pytest.raises(ValueError, match="invalid orientation 'RRS'; expected 3 axis codes"):
+        preprocess_image(image, "ct", PreprocessConfig(spacing=None), np.eye(4), orientation="RRS")
 
 
 def test_all_background_ct_keeps_the_full_volume(caplog):

@@ -68,9 +68,12 @@ def default_id(image: str | Path) -> str:
     return name
 
 
-def valid_axcodes(code: str) -> bool:
-    letters = code.upper()
-    return len(letters) == 3 and all(sum(c in axis for c in letters) == 1 for axis in _AXES)
+def axcodes(value: object, what: str) -> str:
+    """``value`` as upper-case axis codes (``"asr"`` -> ``"ASR"``); a ValueError naming ``what`` otherwise."""
+    letters = value.upper() if isinstance(value, str) else ""
+    if len(letters) != 3 or not all(sum(c in axis for c in letters) == 1 for axis in _AXES):
+        raise ValueError(f"invalid {what} {value!r}; expected 3 axis codes such as 'RAS' or 'ASR'")
+    return letters
 
 
 def load_manifest(
@@ -153,9 +156,12 @@ def _parse_line(
         errors.append("missing 'mask' (or 'masks'); this manifest needs ground truth")
     region = _region(row, region_map, errors)
     orientation = row.get("orientation")
-    if orientation is not None and (not isinstance(orientation, str) or not valid_axcodes(orientation)):
-        errors.append(f"invalid 'orientation' {orientation!r}; expected 3 axis codes such as 'RAS' or 'ASR'")
-        orientation = None
+    if orientation is not None:
+        try:
+            orientation = axcodes(orientation, "'orientation'")
+        except ValueError as exc:
+            errors.append(str(exc))
+            orientation = None
     if region_map is not None and region is None and modality and labels:
         for label in labels:
             try:
@@ -180,7 +186,7 @@ def _parse_line(
             masks=masks,
             id=case_id,
             region=region,
-            orientation=orientation.upper() if orientation else None,
+            orientation=orientation,
             line=number,
             source=source,
         ),

@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 
 from lorkd.data.io import NAN_POLICIES, CaseError, Volume, check_finite, read_volume, squeeze_to_3d
-from lorkd.data.manifest import Case, valid_axcodes
+from lorkd.data.manifest import Case, axcodes
 from lorkd.regions import canonical_modality
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,7 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.orientation is not None:
-            if not valid_axcodes(str(self.orientation)):
-                raise ValueError(
-                    f"preprocess.orientation must be 3 axis codes like 'RAS', got {self.orientation!r}"
-                )
-            self.orientation = str(self.orientation).upper()
+            self.orientation = axcodes(str(self.orientation), "preprocess.orientation")
         if self.spacing is not None:
             spacing = tuple(float(s) for s in self.spacing)
             if len(spacing) != 3 or min(spacing) <= 0:
@@ -283,8 +279,8 @@ def preprocess_image(
     """
     cfg = PreprocessConfig.coerce(cfg)
     vol = _as_volume(image, affine, cfg.nan_policy)
-    axcodes = (orientation or cfg.orientation or "").upper() or None
-    dst_affine, dst_shape = target_grid(vol.data.shape, vol.affine, axcodes, cfg.spacing)
+    codes = axcodes(orientation, "orientation") if orientation else cfg.orientation
+    dst_affine, dst_shape = target_grid(vol.data.shape, vol.affine, codes, cfg.spacing)
     resampled = resample(vol.data[None], vol.affine, dst_affine, dst_shape, cfg.interpolation)[0]
 
     start, end, empty = (0, 0, 0), dst_shape, False
@@ -302,7 +298,7 @@ def preprocess_image(
     info = InversionInfo(
         original_shape=tuple(int(s) for s in vol.data.shape),  # type: ignore[arg-type]
         original_affine=_affine_tuple(vol.affine),
-        orientation=axcodes,
+        orientation=codes,
         spacing=cfg.spacing,
         resampled_shape=dst_shape,
         resampled_affine=_affine_tuple(dst_affine),

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorkd.data.manifest import Case, ManifestError, default_id, valid_axcodes
+from lorkd.data.manifest import Case, ManifestError, axcodes, default_id
 from lorkd.regions import UnknownModalityError, canonical_modality, normalize_labels
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -36,7 +36,7 @@ def _case(
         masks=None,
         id=case_id,
         region=region,
-        orientation=orientation.upper() if orientation else None,
+        orientation=orientation,
         line=line,
         source=source,
     )
@@ -51,8 +51,8 @@ def discover_cases(
 ) -> list[Case]:
     """The cases of ``input``, in a stable order (folders: sorted by file name)."""
     path = Path(input).expanduser()
-    if orientation is not None and not valid_axcodes(str(orientation)):
-        raise ValueError(f"orientation must be 3 axis codes such as 'RAS' or 'ASR', got {orientation!r}")
+    if orientation is not None:
+        orientation = axcodes(str(orientation), "orientation")
     if path.is_file() and path.suffix.lower() == ".jsonl":
         cases = _manifest_cases(path, labels, modality, region, orientation)
     else:
@@ -128,12 +128,8 @@ def _manifest_line(
     if raw_modality is None:
         raise ValueError("no 'modality' on the line and no modality=... on the command line")
     line_orientation = row.get("orientation", orientation)
-    if line_orientation is not None and (
-        not isinstance(line_orientation, str) or not valid_axcodes(line_orientation)
-    ):
-        raise ValueError(
-            f"invalid 'orientation' {line_orientation!r}; expected 3 axis codes such as 'RAS' or 'ASR'"
-        )
+    if line_orientation is not None:
+        line_orientation = axcodes(line_orientation, "'orientation'")
     case_id = row.get("id", default_id(image_path))
     if not isinstance(case_id, str) or not case_id:
         raise ValueError(f"invalid 'id' {case_id!r}")
