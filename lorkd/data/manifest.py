@@ -194,7 +194,8 @@ def _parse_line(
     )
 
 
-def _resolve(value: str, root: Path) -> Path:
+def resolve_path(value: str, root: Path) -> Path:
+    """A manifest path: absolute as given (``~`` expanded), or relative to the manifest's folder ``root``."""
     p = Path(value).expanduser()
     return p if p.is_absolute() else (root / p).resolve()
 
@@ -208,7 +209,7 @@ def _path_field(row: dict[str, Any], key: str, root: Path, errors: list[str], re
     if not isinstance(value, str) or not value:
         errors.append(f"'{key}' must be a path string, got {value!r}")
         return None
-    path = _resolve(value, root)
+    path = resolve_path(value, root)
     if not path.is_file():
         errors.append(f"{key} file not found: {path}")
     return path
@@ -258,7 +259,7 @@ def _masks(row: dict[str, Any], labels: list[str], root: Path, errors: list[str]
         label = normalize_label(name)
         if labels and label not in labels:
             errors.append(f"'masks' has label {label!r} that is not in 'label'")
-        path = _resolve(value, root)
+        path = resolve_path(value, root)
         if not path.is_file():
             errors.append(f"masks[{label!r}] file not found: {path}")
         masks[label] = path

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorkd.data.manifest import Case, ManifestError, axcodes, default_id
+from lorkd.data.manifest import Case, ManifestError, axcodes, default_id, resolve_path
 from lorkd.regions import UnknownModalityError, canonical_modality, normalize_labels
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -119,8 +119,7 @@ def _manifest_line(
     image = row.get("image")
     if not isinstance(image, str) or not image:
         raise ValueError("missing 'image' (a path)")
-    image_path = Path(image).expanduser()
-    image_path = image_path if image_path.is_absolute() else (path.parent / image_path).resolve()
+    image_path = resolve_path(image, path.parent)
     raw_labels = row.get("label", row.get("labels", labels))
     if raw_labels is None:
         raise ValueError("no 'label' on the line and no labels=... on the command line")
