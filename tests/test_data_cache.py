@@ -85,15 +85,23 @@ def _fill(root: str, cases: list[Case], barrier, results) -> None:
 
 def test_two_processes_filling_the_cache_at_once_leave_it_consistent(tmp_path, cases):
     root = tmp_path / "cache"
-    ctx = mp.get_context("fork")
+    # spawn, never fork: torch's OpenMP pool has run in this process, and forked children deadlock in it
+    ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_fill, args=(str(root), cases, barrier, results)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    seen = [results.get(timeout=5) for _ in range(2 * len(cases))]
+    procs = [
+        ctx.Process(target=_fill, args=(str(root), cases, barrier, results), daemon=True) for _ in range(2)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        seen = [results.get(timeout=180) for _ in range(2 * len(cases))]
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0, 0]
+    finally:  # a hung child must not be joined again at interpreter exit
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     both_missed = [c.id for c in cases if sum(missed for cid, missed, *_ in seen if cid == c.id) == 2]
     assert both_missed, "no entry was written by both processes: the race was not exercised"
 

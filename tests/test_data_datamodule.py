@@ -123,3 +123,21 @@ def test_lightning_ddp_keeps_the_region_sampler_with_one_stream_per_rank(demo_di
         assert len(records) == 3
         assert all((x["sampler"], x["rank"], x["world"]) == ("RegionSampler", r, 2) for x in records)
     assert [x["cases"] for x in ranks[0]] != [x["cases"] for x in ranks[1]]
+
+
+def test_loader_workers_fill_the_cache_after_torch_ran_in_the_parent(demo_dir, tmp_path):
+    """Forked DataLoader workers must not deadlock in the OpenMP pool that the parent already used."""
+    conv = torch.nn.Conv3d(1, 4, 3)
+    with torch.no_grad():
+        conv(torch.randn(2, 1, 24, 24, 24))  # runs torch's parallel region in this process
+    dm = make_datamodule(
+        demo_dir,
+        tmp_path / "cache",
+        "data.samples_per_epoch=8",
+        "data.num_workers=2",
+        "data.warm_cache=false",  # the workers themselves preprocess into the cache
+    )
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 4 and all(b["image"].shape == (2, 1, 64, 64, 32) for b in batches)
+    assert list((tmp_path / "cache" / "demo").iterdir())
