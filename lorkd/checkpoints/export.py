@@ -8,7 +8,6 @@ place at the end, so the target is either a complete export or untouched.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -40,6 +39,7 @@ from lorkd.checkpoints.exported import (
 from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.teacher import read_checkpoint, sub_state
 from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts
+from lorkd.io import write_json
 from lorkd.models.sat import SAT
 from lorkd.models.text import file_fingerprint
 from lorkd.regions import RegionMap
@@ -106,10 +106,6 @@ def versions() -> dict[str, str]:
 
 def _file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _write_text_files(folder: Path, checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -254,13 +250,13 @@ def export_experts(
                 shutil.copyfile(stage / name, folder / name)
             files = {MODEL: _file_entry(folder / MODEL), **shared}
             card = model_card(region, meta, architecture, count, expert_counts[region], common, files)
-            _write_json(folder / CARD, card)
+            write_json(folder / CARD, card)
             cards[region] = sha256_file(folder / CARD)
             log.info("exported %s: %s parameters -> %s", region, f"{count:,}", out / region)
         for name in shared:
             (stage / name).unlink()
         spec = save_adapters(student, dict(meta["experts"]), stage / ADAPTERS, architecture)
-        _write_json(stage / INDEX, {
+        write_json(stage / INDEX, {
             "format": EXPORT_FORMAT,
             "expert_order": chosen,
             "regions": {r: r for r in chosen},

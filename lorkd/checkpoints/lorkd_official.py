@@ -21,9 +21,7 @@ head and a prompt bank for every region-map label), which ``load_model``/``predi
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ import yaml
 from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport, load_mapped, read_state_dict
 from lorkd.checkpoints.sat import infer_sat_config, load_sat_text_encoder, sat_vision_to_model_keys
 from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts
+from lorkd.io import atomic_write
 from lorkd.models.sat import SAT
 from lorkd.models.text import PromptBank, TextEncoder, file_fingerprint
 from lorkd.regions import RegionMap
@@ -268,13 +267,4 @@ def convert_lorkd_official(path: str | Path, out: str | Path, **kwargs: Any) -> 
     """Write :func:`lorkd_checkpoint_from_official` to ``out`` (atomically); returns ``out``."""
     out = Path(out)
     checkpoint = lorkd_checkpoint_from_official(path, **kwargs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out
+    return atomic_write(out, lambda tmp: torch.save(checkpoint, tmp))

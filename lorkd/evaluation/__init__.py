@@ -23,7 +23,6 @@ from lorkd.evaluation.report import (
     summarise,
     write_per_case_csv,
     write_summary_json,
-    write_text_atomic,
 )
 
 __all__ = [
@@ -47,5 +46,4 @@ __all__ = [
     "tolerance_for",
     "write_per_case_csv",
     "write_summary_json",
-    "write_text_atomic",
 ]

@@ -21,9 +21,9 @@ from lorkd.evaluation.report import (
     summarise,
     write_per_case_csv,
     write_summary_json,
-    write_text_atomic,
 )
 from lorkd.evaluation.settings import MetricSettings
+from lorkd.io import write_text
 
 PER_CASE = "per_case.csv"
 SUMMARY = "summary.json"
@@ -95,6 +95,6 @@ def write_outputs(
         summary["compare"] = {"path": str(Path(compare).resolve()), "name": names[1]}
     write_per_case_csv(rows, out / PER_CASE)
     write_summary_json(summary, out / SUMMARY)
-    write_text_atomic(out / REPORT, render_markdown(summary, other, names, params))
+    write_text(out / REPORT, render_markdown(summary, other, names, params))
     plot_dice_by_region(summary, out / PLOT, other, names)
     return summary

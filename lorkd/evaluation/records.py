@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorkd.evaluation.report import write_text_atomic
+from lorkd.io import write_text
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def record_path(output_dir: str | Path, dataset: str, case: str) -> Path:
 def save_record(output_dir: str | Path, record: CaseRecord) -> Path:
     """Write a record atomically (NaN kept as JSON ``NaN``) and return its path."""
     path = record_path(output_dir, record.dataset, record.case)
-    write_text_atomic(path, json.dumps(record.to_dict(), allow_nan=True) + "\n")
+    write_text(path, json.dumps(record.to_dict(), allow_nan=True) + "\n")
     return path
 
 

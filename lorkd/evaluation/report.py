@@ -21,10 +21,11 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lorkd.io import atomic_write, write_text
 
 Row = dict[str, Any]
 
@@ -68,26 +69,6 @@ def deduplicate(rows: Iterable[Row]) -> list[Row]:
     return unique
 
 
-# --------------------------------------------------------------------------- atomic files
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write`` on a temporary sibling of ``path``, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def write_per_case_csv(rows: Sequence[Row], path: str | os.PathLike) -> None:
     """Write rows as CSV: the ``CSV_FIELDS`` columns, then any extra keys sorted (empty where a row lacks one)."""
     extra = sorted({k for row in rows for k in row} - set(CSV_FIELDS))
@@ -95,7 +76,7 @@ def write_per_case_csv(rows: Sequence[Row], path: str | os.PathLike) -> None:
     writer = csv.DictWriter(buffer, fieldnames=[*CSV_FIELDS, *extra], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
 
 
 def _parse(field: str, value: str) -> Any:
@@ -236,7 +217,7 @@ def summarise(
 
 def write_summary_json(summary: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write a ``summarise`` result as indented strict JSON, atomically."""
-    write_text_atomic(path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_text(path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
 
 # --------------------------------------------------------------------------- markdown
@@ -424,4 +405,4 @@ def plot_dice_by_region(
     if compare is not None:
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,25 +19,11 @@ import nibabel as nib
 import numpy as np
 
 from lorkd.inference.predictor import Prediction
+from lorkd.io import atomic_write, safe_name, write_json
 
 MARKER = "prediction.json"
 SUMMARY_FIELDS = ("case", "label", "expert", "voxels", "volume_ml", "seconds", "status", "error")
 _RESERVED = {"segmentation", "labels", "preview", "probabilities", "prediction"}
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def _file_mode() -> int:
-    """Permissions of a newly created file under the process umask (mkstemp would give 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def safe_name(name: str, fallback: str = "label") -> str:
-    """A file-name stem from free text: letters, digits, ``._-`` only, no ``..`` part, no leading dot, never empty."""
-    parts = [part for part in _UNSAFE.split(str(name)) if part.strip(".")]
-    stem = "_".join(parts).lstrip(".")
-    return stem[:120] or fallback
 
 
 def label_file_names(labels: Sequence[str]) -> dict[str, str]:
@@ -54,28 +37,6 @@ def label_file_names(labels: Sequence[str]) -> dict[str, str]:
         used.add(stem.lower())
         names[label] = stem
     return names
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path`` (same suffixes), then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="".join(path.suffixes))
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
-
-
-def save_nifti(path: Path, image: nib.Nifti1Image) -> None:
-    atomic_write(path, lambda tmp: nib.save(image, str(tmp)))
 
 
 def voxel_volume_ml(image: nib.spatialimages.SpatialImage) -> float:
