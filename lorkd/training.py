@@ -25,20 +25,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
+    from lorkd.modules.checkpoint_io import SafeCheckpointIO
+
     single_log_stream()
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()]
+    )
     if trainer.is_global_zero:
         for logger in loggers:
             logger.log_hyperparams(hyperparameters(cfg))
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (resume from <run dir>/checkpoints/last.ckpt)")
-    trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     log.info("finished at step %d; output in %s", trainer.global_step, cfg.paths.output_dir)
     return metrics

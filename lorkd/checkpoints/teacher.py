@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +31,22 @@ class Teacher:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load ``path`` onto the CPU with ``weights_only=True`` (explicit: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    cannot turn it off); a file holding other pickled objects is refused with a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise ValueError(
+            f"{path}: refused, the checkpoint holds pickled objects other than tensors and plain data{what}; "
+            "unpickling them could run code, so checkpoints are only loaded with weights_only=True"
+        ) from None
 
 
 def sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from lorkd.data.augment import AugmentConfig
@@ -105,6 +106,8 @@ class LoRKDDataModule(L.LightningDataModule):
         self.cases: dict[str, list[Case]] = {}
         self.train_set: PatchDataset | None = None
         self.val_set: ValidationPatches | None = None
+        self.sampler: RegionSampler | None = None
+        self._resume: dict[str, int] = {}
 
     def cases_of(self, split: str) -> list[Case]:
         """Validated cases of a split (loaded once); predict manifests need no masks."""
@@ -151,10 +154,13 @@ class LoRKDDataModule(L.LightningDataModule):
             )
 
     def _loader(self, dataset: Any, **kwargs: Any) -> DataLoader:
+        # an own generator: starting an iteration (workers' base seed) never draws from torch's global
+        # RNG, so validation does not change the random stream of training (exact resume)
         return DataLoader(
             dataset,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
 
@@ -162,7 +168,7 @@ class LoRKDDataModule(L.LightningDataModule):
         if self.train_set is None:
             raise ValueError("no training data: set data.train_manifest and call setup('fit')")
         items = self.train_set.items
-        sampler = RegionSampler(
+        self.sampler = RegionSampler(
             regions=[it.region for it in items],
             weights=item_weights(
                 [it.group for it in items], [it.dataset for it in items], self.dataset_weights
@@ -171,10 +177,13 @@ class LoRKDDataModule(L.LightningDataModule):
             region_change_interval=self.region_change_interval,
             seed=self.seed,
         )
+        if self._resume:
+            self.sampler.resume(self._resume["epoch"], self._resume["position"])
+            self._resume = {}
         return self._loader(
             self.train_set,
             batch_size=self.batch_size,
-            sampler=sampler,
+            sampler=self.sampler,
             collate_fn=collate_patches,
             drop_last=True,
         )
@@ -195,6 +204,19 @@ class LoRKDDataModule(L.LightningDataModule):
         return self._loader(
             CaseDataset(self.cases_of("predict")), batch_size=1, shuffle=False, collate_fn=collate_case
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the sampler's epoch (stored in checkpoints by Lightning): the epoch and
+        the samples of it this rank has trained on, so that a resumed run continues the same stream."""
+        trainer = self.trainer
+        if self.sampler is None or trainer is None:
+            return {}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return {"epoch": int(self.sampler.epoch), "position": int(batches) * self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the sampler there (applied when the training loader is built)."""
+        self._resume = {k: int(state_dict[k]) for k in ("epoch", "position")} if state_dict else {}
 
     def describe(self) -> dict[str, Any]:
         """What inference must reproduce (stored in checkpoints): preprocessing and the training patch size."""

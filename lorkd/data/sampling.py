@@ -77,7 +77,8 @@ class RegionSampler(DistributedSampler):
     ``torch.distributed`` state and work without it. ``num_samples`` is the epoch length over all
     ranks; each rank yields ``ceil(num_samples / world_size)``. A region is kept for
     ``region_change_interval`` consecutive samples of a rank (1: every sample independent); with an
-    interval that is a multiple of the batch size every batch holds one region.
+    interval that is a multiple of the batch size every batch holds one region. :meth:`resume`
+    continues an interrupted epoch where it stopped (the stream is replayed, the consumed keys skipped).
     """
 
     def __init__(
@@ -110,15 +111,26 @@ class RegionSampler(DistributedSampler):
         self._within = {k: w[idx] / w[idx].sum() for k, idx in self._items.items()}
         totals = np.array([w[self._items[k]].sum() for k in self.regions])
         self.region_probs = totals / totals.sum()
+        self._skip = 0
+
+    def resume(self, epoch: int, position: int) -> None:
+        """Make the next iteration the rest of ``epoch``: its first ``position`` keys (of this rank) are skipped."""
+        if not 0 <= position <= self.num_samples:
+            raise ValueError(f"resume position {position} is outside an epoch of {self.num_samples} samples")
+        self.set_epoch(int(epoch))
+        self._skip = int(position)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        skip, self._skip = self._skip, 0
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         region = self.regions[0]
         for i in range(self.num_samples):
             if i % self.region_change_interval == 0:
                 region = self.regions[int(rng.choice(len(self.regions), p=self.region_probs))]
             item = self._items[region][int(rng.choice(len(self._items[region]), p=self._within[region]))]
-            yield int(item), int(rng.integers(0, 2**63 - 1))
+            key = int(item), int(rng.integers(0, 2**63 - 1))
+            if i >= skip:
+                yield key
 
     def __len__(self) -> int:
         return self.num_samples

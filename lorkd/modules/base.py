@@ -4,11 +4,13 @@ and the project metadata stored in every checkpoint (``checkpoint["lorkd"]``).""
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,6 +19,28 @@ from lorkd.models.text import PromptBank, TextEncoder
 from lorkd.regions import RegionMap
 
 CHECKPOINT_KEY = "lorkd"
+RNG_KEY = "rng_states"
+
+
+def rng_states() -> dict[str, Any]:
+    """torch (CPU, CUDA), numpy and Python global RNG states, in types that load with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned (CUDA only when the device count matches)."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -145,8 +169,11 @@ class PromptedSegmentationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata()
+        checkpoint[RNG_KEY] = rng_states()  # dropout masks of a resumed run continue the same stream
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY, {})
         if "prompt_bank" in meta:
             self.prompts.load_state_dict(meta["prompt_bank"])
+        if RNG_KEY in checkpoint:
+            set_rng_states(checkpoint[RNG_KEY])
