@@ -136,7 +136,7 @@ sys.modules["peft"] = None  # any import of peft now raises ImportError
 import torch
 from lorkd.checkpoints.exported import load_export
 exported = load_export({str(tiny_export)!r}, preload=True)
-inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
+inputs = torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True)
 with torch.no_grad():
     out = exported.net("spine")(inputs["x"], exported.prompts.queries(["liver"], "ct"))
 assert not [n for n, m in sys.modules.items() if n.startswith("peft") and m is not None]
@@ -145,7 +145,7 @@ torch.save(out, {str(tmp_path / 'out.pt')!r})
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
     with torch.no_grad(), route(student.net.backbone, torch.full((2,), student.experts.index("spine"))):
         routed = student.net(x, q)
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), routed, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=True), routed, rtol=1e-4, atol=1e-5)
 
 
 def test_adapters_reload_into_the_same_routed_student(tiny_export, student):

@@ -83,14 +83,16 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     ],
 )
 def test_killed_and_resumed_run_equals_a_straight_run_bit_for_bit(tiny_demo_data, tmp_path, extra):
-    # 6 samples per epoch at batch 2: 3 steps an epoch, so the kill at step 2 is mid-epoch and the
-    # resumed run crosses into the next epoch
+    # 6 samples per epoch at batch 2: 3 steps an epoch. Killed at step 2 (mid-epoch) or 3 (end of
+    # the epoch), the resumed run crosses into the next epoch.
     extra = ("data.samples_per_epoch=6", *extra)
     straight = train(tiny_demo_data, tmp_path / "straight", 4, *extra)
-    killed = train(tiny_demo_data, tmp_path / "killed", 2, *extra)
-    resumed = train(tiny_demo_data, tmp_path / "resumed", 2, *extra, "trainer.max_steps=4", f"ckpt_path={killed}")
-    assert load(resumed)["global_step"] == load(straight)["global_step"] == 4
-    _assert_same_weights(straight, resumed)
+    for kill in (2, 3):
+        killed = train(tiny_demo_data, tmp_path / f"killed{kill}", kill, *extra)
+        resume = (*extra, "trainer.max_steps=4", f"ckpt_path={killed}")
+        resumed = train(tiny_demo_data, tmp_path / f"resumed{kill}", kill, *resume)
+        assert load(resumed)["global_step"] == load(straight)["global_step"] == 4
+        _assert_same_weights(straight, resumed)
 
 
 class _Payload:

@@ -111,17 +111,19 @@ class RegionSampler(DistributedSampler):
         self._within = {k: w[idx] / w[idx].sum() for k, idx in self._items.items()}
         totals = np.array([w[self._items[k]].sum() for k in self.regions])
         self.region_probs = totals / totals.sum()
-        self._skip = 0
+        self._resume: tuple[int, int] | None = None
 
     def resume(self, epoch: int, position: int) -> None:
-        """Make the next iteration the rest of ``epoch``: its first ``position`` keys (of this rank) are skipped."""
+        """Make the next iteration the rest of ``epoch``: its first ``position`` keys (of this rank) are
+        skipped. Should that iteration be of a later epoch (the interrupted one had ended), nothing is."""
         if not 0 <= position <= self.num_samples:
             raise ValueError(f"resume position {position} is outside an epoch of {self.num_samples} samples")
         self.set_epoch(int(epoch))
-        self._skip = int(position)
+        self._resume = (int(epoch), int(position))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        skip, self._skip = self._skip, 0
+        resume, self._resume = self._resume, None
+        skip = resume[1] if resume is not None and resume[0] == self.epoch else 0
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         region = self.regions[0]
         for i in range(self.num_samples):
