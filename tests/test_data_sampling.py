@@ -80,6 +80,26 @@ def test_deterministic_per_seed_epoch_and_rank():
     assert len(set(s for _, s in keys())) == 64  # every sample has its own augmentation seed
 
 
+def test_resume_continues_the_interrupted_epoch_once():
+    def sampler():
+        return RegionSampler(REGIONS, WEIGHTS, num_samples=32, seed=3, rank=1, world_size=2)
+
+    full = sampler()
+    full.set_epoch(2)
+    epoch2 = list(full)
+    resumed = sampler()
+    resumed.resume(epoch=2, position=5)
+    assert resumed.epoch == 2 and list(resumed) == epoch2[5:]
+    assert list(resumed) == epoch2  # only the first iteration after resume skips
+    ended = sampler()
+    ended.resume(epoch=2, position=16)  # killed at the end of epoch 2: Lightning goes on with epoch 3
+    ended.set_epoch(3)
+    full.set_epoch(3)
+    assert list(ended) == list(full)
+    with pytest.raises(ValueError, match="outside an epoch of 16"):
+        sampler().resume(epoch=0, position=17)
+
+
 def test_rank_defaults_and_lightning_compatibility(tmp_path):
     sampler = RegionSampler(REGIONS, WEIGHTS, num_samples=10, world_size=3, rank=2)
     assert isinstance(sampler, DistributedSampler) and len(sampler) == 4 and sampler.total_size == 12
