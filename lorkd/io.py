@@ -94,6 +94,7 @@ def folder_inside(root: str | os.PathLike, folder: str | os.PathLike) -> Path:
         raise UnsafePathError(f"{folder} is not inside {root}") from None
     if ".." in parts:
         raise UnsafePathError(f"{folder}: '..' leaves {root}")
+    root.mkdir(parents=True, exist_ok=True)
     current = root
     for part in parts:
         current = current / part
