@@ -361,3 +361,54 @@ def test_a_constant_volume_gets_empty_masks_and_a_warning_naming_it(tiny_lorkd_c
     for name in ("flat.nii.gz", "zeros.nii.gz"):
         assert any(name in r.getMessage() and "nothing to segment" in r.getMessage() for r in caplog.records)
     assert not any("<array>" in r.getMessage() for r in caplog.records)
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python predict.py ARGS`` as a subprocess (its own process group, killed on timeout)."""
+    command = [sys.executable, str(PROJECT_ROOT / "predict.py"), "progress=false", *args]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"predict.py timed out:\n{(out + err)[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_command_line_exit_codes_per_case_errors_and_one_log_line_per_event(tiny_lorkd_ckpt, tmp_path):
+    data, out, outside = tmp_path / "scans", tmp_path / "out", tmp_path / "outside"
+    write_case(data / "case0.nii.gz", seed=0, shape=(20, 18, 5))
+    write_case(data / "case1.nii.gz", seed=1, shape=(20, 18, 5))
+    rgb = np.zeros((8, 8, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, AFFINE), data / "rgb.nii.gz")
+    outside.mkdir()
+    out.mkdir()
+    (out / "case1").symlink_to(outside, target_is_directory=True)  # planted: must not be written through
+    common = [f"input={data}", "labels=[liver]", "modality=ct"]
+
+    done = cli(tmp_path, f"ckpt_path={tiny_lorkd_ckpt}", f"output_dir={out}", *common)
+    log = done.stdout + done.stderr
+    assert done.returncode == 1, log[-3000:]  # some case failed, the others done
+    rows = {r["case"]: r for r in read_summary(out)}
+    assert rows["case0"]["status"] == "ok"
+    assert rows["case1"]["status"] == "error" and "symbolic link" in rows["case1"]["error"]
+    assert rows["rgb"]["status"] == "error" and "rgb.nii.gz" in rows["rgb"]["error"] and "RGB" in rows["rgb"]["error"]
+    assert not list(outside.iterdir())
+    assert "Traceback" not in log and log.count("GPU available") == 1
+    (run_dir,) = (out / ".runs").iterdir()  # Hydra's config and log, where the README says
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "predict.log").is_file()
+
+    junk = tmp_path / "random.ckpt"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    bad = cli(tmp_path, f"ckpt_path={junk}", f"output_dir={tmp_path / 'o2'}", *common)
+    assert bad.returncode == 2 and f"{junk} is not a readable checkpoint" in bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr and "file an issue" not in bad.stdout + bad.stderr
+
+    (tmp_path / "a_file").write_text("")
+    impossible = cli(tmp_path, f"ckpt_path={tiny_lorkd_ckpt}", f"output_dir={tmp_path / 'a_file' / 'out'}", *common)
+    assert impossible.returncode == 2 and impossible.stdout == ""
+    assert impossible.stderr.strip().splitlines() == [f"error: output_dir={tmp_path / 'a_file' / 'out'} is not writable: Not a directory"]
