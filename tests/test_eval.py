@@ -396,6 +396,7 @@ def test_command_line_exit_codes_and_one_clean_line_per_failed_case(tiny_lorkd_c
     assert len([line for line in log.splitlines() if "Tiny/case1" in line and "failed" in line]) == 1
     assert re.search(r"Dice \d\.\d{4}, NSD \d\.\d{4} ->", log), log[-2000:]
     assert log.count("GPU available") == 1
+    assert (out / ".hydra" / "config.yaml").is_file() and (out / "eval.log").is_file()  # as the README says
     missing = eval_cli(tmp_path, f"ckpt_path={tmp_path / 'missing.ckpt'}", f"data.test_manifest={manifest}",
                        f"output_dir={tmp_path / 'e2'}")  # fmt: skip
     assert missing.returncode == 2 and "missing.ckpt does not exist" in missing.stdout + missing.stderr
