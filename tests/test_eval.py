@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import compose_config
+from helpers import compose_config, run_script
 
 from lorkd.data.manifest import load_manifest
 from lorkd.evaluation.module import ShardSampler
@@ -367,17 +367,8 @@ def test_eval_hints_name_keys_that_work_in_eval(tiny_lorkd_ckpt, tmp_path):
 
 
 def eval_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "eval.py"), *OVERRIDES, *args]
-    process = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        out, err = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        pytest.fail(f"eval.py timed out:\n{(out + err)[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+    """``python eval.py ARGS`` as a subprocess."""
+    return run_script("eval.py", [*OVERRIDES, *args], tmp_path)
 
 
 @pytest.mark.slow

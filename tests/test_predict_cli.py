@@ -5,15 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import compose_config
+from helpers import compose_config, run_script
 
 from lorkd.data.manifest import ManifestError
 from lorkd.exit_codes import NotStarted
@@ -22,7 +20,6 @@ from lorkd.inference.predictor import Prediction
 from lorkd.inference.run import predict
 from lorkd.inference.writer import MARKER, completed, label_file_names, safe_name, save_prediction
 from lorkd.io import UnsafePathError
-from lorkd.utils import PROJECT_ROOT
 
 AFFINE = np.diag([1.0, 1.0, 3.0, 1.0])
 
@@ -220,26 +217,17 @@ def test_two_cpu_processes_write_each_case_exactly_once(tiny_lorkd_ckpt, tmp_pat
     env = {
         k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK")
     }
-    command = [
-        sys.executable, str(PROJECT_ROOT / "predict.py"), f"ckpt_path={tiny_lorkd_ckpt}", f"input={data}",
-        f"output_dir={out}", "labels=[liver,spleen]", "modality=ct", "progress=false",
-        "trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp",
-    ]  # fmt: skip
-    process = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"2-process prediction timed out:\n{output.decode()[-3000:]}")
-    assert process.returncode == 0, output.decode()[-3000:]
+    done = run_script(
+        "predict.py",
+        [
+            f"ckpt_path={tiny_lorkd_ckpt}", f"input={data}", f"output_dir={out}", "labels=[liver,spleen]",
+            "modality=ct", "progress=false", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp",
+        ],
+        tmp_path,
+        env,
+        timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     rows = read_summary(out)
     keys = [(r["case"], r["label"]) for r in rows]
     assert sorted(keys) == sorted((f"case{i}", lab) for i in range(5) for lab in ("liver", "spleen"))
@@ -364,18 +352,8 @@ def test_a_constant_volume_gets_empty_masks_and_a_warning_naming_it(tiny_lorkd_c
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """``python predict.py ARGS`` as a subprocess (its own process group, killed on timeout)."""
-    command = [sys.executable, str(PROJECT_ROOT / "predict.py"), "progress=false", *args]
-    process = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        out, err = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        pytest.fail(f"predict.py timed out:\n{(out + err)[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+    """``python predict.py ARGS`` as a subprocess."""
+    return run_script("predict.py", ["progress=false", *args], tmp_path)
 
 
 @pytest.mark.slow
