@@ -25,6 +25,7 @@ from lorkd.evaluation.pipeline import manifest_problems
 from lorkd.evaluation.records import CaseRecord, load_records, record_path, save_record
 from lorkd.evaluation.rows import case_rows, voxel_spacing
 from lorkd.evaluation.settings import MetricSettings
+from lorkd.io import UnsafePathError
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACING = (1.5, 1.5, 4.0)  # anisotropic and not SAT's 1x1x3, so the two spaces differ
@@ -144,7 +145,7 @@ def test_voxel_spacing_reads_oblique_affines():
     assert voxel_spacing(affine) == pytest.approx((0.8, 0.7, 2.5))
 
 
-def test_records_resume_only_successes_of_the_same_fingerprint(tmp_path):
+def test_records_resume_only_successes_of_the_same_fingerprint_and_never_write_through_a_link(tmp_path):
     ok = CaseRecord("D", "a/b c", [{"dice": math.nan}], fingerprint="f1")
     failed = CaseRecord("D", "x", error="CaseError: bad", fingerprint="f1")
     other = CaseRecord("D", "y", [{"dice": 1.0}], fingerprint="f0")
@@ -153,6 +154,13 @@ def test_records_resume_only_successes_of_the_same_fingerprint(tmp_path):
     assert record_path(tmp_path, "D", "a/b c").parent == tmp_path / "cases"  # no path escape
     found = load_records(tmp_path, "f1", dict.fromkeys([("D", "a/b c"), ("D", "x"), ("D", "y"), ("D", "missing")], ""))
     assert list(found) == [("D", "a/b c")] and math.isnan(found["D", "a/b c"].rows[0]["dice"])
+    linked, outside = tmp_path / "linked", tmp_path / "outside"
+    outside.mkdir()
+    linked.mkdir()
+    (linked / "cases").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafePathError, match="cases is a symbolic link"):
+        save_record(linked, ok)
+    assert not list(outside.iterdir())
 
 
 def test_shards_cover_every_case_once_and_may_be_empty():

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lorkd.data.manifest import ManifestError, read_manifest
 from lorkd.evaluation.outputs import comparison_names, load_summary
-from lorkd.evaluation.records import input_digest, load_records
+from lorkd.evaluation.records import input_digest, load_records, records_folder
 from lorkd.evaluation.report import render_comparison
 from lorkd.evaluation.settings import MetricSettings, run_fingerprint
 from lorkd.exit_codes import NotStarted
@@ -92,6 +92,7 @@ def _prepare(cfg: DictConfig) -> tuple[Any, Any]:
     from lorkd.inference.predictor import NEUTRAL_OPTIONS, Predictor
 
     out = check_writable_folder(cfg.paths.output_dir)
+    records_folder(out)
     checkpoint = Path(cfg.ckpt_path)
     if not checkpoint.exists():
         raise FileNotFoundError(f"ckpt_path={checkpoint} does not exist")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lorkd.data.manifest import Case, case_identity
-from lorkd.io import write_text
+from lorkd.io import folder_inside, write_text
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-")[:60] or "x"
 
 
+def records_folder(output_dir: str | Path) -> Path:
+    """Create ``OUT/cases/`` (refusing a symbolic link there: :class:`~lorkd.io.UnsafePathError`)."""
+    return folder_inside(output_dir, Path(output_dir) / RECORD_DIR)
+
+
 def record_path(output_dir: str | Path, dataset: str, case: str) -> Path:
     """File of a case's record: readable slugs plus a hash, so distinct ids never share a file."""
     digest = hashlib.sha1(f"{dataset}\0{case}".encode()).hexdigest()[:10]
@@ -83,6 +88,7 @@ def record_path(output_dir: str | Path, dataset: str, case: str) -> Path:
 def save_record(output_dir: str | Path, record: CaseRecord) -> Path:
     """Write a record atomically (NaN kept as JSON ``NaN``) and return its path."""
     path = record_path(output_dir, record.dataset, record.case)
+    records_folder(output_dir)  # never through a linked cases/ folder
     write_text(path, json.dumps(record.to_dict(), allow_nan=True) + "\n")
     return path
 
