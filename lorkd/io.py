@@ -3,7 +3,6 @@ writes confined to a root folder (no symbolic link followed out of it), file ide
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -122,18 +121,12 @@ def path_inside(root: str | os.PathLike, relative: str | os.PathLike) -> Path | 
     return current / rel.parts[-1]
 
 
-def file_identity(path: str | os.PathLike, sha256: bool = False) -> dict[str, Any]:
-    """Absolute path, size and modification time of a file (and its SHA-256 when asked: slow on big files)."""
+def file_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """Absolute path, size and modification time of a file: cheap, unlike hashing a large checkpoint
+    or scan; a replaced or rewritten file changes it."""
     p = Path(path).resolve()
     stat = p.stat()
-    identity: dict[str, Any] = {"path": str(p), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if sha256:
-        digest = hashlib.sha256()
-        with p.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        identity["sha256"] = digest.hexdigest()
-    return identity
+    return {"path": str(p), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def remove_temporaries(folder: str | os.PathLike) -> list[Path]:

@@ -94,7 +94,7 @@ def _loads(path: Path) -> bool:
             data = path.read_bytes()
             return data.startswith(_PNG_START) and data.endswith(_PNG_END)
         return path.stat().st_size > 0
-    except Exception:  # nibabel, gzip, zlib, PIL: many error types for a damaged file
+    except Exception:  # nibabel, gzip, zlib: many error types for a damaged file
         return False
 
 
