@@ -38,6 +38,11 @@ def gather_records(records: list[CaseRecord]) -> list[CaseRecord]:
     return [CaseRecord.from_dict(d) for part in gathered for d in part]
 
 
+def _number(value: Any) -> float:
+    """A summary value for ``%.4f`` (None, when no case succeeded, prints as nan)."""
+    return float("nan") if value is None else float(value)
+
+
 def unique_records(records: list[CaseRecord]) -> list[CaseRecord]:
     """One record per (dataset, case), the first one kept."""
     seen: dict[tuple[str, str], CaseRecord] = {}
@@ -89,8 +94,8 @@ class MetricsWriter(BasePredictionWriter):
             )
             overall = summary["overall"]
             log.info(
-                "evaluated %d case(s) (%d now, %d kept from an earlier run, %d failed): Dice %s, NSD %s -> %s",
+                "evaluated %d case(s) (%d now, %d kept from an earlier run, %d failed): Dice %.4f, NSD %.4f -> %s",
                 summary["n_cases"], len(records), len(pl_module.previous), summary["n_failed_cases"],
-                overall["dice"], overall["nsd"], self.output_dir,
+                _number(overall["dice"]), _number(overall["nsd"]), self.output_dir,
             )  # fmt: skip
         trainer.strategy.barrier("metrics_writer")

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lorkd.inference.module import CaseOutcome
+from lorkd.inference.module import CaseOutcome, case_error
 from lorkd.inference.writer import save_prediction, write_summary
 
 log = logging.getLogger(__name__)
@@ -64,17 +64,22 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         outcome = prediction
         if outcome.status == "ok":
-            marker = save_prediction(
-                outcome.prediction,
-                outcome.folder,
-                case=outcome.folder.name,
-                preview=self.preview,
-                probabilities=self.save_probabilities,
-                metadata=outcome.metadata,
-            )
-            outcome.rows = marker["rows"]
+            try:
+                marker = save_prediction(
+                    outcome.prediction,
+                    outcome.folder,
+                    case=outcome.folder.name,
+                    preview=self.preview,
+                    probabilities=self.save_probabilities,
+                    metadata=outcome.metadata,
+                    root=self.output_dir,
+                )
+                outcome.rows = marker["rows"]
+            except Exception as exc:  # a link planted in the folder, a full disk: this case fails, not the run
+                outcome.status = "error"
+                outcome.rows = [{"case": outcome.folder.name, "status": "error", "error": case_error(outcome.case, exc)}]
             outcome.prediction = None  # free the volumes now
-        elif outcome.status == "error":
+        if outcome.status == "error":
             log.error("case %s failed: %s", outcome.case.id, outcome.rows[0]["error"])
         self._rows.extend((outcome.index, row) for row in outcome.rows)
 

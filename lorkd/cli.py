@@ -1,14 +1,25 @@
-"""Console entry points: ``lorkd-train``, ``lorkd-eval``, ``lorkd-predict``, ``lorkd-export`` (and the root scripts)."""
+"""Console entry points: ``lorkd-train``, ``lorkd-eval``, ``lorkd-predict``, ``lorkd-export`` (and the root scripts).
+
+``predict`` and ``eval`` exit with :mod:`lorkd.exit_codes`: 0 every case done, 1 some case failed (the
+summary still written), 2 the run could not start (one line on stderr, no traceback).
+"""
 
 from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
+from lorkd.exit_codes import NOT_STARTED, NotStarted, for_failures
 from lorkd.utils import CONFIG_DIR, offline_environment, register_resolvers
 
 offline_environment()
 register_resolvers()
+log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -19,19 +30,72 @@ def train(cfg: DictConfig) -> float | None:
     return metrics.get("val/dice")
 
 
+def _batch(run: Callable[[], int]) -> int:
+    """Run a batch job, turning :class:`NotStarted` into one line and exit code 2."""
+    try:
+        return run()
+    except NotStarted as exc:
+        log.error("%s", exc)
+        return NOT_STARTED
+
+
+def _exit(code: int) -> None:
+    if code:
+        sys.exit(code)
+
+
+def _output_dir_argument() -> str | None:
+    """``output_dir=...`` of the command line (a plain value: no interpolation), else None."""
+    values = [a.split("=", 1)[1] for a in sys.argv[1:] if a.lstrip("+").startswith("output_dir=")]
+    return values[-1] if values and "${" not in values[-1] else None
+
+
+def _check_output_dir() -> None:
+    """Refuse an unusable ``output_dir=`` before Hydra creates its run folder there (exit 2, one line)."""
+    from lorkd.io import check_writable_folder
+
+    folder = _output_dir_argument()
+    if folder is None:
+        return
+    try:
+        check_writable_folder(folder)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(NOT_STARTED)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
-def evaluate(cfg: DictConfig) -> float | None:
+def _evaluate(cfg: DictConfig) -> None:
     from lorkd.evaluation.pipeline import evaluate as run
 
-    summary = run(cfg)
-    return summary["overall"]["dice"] if summary else None
+    def job() -> int:
+        summary = run(cfg)
+        return for_failures(summary["n_failed_cases"]) if summary else 0
+
+    _exit(_batch(job))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
-def predict(cfg: DictConfig) -> None:
+def _predict(cfg: DictConfig) -> None:
     from lorkd.inference.run import predict as run
 
-    run(cfg)
+    def job() -> int:
+        rows = run(cfg)
+        return for_failures(sum(row["status"] == "error" for row in rows))
+
+    _exit(_batch(job))
+
+
+def evaluate(*args: Any, **kwargs: Any) -> None:
+    """``lorkd-eval`` / ``python eval.py`` (exit codes: see the module docstring)."""
+    _check_output_dir()
+    _evaluate(*args, **kwargs)
+
+
+def predict(*args: Any, **kwargs: Any) -> None:
+    """``lorkd-predict`` / ``python predict.py`` (exit codes: see the module docstring)."""
+    _check_output_dir()
+    _predict(*args, **kwargs)
 
 
 def export() -> None:

@@ -1,4 +1,5 @@
-"""Safe file writing shared by every writer: atomic files (same folder, fsync, rename) and safe file names."""
+"""Safe file writing shared by every writer: atomic files (same folder, fsync, rename), safe file names,
+writes confined to a root folder (no symbolic link followed out of it), file identities, stale temporaries."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_TMP_PREFIX = ".tmp-"
 
 
 def file_mode() -> int:
@@ -41,7 +43,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="".join(path.suffixes))
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix="".join(path.suffixes))
     os.close(fd)
     tmp = Path(name)
     try:
@@ -72,3 +74,84 @@ def safe_name(name: str, fallback: str = "label", max_length: int = 120) -> str:
     parts = [part for part in _UNSAFE.split(str(name)) if part.strip(".")]
     stem = "_".join(parts).lstrip(".")
     return stem[:max_length] or fallback
+
+
+class UnsafePathError(OSError):
+    """A write or removal that would leave its root folder (through ``..`` or a symbolic link)."""
+
+
+def folder_inside(root: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (below ``root``) one part at a time, never through a symbolic link; return it.
+
+    ``root`` itself may be a link (an output folder on another disk); every part below it must be a
+    real folder, and the result must resolve inside ``root``: else :class:`UnsafePathError`.
+    """
+    root, folder = Path(root), Path(folder)
+    try:
+        parts = folder.relative_to(root).parts
+    except ValueError:
+        raise UnsafePathError(f"{folder} is not inside {root}") from None
+    if ".." in parts:
+        raise UnsafePathError(f"{folder}: '..' leaves {root}")
+    root.mkdir(parents=True, exist_ok=True)
+    current = root
+    for part in parts:
+        current = current / part
+        if current.is_symlink():
+            raise UnsafePathError(
+                f"{current} is a symbolic link: refusing to write through it (remove the link)"
+            )
+        current.mkdir(exist_ok=True)
+    if not current.resolve().is_relative_to(root.resolve()):
+        raise UnsafePathError(f"{current} resolves outside {root}")
+    return current
+
+
+def path_inside(root: str | os.PathLike, relative: str | os.PathLike) -> Path | None:
+    """``root/relative`` when it names an entry below ``root`` without ``..`` or a link among its folders."""
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        return None
+    root = Path(root)
+    current = root
+    for part in rel.parts[:-1]:
+        current = current / part
+        if current.is_symlink() or not current.is_dir():
+            return None
+    return current / rel.parts[-1]
+
+
+def file_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """Absolute path, size and modification time of a file: cheap, unlike hashing a large checkpoint
+    or scan; a replaced or rewritten file changes it."""
+    p = Path(path).resolve()
+    stat = p.stat()
+    return {"path": str(p), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.tmp-*`` files :func:`atomic_write` left in ``folder`` and its real subfolders
+    (a killed run's); links are never followed. Returns what was removed."""
+    removed = []
+    for dirpath, _dirnames, filenames in os.walk(folder):  # os.walk does not enter linked folders
+        for name in filenames:
+            path = Path(dirpath) / name
+            if name.startswith(_TMP_PREFIX) and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def check_writable_folder(path: str | os.PathLike, what: str = "output_dir") -> Path:
+    """Create ``path`` and make sure a file can be written there; one clear :class:`OSError` otherwise."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{what}={folder} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise PermissionError(f"{what}={folder} is not writable: {exc.strerror or exc}") from None
+    return folder

@@ -31,7 +31,9 @@ def single_log_stream() -> None:
     """Lightning adds its own console handler at import; under Hydra the root logger already prints
     (and writes the run's log file), so drop Lightning's to avoid every line twice."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).handlers.clear()
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

@@ -146,3 +146,28 @@ class RankDigest(__import__("lightning").pytorch.Callback):
             }
             with open(self.path, "w") as f:
                 json.dump(out, f)
+
+
+def run_script(script: str, args: Sequence[str], cwd, env=None, timeout: float = 300):
+    """``python <repo>/<script> ARGS`` in its own process group; killed (and the test failed) on timeout.
+
+    Returns a ``CompletedProcess`` with text ``stdout`` and ``stderr``.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import pytest
+
+    command = [sys.executable, str(Path(CONFIG_DIR).parent / script), *args]
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"{script} timed out:\n{(out + err)[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)

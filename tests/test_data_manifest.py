@@ -163,3 +163,29 @@ def test_command_line_reports_problems(tmp_path, files, capsys):
     assert main([str(ok), str(bad)]) == 1
     assert "bad.jsonl:1: unknown label 'liver tumor'" in capsys.readouterr().out
     assert main([str(bad), "--regions", "demo"]) == 0  # the demo map knows the CT liver tumour
+
+
+def test_command_line_reads_voxels_mask_ids_above_the_labels_and_truncated_images(tmp_path, write_nifti, capsys):
+    vol = np.zeros((8, 8, 4), np.int16)
+    write_nifti("ct/a.nii.gz", vol)
+    ids = np.zeros((8, 8, 4), np.uint8)
+    ids[0, 0, 0], ids[1, 1, 1] = 1, 3  # id 3 on a line with 1 label
+    write_nifti("ct/a_seg.nii.gz", ids)
+    noise = np.random.default_rng(0).normal(size=(32, 32, 16)).astype(np.float32)  # compresses poorly
+    truncated = write_nifti("ct/b.nii.gz", noise)
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])  # a cut download: header readable, gzip stream ends early
+    write_nifti("ct/b_seg.nii.gz", np.zeros((32, 32, 16), np.uint8))
+    path = write_manifest(
+        tmp_path / "m.jsonl",
+        [
+            {**GOOD, "image": "ct/a.nii.gz", "mask": "ct/a_seg.nii.gz", "id": "a"},
+            {**GOOD, "image": "ct/b.nii.gz", "mask": "ct/b_seg.nii.gz", "id": "b"},
+        ],
+    )
+    assert main([str(path)]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2
+    assert out[0].startswith(f"{path}:1: ") and "a_seg.nii.gz has id(s) [3] outside 0..1" in out[0]
+    assert out[1].startswith(f"{path}:2: ") and "b.nii.gz: cannot read voxels" in out[1]
+    assert main([str(path), "--quick"]) == 0  # headers only

@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import compose_config
+from helpers import compose_config, run_script
 
 from lorkd.data.manifest import load_manifest
 from lorkd.evaluation.module import ShardSampler
@@ -25,6 +25,7 @@ from lorkd.evaluation.pipeline import manifest_problems
 from lorkd.evaluation.records import CaseRecord, load_records, record_path, save_record
 from lorkd.evaluation.rows import case_rows, voxel_spacing
 from lorkd.evaluation.settings import MetricSettings
+from lorkd.io import UnsafePathError
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACING = (1.5, 1.5, 4.0)  # anisotropic and not SAT's 1x1x3, so the two spaces differ
@@ -144,15 +145,22 @@ def test_voxel_spacing_reads_oblique_affines():
     assert voxel_spacing(affine) == pytest.approx((0.8, 0.7, 2.5))
 
 
-def test_records_resume_only_successes_of_the_same_fingerprint(tmp_path):
+def test_records_resume_only_successes_of_the_same_fingerprint_and_never_write_through_a_link(tmp_path):
     ok = CaseRecord("D", "a/b c", [{"dice": math.nan}], fingerprint="f1")
     failed = CaseRecord("D", "x", error="CaseError: bad", fingerprint="f1")
     other = CaseRecord("D", "y", [{"dice": 1.0}], fingerprint="f0")
     for record in (ok, failed, other):
         save_record(tmp_path, record)
     assert record_path(tmp_path, "D", "a/b c").parent == tmp_path / "cases"  # no path escape
-    found = load_records(tmp_path, "f1", [("D", "a/b c"), ("D", "x"), ("D", "y"), ("D", "missing")])
+    found = load_records(tmp_path, "f1", dict.fromkeys([("D", "a/b c"), ("D", "x"), ("D", "y"), ("D", "missing")], ""))
     assert list(found) == [("D", "a/b c")] and math.isnan(found["D", "a/b c"].rows[0]["dice"])
+    linked, outside = tmp_path / "linked", tmp_path / "outside"
+    outside.mkdir()
+    linked.mkdir()
+    (linked / "cases").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafePathError, match="cases is a symbolic link"):
+        save_record(linked, ok)
+    assert not list(outside.iterdir())
 
 
 def test_shards_cover_every_case_once_and_may_be_empty():
@@ -321,3 +329,74 @@ def test_two_processes_give_exactly_the_rows_of_one(tiny_lorkd_ckpt, tiny_cases,
     record_path(tmp_path / "two", "Tiny", "case4").unlink()  # one case left for two ranks: rank 1 gets none
     two_processes(tmp_path / "two")
     assert (tmp_path / "two" / "per_case.csv").read_text() == one
+
+
+def test_resume_recomputes_cases_whose_line_or_mask_changed(tiny_lorkd_ckpt, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = [write_case(data, i) for i in range(3)]
+    manifest = write_manifest(data, lines)
+    out = tmp_path / "eval"
+    overrides = [f"ckpt_path={tiny_lorkd_ckpt}", f"data.test_manifest={manifest}"]
+    run_eval(overrides, out)
+    stamps = {i: record_path(out, "Tiny", f"case{i}").stat().st_mtime_ns for i in range(3)}
+    lines[0]["label"] = ["liver"]  # a label removed from the line (its mask ids stay valid)
+    write_manifest(data, lines)
+    seg = data / "ct_1_seg.nii.gz"
+    ids = np.asarray(nib.load(str(seg)).dataobj).copy()
+    ids[ids == 2] = 0  # the spleen erased from case1's mask
+    nib.save(nib.Nifti1Image(ids, nib.load(str(seg)).affine), str(seg))
+    run_eval(overrides, out)
+    after = {i: record_path(out, "Tiny", f"case{i}").stat().st_mtime_ns for i in range(3)}
+    assert after[2] == stamps[2] and after[0] != stamps[0] and after[1] != stamps[1]
+    rows = {(r["case"], r["label"]): r for r in read_rows(out)}
+    assert sorted(rows) == [("case0", "liver"), ("case1", "liver"), ("case1", "spleen"), ("case2", "liver"), ("case2", "spleen")]
+    assert rows["case1", "spleen"]["n_ref"] == "0"
+
+
+def test_eval_hints_name_keys_that_work_in_eval(tiny_lorkd_ckpt, tmp_path):
+    from test_predict_cli import hinted_override
+
+    data = tmp_path / "data"
+    data.mkdir()
+    line = write_case(data, 0)
+    image = nib.load(str(data / "ct_0.nii.gz"))
+    voxels = np.asarray(image.dataobj).copy()
+    voxels[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(voxels, image.affine), str(data / "ct_0.nii.gz"))
+    manifest = write_manifest(data, [line, {**write_case(data, 1), "label": ["liver", "bone"]}])
+    common = [f"ckpt_path={tiny_lorkd_ckpt}", f"data.test_manifest={manifest}"]
+    summary = run_eval(common, tmp_path / "a")
+    errors = {e["case"]: e["error"] for e in summary["errors"]}
+    assert sorted(errors) == ["case0", "case1"]
+    fixes = [hinted_override(errors["case0"], "inference.nan_policy"), hinted_override(errors["case1"], "routing.fallback")]
+    fixed = run_eval([*common, *fixes], tmp_path / "b")
+    assert fixed["errors"] == [] and fixed["n_cases"] == 2
+
+
+def eval_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python eval.py ARGS`` as a subprocess."""
+    return run_script("eval.py", [*OVERRIDES, *args], tmp_path)
+
+
+@pytest.mark.slow
+def test_command_line_exit_codes_and_one_clean_line_per_failed_case(tiny_lorkd_ckpt, tmp_path):
+    import re
+
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = write_manifest(data, [write_case(data, 0), {**write_case(data, 1), "label": ["liver", "bone"]}])
+    out = tmp_path / "eval"
+    done = eval_cli(tmp_path, f"ckpt_path={tiny_lorkd_ckpt}", f"data.test_manifest={manifest}", f"output_dir={out}")
+    log = done.stdout + done.stderr
+    assert done.returncode == 1, log[-3000:]  # case1 failed, case0 evaluated, reports written
+    assert json.loads((out / "summary.json").read_text())["n_failed_cases"] == 1
+    assert "Traceback" not in log
+    assert len([line for line in log.splitlines() if "Tiny/case1" in line and "failed" in line]) == 1
+    assert re.search(r"Dice \d\.\d{4}, NSD \d\.\d{4} ->", log), log[-2000:]
+    assert log.count("GPU available") == 1
+    assert (out / ".hydra" / "config.yaml").is_file() and (out / "eval.log").is_file()  # as the README says
+    missing = eval_cli(tmp_path, f"ckpt_path={tmp_path / 'missing.ckpt'}", f"data.test_manifest={manifest}",
+                       f"output_dir={tmp_path / 'e2'}")  # fmt: skip
+    assert missing.returncode == 2 and "missing.ckpt does not exist" in missing.stdout + missing.stderr
+    assert "Traceback" not in missing.stdout + missing.stderr

@@ -5,22 +5,21 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import compose_config
+from helpers import compose_config, run_script
 
 from lorkd.data.manifest import ManifestError
+from lorkd.exit_codes import NotStarted
 from lorkd.inference.inputs import discover_cases
 from lorkd.inference.predictor import Prediction
 from lorkd.inference.run import predict
 from lorkd.inference.writer import MARKER, completed, label_file_names, safe_name, save_prediction
-from lorkd.utils import PROJECT_ROOT
+from lorkd.io import UnsafePathError
 
 AFFINE = np.diag([1.0, 1.0, 3.0, 1.0])
 
@@ -142,7 +141,7 @@ def test_manifest_lines_bring_their_own_labels_modality_and_region(tiny_lorkd_ck
 
 def test_prompt_problems_stop_the_run_before_anything_is_predicted(tiny_lorkd_ckpt, folder, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"unknown label 'livr'.*closest known labels: liver"):
+    with pytest.raises(NotStarted, match=r"unknown label 'livr'.*closest known labels: liver"):
         run(tiny_lorkd_ckpt, folder, out, "labels=[livr]", "modality=ct")
     assert not out.exists() or not any(p.name == "prediction.json" for p in out.rglob("*"))
 
@@ -218,29 +217,176 @@ def test_two_cpu_processes_write_each_case_exactly_once(tiny_lorkd_ckpt, tmp_pat
     env = {
         k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK")
     }
-    command = [
-        sys.executable, str(PROJECT_ROOT / "predict.py"), f"ckpt_path={tiny_lorkd_ckpt}", f"input={data}",
-        f"output_dir={out}", "labels=[liver,spleen]", "modality=ct", "progress=false",
-        "trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp",
-    ]  # fmt: skip
-    process = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"2-process prediction timed out:\n{output.decode()[-3000:]}")
-    assert process.returncode == 0, output.decode()[-3000:]
+    done = run_script(
+        "predict.py",
+        [
+            f"ckpt_path={tiny_lorkd_ckpt}", f"input={data}", f"output_dir={out}", "labels=[liver,spleen]",
+            "modality=ct", "progress=false", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp",
+        ],
+        tmp_path,
+        env,
+        timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     rows = read_summary(out)
     keys = [(r["case"], r["label"]) for r in rows]
     assert sorted(keys) == sorted((f"case{i}", lab) for i in range(5) for lab in ("liver", "spleen"))
     assert {r["status"] for r in rows} == {"ok"}
     ranks = [json.loads((out / f"case{i}" / "prediction.json").read_text())["rank"] for i in range(5)]
     assert sorted(ranks) == [0, 0, 0, 1, 1]
+
+
+def test_writes_never_follow_a_link_out_of_the_output_folder(tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "liver.nii.gz").write_text("not mine")
+    out.mkdir()
+    (out / "linked").symlink_to(outside, target_is_directory=True)  # a case folder that is a link
+    with pytest.raises(UnsafePathError, match="linked is a symbolic link"):
+        save_prediction(small_prediction(["liver"]), out / "linked", preview=False, root=out)
+    (out / "case" / "probabilities").mkdir(parents=True)
+    save_prediction(small_prediction(["liver"]), out / "case", preview=False, root=out)
+    (out / "case" / "probabilities").rmdir()
+    (out / "case" / "probabilities").symlink_to(outside, target_is_directory=True)  # a linked subfolder
+    prediction = small_prediction(["liver"])
+    prediction.probabilities = prediction.masks
+    with pytest.raises(UnsafePathError, match="probabilities is a symbolic link"):
+        save_prediction(prediction, out / "case", preview=False, root=out)
+    (out / "case" / "liver.nii.gz").unlink(missing_ok=True)
+    (out / "case" / "liver.nii.gz").symlink_to(outside / "liver.nii.gz")  # a planted file link is replaced
+    save_prediction(small_prediction(["liver"]), out / "case", preview=False, root=out)
+    assert not (out / "case" / "liver.nii.gz").is_symlink()
+    assert sorted(p.name for p in outside.iterdir()) == ["liver.nii.gz"]
+    assert (outside / "liver.nii.gz").read_text() == "not mine"
+
+
+def test_stale_cleanup_removes_only_its_own_files_never_through_a_link(tmp_path):
+    folder, outside = tmp_path / "out" / "case", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.nii.gz").write_text("keep me")
+    save_prediction(small_prediction(["liver", "spleen"]), folder, preview=False)
+    (folder / "notes.txt").write_text("the user's")
+    (folder / "sub").symlink_to(outside, target_is_directory=True)
+    marker = json.loads((folder / MARKER).read_text())
+    marker["files"] += ["notes.txt", "sub/x.nii.gz", "probabilities/../../../outside/x.nii.gz"]
+    (folder / MARKER).write_text(json.dumps(marker))
+    save_prediction(small_prediction(["liver"]), folder, preview=False)
+    assert not (folder / "spleen.nii.gz").exists()  # its own stale file: removed
+    assert (folder / "notes.txt").read_text() == "the user's"
+    assert (outside / "x.nii.gz").read_text() == "keep me"
+
+
+def test_a_redone_case_drops_a_killed_runs_temporaries(tmp_path):
+    folder = tmp_path / "case"
+    save_prediction(small_prediction(["liver"]), folder, preview=False)
+    (folder / MARKER).unlink()  # killed: no marker, a partial temporary left behind
+    (folder / ".tmp-abc123.nii.gz").write_bytes(b"partial")
+    (folder / "probabilities").mkdir()
+    (folder / "probabilities" / ".tmp-def456.nii.gz").write_bytes(b"partial")
+    save_prediction(small_prediction(["liver"]), folder, preview=False)
+    assert not list(folder.rglob(".tmp-*"))
+
+
+def test_resume_recomputes_a_replaced_input_a_damaged_output_and_new_settings(tiny_lorkd_ckpt, tmp_path):
+    import time
+
+    data = tmp_path / "scans"
+    for i in range(3):
+        write_case(data / f"case{i}.nii.gz", seed=i)
+    out = tmp_path / "out"
+    args = ("labels=[liver]", "modality=ct")
+    start = time.perf_counter()
+    first = run(tiny_lorkd_ckpt, data, out, *args)
+    wall = time.perf_counter() - start
+    assert {r["status"] for r in first} == {"ok"}
+    assert 0 < sum(r["seconds"] for r in first) <= wall  # each case's own time, not a clock reading
+    write_case(data / "case0.nii.gz", seed=10)  # the input scan replaced under the same name
+    liver = out / "case1" / "liver.nii.gz"
+    liver.write_bytes(liver.read_bytes()[: liver.stat().st_size // 2])  # a truncated output
+    second = run(tiny_lorkd_ckpt, data, out, *args)
+    assert [(r["case"], r["status"]) for r in second] == [("case0", "ok"), ("case1", "ok"), ("case2", "skipped")]
+    nib.load(liver).get_fdata()  # whole again
+    third = run(tiny_lorkd_ckpt, data, out, *args, "inference.threshold=0.4")  # other settings
+    assert {r["status"] for r in third} == {"ok"}
+    fourth = run(tiny_lorkd_ckpt, data, out, *args, "inference.threshold=0.4", "inference.max_queries=1")
+    assert {r["status"] for r in fourth} == {"skipped"}  # max_queries changes no mask
+
+
+def hinted_override(message: str, key: str) -> str:
+    """The ``key=value`` a hint tells the user to add."""
+    import re
+
+    match = re.search(rf"(?<![\w.]){re.escape(key)}=(\w+)", message)
+    assert match, f"no {key}=... in {message!r}"
+    return match.group(0)
+
+
+def test_every_hint_names_a_key_that_works_in_predict(tiny_lorkd_ckpt, folder, tmp_path):
+    with pytest.raises(NotStarted) as info:
+        run(tiny_lorkd_ckpt, folder / "case0.nii.gz", tmp_path / "a", "labels=[liver,bone]", "modality=ct")
+    fix = hinted_override(str(info.value), "routing.fallback")
+    rows = run(tiny_lorkd_ckpt, folder / "case0.nii.gz", tmp_path / "a", "labels=[liver,bone]", "modality=ct", fix)
+    assert [(r["label"], r["expert"], r["status"]) for r in rows] == [
+        ("liver", "abdomen", "ok"), ("bone", "base", "ok"),
+    ]  # fmt: skip
+    (row,) = run(tiny_lorkd_ckpt, folder / "with_nan.nii.gz", tmp_path / "b", "labels=[liver]", "modality=ct")
+    assert row["status"] == "error"
+    fix = hinted_override(row["error"], "inference.nan_policy")
+    (row,) = run(tiny_lorkd_ckpt, folder / "with_nan.nii.gz", tmp_path / "b", "labels=[liver]", "modality=ct", fix)
+    assert row["status"] == "ok"
+
+
+def test_a_constant_volume_gets_empty_masks_and_a_warning_naming_it(tiny_lorkd_ckpt, tmp_path, caplog):
+    data = tmp_path / "scans"
+    data.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((30, 24, 8), np.float32), AFFINE), data / "zeros.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((30, 24, 8), 40.0, np.float32), AFFINE), data / "flat.nii.gz")
+    with caplog.at_level("WARNING"):
+        rows = run(tiny_lorkd_ckpt, data, tmp_path / "out", "labels=[liver,spleen]", "modality=ct")
+    assert [(r["case"], r["status"], r["voxels"]) for r in rows] == [
+        ("flat", "ok", 0), ("flat", "ok", 0), ("zeros", "ok", 0), ("zeros", "ok", 0),
+    ]  # fmt: skip
+    for name in ("flat.nii.gz", "zeros.nii.gz"):
+        assert any(name in r.getMessage() and "nothing to segment" in r.getMessage() for r in caplog.records)
+    assert not any("<array>" in r.getMessage() for r in caplog.records)
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python predict.py ARGS`` as a subprocess."""
+    return run_script("predict.py", ["progress=false", *args], tmp_path)
+
+
+@pytest.mark.slow
+def test_command_line_exit_codes_per_case_errors_and_one_log_line_per_event(tiny_lorkd_ckpt, tmp_path):
+    data, out, outside = tmp_path / "scans", tmp_path / "out", tmp_path / "outside"
+    write_case(data / "case0.nii.gz", seed=0, shape=(20, 18, 5))
+    write_case(data / "case1.nii.gz", seed=1, shape=(20, 18, 5))
+    rgb = np.zeros((8, 8, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, AFFINE), data / "rgb.nii.gz")
+    outside.mkdir()
+    out.mkdir()
+    (out / "case1").symlink_to(outside, target_is_directory=True)  # planted: must not be written through
+    common = [f"input={data}", "labels=[liver]", "modality=ct"]
+
+    done = cli(tmp_path, f"ckpt_path={tiny_lorkd_ckpt}", f"output_dir={out}", *common)
+    log = done.stdout + done.stderr
+    assert done.returncode == 1, log[-3000:]  # some case failed, the others done
+    rows = {r["case"]: r for r in read_summary(out)}
+    assert rows["case0"]["status"] == "ok"
+    assert rows["case1"]["status"] == "error" and "symbolic link" in rows["case1"]["error"]
+    assert rows["rgb"]["status"] == "error" and "rgb.nii.gz" in rows["rgb"]["error"] and "RGB" in rows["rgb"]["error"]
+    assert not list(outside.iterdir())
+    assert "Traceback" not in log and log.count("GPU available") == 1
+    (run_dir,) = (out / ".runs").iterdir()  # Hydra's config and log, where the README says
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "predict.log").is_file()
+
+    junk = tmp_path / "random.ckpt"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    bad = cli(tmp_path, f"ckpt_path={junk}", f"output_dir={tmp_path / 'o2'}", *common)
+    assert bad.returncode == 2 and f"{junk} is not a readable checkpoint" in bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr and "file an issue" not in bad.stdout + bad.stderr
+
+    (tmp_path / "a_file").write_text("")
+    impossible = cli(tmp_path, f"ckpt_path={tiny_lorkd_ckpt}", f"output_dir={tmp_path / 'a_file' / 'out'}", *common)
+    assert impossible.returncode == 2 and impossible.stdout == ""
+    assert impossible.stderr.strip().splitlines() == [f"error: output_dir={tmp_path / 'a_file' / 'out'} is not writable: Not a directory"]

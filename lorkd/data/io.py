@@ -62,7 +62,8 @@ def check_finite(array: np.ndarray, name: str, nan_policy: str) -> np.ndarray:
     bad = int(finite.size - np.count_nonzero(finite))
     if nan_policy == "error":
         raise CaseError(
-            f"{name}: {bad} NaN/Inf voxel(s) of {finite.size}; fix the file or set preprocess.nan_policy=zero"
+            f"{name}: {bad} NaN/Inf voxel(s) of {finite.size}; fix the file or replace them by 0 with "
+            "inference.nan_policy=zero (predict.py, eval.py) or data.preprocess.nan_policy=zero (train.py)"
         )
     log.warning("%s: replacing %d NaN/Inf voxel(s) by 0", name, bad)
     return np.where(finite, array, 0).astype(array.dtype, copy=False)
@@ -79,6 +80,8 @@ def read_volume(path: str | Path, nan_policy: str = "error", dtype: type | None 
         raise CaseError(f"{name}: file not found") from exc
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise CaseError(f"{name}: cannot read image ({exc})") from exc
+    if data.dtype.fields is not None:
+        raise CaseError(f"{name}: voxels of type {data.dtype} (e.g. RGB) are not supported; give one grey channel")
     data = squeeze_to_3d(data, name)
     data = check_finite(data if dtype is None else data.astype(dtype, copy=False), name, nan_policy)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:

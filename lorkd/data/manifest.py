@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
+
 from lorkd.data.io import CaseError, header_shape
+from lorkd.io import file_identity
 from lorkd.regions import (
     RegionMap,
     UnknownLabelError,
@@ -60,6 +64,30 @@ class Case:
         return self.mask is not None or self.masks is not None
 
 
+def _identity(path: Path) -> dict[str, Any] | str:
+    try:
+        return file_identity(path)
+    except OSError:
+        return f"missing: {path}"
+
+
+def case_identity(case: Case) -> dict[str, Any]:
+    """What a case's results depend on: its prompts, geometry options, and the identity (path, size,
+    mtime_ns) of its image and mask files; a replaced file or an edited line changes it."""
+    masks = {label: _identity(path) for label, path in sorted((case.masks or {}).items())}
+    return {
+        "dataset": case.dataset,
+        "id": case.id,
+        "labels": list(case.labels),
+        "modality": case.modality,
+        "region": case.region,
+        "orientation": case.orientation,
+        "image": _identity(case.image),
+        "mask": _identity(case.mask) if case.mask is not None else None,
+        "masks": masks or None,
+    }
+
+
 def default_id(image: str | Path) -> str:
     name = Path(image).name
     for suffix in (".nii.gz", ".nii"):
@@ -87,10 +115,14 @@ def load_manifest(
 
 
 def validate_manifest(
-    path: str | Path, require_masks: bool = True, region_map: RegionMap | None = None
+    path: str | Path, require_masks: bool = True, region_map: RegionMap | None = None, deep: bool = False
 ) -> list[str]:
-    """The problems :func:`load_manifest` would raise, without raising."""
-    return _parse(Path(path), require_masks, region_map)[1]
+    """The problems :func:`load_manifest` would raise, without raising.
+
+    ``deep`` also reads every voxel: truncated or corrupt compressed files, and label-map ids above
+    the line's number of labels (slow: each file is decompressed).
+    """
+    return _parse(Path(path), require_masks, region_map, deep)[1]
 
 
 def read_manifest(
@@ -100,7 +132,9 @@ def read_manifest(
     return _parse(Path(path), require_masks, region_map)
 
 
-def _parse(path: Path, require_masks: bool, region_map: RegionMap | None) -> tuple[list[Case], list[str]]:
+def _parse(
+    path: Path, require_masks: bool, region_map: RegionMap | None, deep: bool = False
+) -> tuple[list[Case], list[str]]:
     if not path.is_file():
         return [], [f"{path}: manifest not found"]
     path = path.resolve()
@@ -111,7 +145,7 @@ def _parse(path: Path, require_masks: bool, region_map: RegionMap | None) -> tup
         for number, text in enumerate(f, start=1):
             if not text.strip():
                 continue
-            case, errors = _parse_line(text, path, number, require_masks, region_map)
+            case, errors = _parse_line(text, path, number, require_masks, region_map, deep)
             problems.extend(f"{path}:{number}: {e}" for e in errors)
             if case is None:
                 continue
@@ -130,7 +164,7 @@ def _parse(path: Path, require_masks: bool, region_map: RegionMap | None) -> tup
 
 
 def _parse_line(
-    text: str, source: Path, number: int, require_masks: bool, region_map: RegionMap | None
+    text: str, source: Path, number: int, require_masks: bool, region_map: RegionMap | None, deep: bool = False
 ) -> tuple[Case | None, list[str]]:
     try:
         row = json.loads(text)
@@ -170,6 +204,8 @@ def _parse_line(
                 errors.append(str(exc))
     if image is not None and image.is_file():
         _check_shapes(image, mask, masks, errors)
+        if deep and not errors:
+            _check_voxels(image, mask, masks, len(labels), errors)
 
     case_id = row.get("id", default_id(image) if image is not None else "")
     if not isinstance(case_id, str) or not case_id:
@@ -302,6 +338,34 @@ def _check_shapes(image: Path, mask: Path | None, masks: dict[str, Path] | None,
             errors.append(f"mask shape {other_shape} != image shape {shape} ({other})")
 
 
+def _voxels(path: Path, errors: list[str]) -> np.ndarray | None:
+    try:
+        return np.asarray(nib.load(str(path)).dataobj)
+    except Exception as exc:  # gzip, zlib, nibabel: many error types for a damaged file
+        errors.append(f"{path}: cannot read voxels ({type(exc).__name__}: {exc})")
+        return None
+
+
+def _check_voxels(
+    image: Path, mask: Path | None, masks: dict[str, Path] | None, n_labels: int, errors: list[str]
+) -> None:
+    """Every file decompresses in full; a label map has no id above ``n_labels``."""
+    _voxels(image, errors)
+    for path in (masks or {}).values():
+        _voxels(path, errors)
+    if mask is None:
+        return
+    ids = _voxels(mask, errors)
+    if ids is None:
+        return
+    found = np.unique(ids)
+    above = [int(i) if float(i).is_integer() else float(i) for i in found if i > n_labels or i < 0]
+    if above:
+        errors.append(
+            f"mask {mask} has id(s) {above[:10]} outside 0..{n_labels} (the line has {n_labels} label(s))"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m lorkd.data.manifest FILE... [--regions demo] [--no-masks]``: report every problem."""
     import argparse
@@ -316,11 +380,16 @@ def main(argv: list[str] | None = None) -> int:
         help="region map config (configs/regions/<name>.yaml); 'none' skips label checks",
     )
     parser.add_argument("--no-masks", action="store_true", help="predict manifests: masks are optional")
+    parser.add_argument(
+        "--quick", action="store_true", help="headers only: skip reading voxels (truncated files, mask ids)"
+    )
     args = parser.parse_args(argv)
     region_map = None if args.regions == "none" else RegionMap.from_config(args.regions)
     failed = 0
     for path in args.manifests:
-        problems = validate_manifest(path, require_masks=not args.no_masks, region_map=region_map)
+        problems = validate_manifest(
+            path, require_masks=not args.no_masks, region_map=region_map, deep=not args.quick
+        )
         print("\n".join(problems) if problems else f"{path}: OK")
         failed += bool(problems)
     return 1 if failed else 0

@@ -245,18 +245,21 @@ def normalize_intensity(volume: np.ndarray, modality: str, cfg: PreprocessConfig
 
 
 def _as_volume(
-    image: str | Path | nib.spatialimages.SpatialImage | np.ndarray, affine: Any, nan_policy: str
+    image: str | Path | nib.spatialimages.SpatialImage | np.ndarray,
+    affine: Any,
+    nan_policy: str,
+    name: str | None = None,
 ) -> Volume:
     if isinstance(image, (str, Path)):
         return read_volume(image, nan_policy)
     if isinstance(image, np.ndarray):
         if affine is None:
             raise ValueError("preprocess_image: a numpy image needs its affine")
-        name = "<array>"
+        name = name or "<array>"
         data = squeeze_to_3d(image, name).astype(np.float32, copy=False)
         affine = np.asarray(affine, dtype=np.float64)
     elif isinstance(image, nib.spatialimages.SpatialImage):
-        name = image.get_filename() or "<nibabel image>"
+        name = name or image.get_filename() or "<nibabel image>"
         data = squeeze_to_3d(np.asarray(image.dataobj), name).astype(np.float32, copy=False)
         affine = np.asarray(image.affine if affine is None else affine, dtype=np.float64)
     else:
@@ -272,13 +275,15 @@ def preprocess_image(
     cfg: PreprocessConfig | Mapping[str, Any] | None = None,
     affine: np.ndarray | None = None,
     orientation: str | None = None,
+    name: str | None = None,
 ) -> tuple[np.ndarray, InversionInfo]:
     """Reorient, resample, crop to the voxels > 0 (raw intensity) and normalise one image.
 
     Returns the (1,X,Y,Z) float32 array and the :class:`InversionInfo` to map results back.
+    ``name`` (e.g. the file an array was read from) names the image in warnings and errors.
     """
     cfg = PreprocessConfig.coerce(cfg)
-    vol = _as_volume(image, affine, cfg.nan_policy)
+    vol = _as_volume(image, affine, cfg.nan_policy, name)
     codes = axcodes(orientation, "orientation") if orientation else cfg.orientation
     dst_affine, dst_shape = target_grid(vol.data.shape, vol.affine, codes, cfg.spacing)
     resampled = resample(vol.data[None], vol.affine, dst_affine, dst_shape, cfg.interpolation)[0]

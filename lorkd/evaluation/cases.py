@@ -20,7 +20,7 @@ import numpy as np
 
 from lorkd.data.manifest import Case
 from lorkd.data.transforms import load_masks, to_preprocessed_grid
-from lorkd.evaluation.records import CaseRecord
+from lorkd.evaluation.records import CaseRecord, input_digest
 from lorkd.evaluation.rows import case_rows, voxel_spacing
 from lorkd.evaluation.settings import MetricSettings
 from lorkd.inference.predictor import Predictor
@@ -71,22 +71,17 @@ def evaluate_record(
 ) -> CaseRecord:
     """:func:`evaluate_case` as a record; a failing case becomes a record holding its error."""
     start = time.perf_counter()
+    inputs = input_digest(case)  # before reading: a file replaced meanwhile is seen as changed next time
     try:
         rows = evaluate_case(predictor, case, settings, region_map)
     except Exception as exc:  # a bad case (unreadable, NaN, unknown label, ...) must not stop the others
-        log.warning(
-            "%s/%s (%s, line %d) failed: %s",
-            case.dataset,
-            case.id,
-            case.source,
-            case.line,
-            exc,
-            exc_info=True,
-        )
+        log.warning("%s/%s (%s, line %d) failed: %s", case.dataset, case.id, case.source, case.line, exc)
+        log.debug("traceback of %s/%s", case.dataset, case.id, exc_info=True)
         error = f"{type(exc).__name__}: {exc}"
         return CaseRecord(
-            case.dataset, case.id, error=error, seconds=time.perf_counter() - start, fingerprint=fingerprint
-        )
+            case.dataset, case.id, error=error, seconds=time.perf_counter() - start,
+            fingerprint=fingerprint, inputs=inputs,
+        )  # fmt: skip
     return CaseRecord(
-        case.dataset, case.id, rows, seconds=time.perf_counter() - start, fingerprint=fingerprint
+        case.dataset, case.id, rows, seconds=time.perf_counter() - start, fingerprint=fingerprint, inputs=inputs
     )

@@ -2,8 +2,8 @@
 
 In ``setup`` (every rank, process group up) rank 0's list of finished cases is broadcast, so every
 rank derives the same pending list even when ranks see different files (several nodes without a
-shared output folder). Each rank builds its own :class:`~lorkd.inference.predictor.Predictor` on its
-device and evaluates pending cases ``rank, rank + world, ...``, each exactly once. A rank may get no
+shared output folder). Each rank moves the :class:`~lorkd.inference.predictor.Predictor` (loaded
+before the run starts, so an unreadable checkpoint stops it at once) to its device and evaluates pending cases ``rank, rank + world, ...``, each exactly once. A rank may get no
 case at all (a resumed run with few cases left, or more ranks than cases), which Lightning's own
 predict sampler refuses; hence :class:`ShardSampler` and ``use_distributed_sampler=False``.
 ``predict_step`` returns a :class:`~lorkd.evaluation.records.CaseRecord`; a writer callback
@@ -62,9 +62,9 @@ class EvaluationModule(pl.LightningModule):
         cases: Sequence[Case],
         settings: MetricSettings,
         fingerprint: str,
+        predictor: Predictor,
         model: str = "experts",
         name: str | None = None,
-        predictor_options: Mapping[str, Any] | None = None,
         region_map: RegionMap | None = None,
         previous: Mapping[CaseKey, CaseRecord] | None = None,
         problems: Sequence[Mapping[str, Any]] = (),
@@ -77,13 +77,12 @@ class EvaluationModule(pl.LightningModule):
         self.fingerprint = fingerprint
         self.model_kind = model
         self.name = name
-        self.predictor_options = dict(predictor_options or {})
         self.fallback_region_map = region_map
         self.found = dict(previous or {})
         self.problems = [dict(p) for p in problems]
         self.pending: list[Case] = []
         self.previous: list[CaseRecord] = []
-        self.predictor: Predictor | None = None
+        self.predictor = predictor  # a plain attribute: moved in setup, never DDP-wrapped
 
     def setup(self, stage: str) -> None:
         done = {tuple(k) for k in self.trainer.strategy.broadcast(sorted(self.found), src=0)}
@@ -95,23 +94,16 @@ class EvaluationModule(pl.LightningModule):
                 "%d case(s): %d already evaluated, %d to evaluate on %d process(es); %d unreadable manifest line(s)",
                 len(self.cases), len(self.previous), len(self.pending), self.trainer.world_size, len(self.problems),
             )  # fmt: skip
-        if self.predictor is None:
-            device = self.trainer.strategy.root_device
-            self.predictor = Predictor.from_checkpoint(
-                self.checkpoint, self.model_kind, device=device, **self.predictor_options
-            )
+        self.predictor.to(self.trainer.strategy.root_device)
 
     @property
     def region_map(self) -> RegionMap | None:
         """The checkpoint's region map, else the configured one (official SAT files carry none)."""
-        stored = self.predictor.model.region_map if self.predictor is not None else None
-        return stored or self.fallback_region_map
+        return self.predictor.model.region_map or self.fallback_region_map
 
     @property
     def model_info(self) -> dict[str, Any]:
         """Name, kind, checkpoint, experts and parameter count of the evaluated model (for the reports)."""
-        if self.predictor is None:
-            raise RuntimeError("the model is loaded in setup(); run through Trainer.predict")
         loaded = self.predictor.model
         return {
             "name": self.name or ("lorkd" if loaded.kind == "experts" else "teacher"),
@@ -132,7 +124,6 @@ class EvaluationModule(pl.LightningModule):
         )
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> CaseRecord:
-        assert self.predictor is not None
         record = evaluate_record(
             self.predictor, batch["case"], self.settings, self.region_map, self.fingerprint
         )

@@ -31,16 +31,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from lorkd.data.manifest import ManifestError, read_manifest
 from lorkd.evaluation.outputs import comparison_names, load_summary
-from lorkd.evaluation.records import load_records
+from lorkd.evaluation.records import input_digest, load_records, records_folder
 from lorkd.evaluation.report import render_comparison
 from lorkd.evaluation.settings import MetricSettings, run_fingerprint
-from lorkd.utils import PROJECT_ROOT, instantiate_group
+from lorkd.exit_codes import NotStarted
+from lorkd.io import check_writable_folder
+from lorkd.utils import PROJECT_ROOT, instantiate_group, single_log_stream
 
 log = logging.getLogger(__name__)
 
 MODELS = ("experts", "teacher")
-# inference options that change no mask (the Predictor's results do not depend on them)
-_NEUTRAL_OPTIONS = frozenset({"sw_batch_size", "max_queries", "stitch_device"})
 DEMO_DIR = PROJECT_ROOT / "outputs" / "demo"
 _PROBLEM = re.compile(r"^(?P<file>.*):(?P<line>\d+): (?P<message>.*)$", re.S)
 
@@ -68,14 +68,33 @@ def manifest_problems(manifest: Path, problems: Sequence[str]) -> list[dict[str,
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
-    """Run the evaluation described by ``configs/eval.yaml``; the summary on rank 0, None elsewhere."""
+    """Run the evaluation described by ``configs/eval.yaml``; the summary on rank 0, None elsewhere.
+
+    Raises :class:`~lorkd.exit_codes.NotStarted` (one line) when the run cannot start.
+    """
+    import lightning.pytorch  # noqa: F401  (its console handler, dropped next)
+
+    single_log_stream()
+    try:
+        module, trainer = _prepare(cfg)
+    except Exception as exc:  # bad config, manifest, checkpoint or output folder: nothing ran
+        log.debug("the run could not start", exc_info=True)
+        raise NotStarted(str(exc)) from exc
+    trainer.predict(module, return_predictions=False)
+    return load_summary(cfg.paths.output_dir) if trainer.is_global_zero else None
+
+
+def _prepare(cfg: DictConfig) -> tuple[Any, Any]:
+    """The evaluation module and trainer, after every check that can fail before any case runs."""
     from hydra.utils import instantiate
 
     from lorkd.evaluation.module import EvaluationModule
+    from lorkd.inference.predictor import NEUTRAL_OPTIONS, Predictor
 
-    out = Path(cfg.paths.output_dir)
+    out = check_writable_folder(cfg.paths.output_dir)
+    records_folder(out)
     checkpoint = Path(cfg.ckpt_path)
-    if not checkpoint.is_file():
+    if not checkpoint.exists():
         raise FileNotFoundError(f"ckpt_path={checkpoint} does not exist")
     if cfg.model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {cfg.model!r}")
@@ -84,27 +103,32 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     settings = MetricSettings.coerce(_plain(cfg.metrics))
     options = _plain(cfg.inference)
     official = _plain(cfg.official)
-    identity = {k: v for k, v in options.items() if k not in _NEUTRAL_OPTIONS} | {"official": official}
+    identity = {k: v for k, v in options.items() if k not in NEUTRAL_OPTIONS} | {"official": official}
     fingerprint = run_fingerprint(settings, checkpoint, cfg.model, identity)
 
     manifest = Path(cfg.data.test_manifest)
     cases, problems = read_manifest(manifest, require_masks=True)
     if not cases:
         raise ManifestError(manifest, problems)
-    previous = {} if cfg.overwrite else load_records(out, fingerprint, [(c.dataset, c.id) for c in cases])
+    inputs = {(c.dataset, c.id): input_digest(c) for c in cases}
+    previous = {} if cfg.overwrite else load_records(out, fingerprint, inputs)
+    predictor = Predictor.from_checkpoint(
+        checkpoint,
+        cfg.model,
+        text_checkpoint=official["text_checkpoint"],
+        language_model_path=official["language_model_path"],
+        official_overrides=official["overrides"],
+        device="cpu",
+        **options,
+    )
     module = EvaluationModule(
         checkpoint,
         cases,
         settings,
         fingerprint,
+        predictor,
         model=cfg.model,
         name=cfg.get("name"),
-        predictor_options={
-            **options,
-            "text_checkpoint": official["text_checkpoint"],
-            "language_model_path": official["language_model_path"],
-            "official_overrides": official["overrides"],
-        },
         region_map=instantiate(cfg.regions) if cfg.get("regions") else None,
         previous=previous,
         problems=manifest_problems(manifest, problems),
@@ -115,8 +139,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
             "configs/eval.yaml needs the callbacks.metrics_writer callback (it writes the results)"
         )
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, use_distributed_sampler=False)
-    trainer.predict(module, return_predictions=False)
-    return load_summary(out) if trainer.is_global_zero else None
+    return module, trainer
 
 
 def _run_eval(overrides: Sequence[str]) -> None:

@@ -1,9 +1,11 @@
 """One record per evaluated case, stored as ``OUT/cases/<name>.json`` the moment the case finishes.
 
-A record holds the case's metric rows (or the error that stopped it) and the run fingerprint.
-Each file is written atomically by the rank that evaluated the case, so an interrupted run leaves
-only complete records; a resumed run keeps the successful records of its own fingerprint and
-evaluates the other cases again (failed cases are retried).
+A record holds the case's metric rows (or the error that stopped it), the run fingerprint and the
+digest of the case's inputs (:func:`input_digest`: the manifest line's labels, modality, region,
+orientation and the identity of its image and mask files). Each file is written atomically by the
+rank that evaluated the case, so an interrupted run leaves only complete records; a resumed run keeps
+the successful records of its own fingerprint whose inputs are unchanged and evaluates the other
+cases again (failed cases are retried, an edited line or a replaced mask is recomputed).
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorkd.io import write_text
+from lorkd.data.manifest import Case, case_identity
+from lorkd.io import folder_inside, write_text
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class CaseRecord:
     error: str | None = None
     seconds: float = 0.0
     fingerprint: str = ""
+    inputs: str = ""  # input_digest of the case
 
     @property
     def key(self) -> CaseKey:
@@ -56,11 +60,23 @@ class CaseRecord:
             error=data.get("error"),
             seconds=float(data.get("seconds", 0.0)),
             fingerprint=str(data.get("fingerprint", "")),
+            inputs=str(data.get("inputs", "")),
         )
+
+
+def input_digest(case: Case) -> str:
+    """Short hash of what a case's rows depend on besides the run (see the module docstring)."""
+    text = json.dumps(case_identity(case), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-")[:60] or "x"
+
+
+def records_folder(output_dir: str | Path) -> Path:
+    """Create ``OUT/cases/`` (refusing a symbolic link there: :class:`~lorkd.io.UnsafePathError`)."""
+    return folder_inside(output_dir, Path(output_dir) / RECORD_DIR)
 
 
 def record_path(output_dir: str | Path, dataset: str, case: str) -> Path:
@@ -72,18 +88,19 @@ def record_path(output_dir: str | Path, dataset: str, case: str) -> Path:
 def save_record(output_dir: str | Path, record: CaseRecord) -> Path:
     """Write a record atomically (NaN kept as JSON ``NaN``) and return its path."""
     path = record_path(output_dir, record.dataset, record.case)
+    records_folder(output_dir)  # never through a linked cases/ folder
     write_text(path, json.dumps(record.to_dict(), allow_nan=True) + "\n")
     return path
 
 
 def load_records(
-    output_dir: str | Path, fingerprint: str, keys: Iterable[CaseKey]
+    output_dir: str | Path, fingerprint: str, inputs: Mapping[CaseKey, str]
 ) -> dict[CaseKey, CaseRecord]:
-    """Successful records of ``fingerprint`` for the cases ``keys``; anything else is left to recompute."""
-    wanted = set(keys)
+    """Successful records of ``fingerprint`` for the cases of ``inputs`` (case key -> its
+    :func:`input_digest`) made from the same inputs; anything else is left to recompute."""
     found: dict[CaseKey, CaseRecord] = {}
     stale = 0
-    for key in sorted(wanted):
+    for key in sorted(inputs):
         path = record_path(output_dir, *key)
         if not path.is_file():
             continue
@@ -94,13 +111,14 @@ def load_records(
             continue
         if record.key != key:
             log.warning("%s: record of %s, not %s; the case is evaluated again", path, record.key, key)
-        elif record.fingerprint != fingerprint:
+        elif record.fingerprint != fingerprint or record.inputs != inputs[key]:
             stale += 1
         elif record.ok:
             found[key] = record
     if stale:
         log.info(
-            "%d stored case record(s) in %s were made with other settings or another model; recomputing them",
+            "%d stored case record(s) in %s were made with other settings, another model or other "
+            "inputs (manifest line, image or mask files); recomputing them",
             stale,
             output_dir,
         )

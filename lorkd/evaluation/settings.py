@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorkd.evaluation.metrics import EMPTY_RULES, tolerance_for
+from lorkd.io import file_identity
 from lorkd.regions import normalize_label
 
 SPACES: tuple[str, ...] = ("original", "preprocessed")
@@ -75,13 +76,6 @@ class MetricSettings:
             "tolerance_mm": self.tolerance_mm,
             "tolerance_overrides": dict(sorted(self.tolerance_overrides.items())),
         }
-
-
-def file_identity(path: str | Path) -> dict[str, Any]:
-    """Absolute path, size and modification time of a file (cheap, unlike hashing a large checkpoint)."""
-    p = Path(path).resolve()
-    stat = p.stat()
-    return {"path": str(p), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def run_fingerprint(

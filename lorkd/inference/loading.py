@@ -98,6 +98,28 @@ def _prompts(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], source:
     return bank
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that torch cannot read (random bytes, truncated, not a checkpoint)."""
+
+
+def _reason(exc: Exception) -> str:
+    """torch's own reason in one line, without its advice to re-run unsafely or to file an issue."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return line.split(". ")[0].rstrip(".")
+
+
+def _read(path: str | Path) -> Any:
+    try:
+        return read_checkpoint(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pickle, zip and torch errors of many types
+        raise CheckpointError(f"{path} is not a readable checkpoint: {_reason(exc)}") from None
+
+
 def load_model(
     path: str | Path,
     model: str = "experts",
@@ -112,7 +134,7 @@ def load_model(
         if model != "experts":
             raise ValueError(f"{path} is an export directory: it holds region experts, not the teacher")
         return ExportedModel(load_export(path))
-    raw = read_checkpoint(path)
+    raw = _read(path)
     meta = raw.get(META_KEY) if isinstance(raw, Mapping) else None
     source = str(path)
     if meta is None:  # official SAT vision file

@@ -14,6 +14,7 @@ most probable label among those above the threshold (an exact tie goes to the ea
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import math
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 SAT_WINDOW = (288, 288, 96)  # SAT's crop, for files that do not record their training patch size
 STITCH_DEVICES = ("auto", "cpu", "device")
+# options that change no result (masks do not depend on them): left out of resume keys
+NEUTRAL_OPTIONS = frozenset({"sw_batch_size", "max_queries", "stitch_device"})
 _STITCH_FREE_FRACTION = 0.25  # "auto" stitches on the GPU while the output takes < this share of free memory
 _INVERT_BYTES = 2**30  # labels are mapped back to the input grid in chunks of about this size
 ImageInput = str | Path | nib.spatialimages.SpatialImage | np.ndarray
@@ -90,7 +93,7 @@ def read_input(
         volume = read_volume(image, nan_policy)
         return _like(volume.data, volume.affine, nib.load(str(image)).header)
     if isinstance(image, nib.spatialimages.SpatialImage):
-        name = image.get_filename() or "<nibabel image>"
+        name = image_name(image)
         data = squeeze_to_3d(np.asarray(image.dataobj), name)
         header = image.header if affine is None else None
         affine = image.affine if affine is None else affine
@@ -108,6 +111,19 @@ def read_input(
         raise CaseError(f"{name}: affine must be 4x4, got shape {affine.shape}")
     data = check_finite(data.astype(np.float32, copy=False), name, nan_policy)
     return _like(np.ascontiguousarray(data), affine, header)
+
+
+def image_name(image: ImageInput) -> str:
+    """How warnings and errors name an input: its path, a nibabel image's file, else ``<array>``."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        return image.get_filename() or "<nibabel image>"
+    return "<array>"
+
+
+def _constant(array: np.ndarray) -> bool:
+    return array.size == 0 or float(array.min()) == float(array.max())
 
 
 class _Assembler:
@@ -156,6 +172,7 @@ class Predictor:
         threshold: probability above which a voxel belongs to a label.
         fallback: who segments labels without an expert: None (error), ``"base"`` or ``"teacher"``.
         amp: autocast on CUDA (default: on for CUDA; never on the CPU).
+        nan_policy: NaN/Inf voxels of an input: ``"error"`` or ``"zero"`` (default: the checkpoint's).
         stitch_device: where windows are blended: ``"cpu"``, ``"device"`` or ``"auto"`` (the device
             while the blended output takes under a quarter of its free memory, else the CPU).
     """
@@ -173,6 +190,7 @@ class Predictor:
         fallback: str | None = None,
         amp: bool | None = None,
         stitch_device: str = "auto",
+        nan_policy: str | None = None,
     ) -> None:
         self.model = model
         self.fallback = check_fallback(fallback)
@@ -194,6 +212,8 @@ class Predictor:
         self.max_queries = int(max_queries)
         self.stitch_device = stitch_device
         self.preprocess = PreprocessConfig.coerce(model.data.get("preprocess"))
+        if nan_policy is not None:
+            self.preprocess = dataclasses.replace(self.preprocess, nan_policy=nan_policy)
         divisor = model.size_divisor
         if self.teacher is not None:
             divisor = math.lcm(divisor, self.teacher.size_divisor)
@@ -344,8 +364,12 @@ class Predictor:
                 done[0] += n
                 progress(done[0], total)
 
+        blank = _constant(image)  # no contrast: no network output could mean anything
         for group, q in zip(groups, queries):
-            yield group, self._group_probabilities(image, group, q, tick)
+            if blank:
+                yield group, torch.zeros((len(group.indices), *image.shape[1:]), dtype=torch.float32)
+            else:
+                yield group, self._group_probabilities(image, group, q, tick)
 
     def predict_preprocessed(
         self, image: np.ndarray, labels: Sequence[str], modality: str, region: str | None = None
@@ -369,13 +393,21 @@ class Predictor:
     ) -> tuple[nib.Nifti1Image, np.ndarray, InversionInfo]:
         """The input image, its preprocessed array (1, X, Y, Z) and the geometry to map results back."""
         reference = read_input(image, affine, self.preprocess.nan_policy)
+        name = image_name(image)
         array, info = preprocess_image(
             np.asarray(reference.dataobj),
             modality,
             self.preprocess,
             affine=reference.affine,
             orientation=orientation,
+            name=name,
         )
+        if _constant(array):
+            log.warning(
+                "%s: constant image after preprocessing (no contrast, e.g. all zero): nothing to segment, "
+                "every mask is empty",
+                name,
+            )
         return reference, array, info
 
     def predict(
@@ -404,9 +436,9 @@ class Predictor:
         routes: dict[str, str] = {}
         chunk = max(1, _INVERT_BYTES // (4 * math.prod(reference.shape)))
         for group, probs in self._run_groups(array, groups, queries, progress):
-            for start in range(0, len(group.indices), chunk):
-                original = invert_to_original(probs[start : start + chunk].numpy(), info, mode="bilinear")
-                for index, probability in zip(group.indices[start : start + chunk], original):
+            for first in range(0, len(group.indices), chunk):
+                original = invert_to_original(probs[first : first + chunk].numpy(), info, mode="bilinear")
+                for index, probability in zip(group.indices[first : first + chunk], original):
                     outputs.add(index, probability)
                     routes[labels[index]] = group.route
             del probs

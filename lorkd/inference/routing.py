@@ -16,7 +16,8 @@ from lorkd.regions import RegionMap, UnknownLabelError, canonical_modality, norm
 
 FALLBACKS = (None, "base", "teacher")
 _FALLBACK_HINT = (
-    "; or set fallback=base (the student's shared weights) or fallback=teacher to segment it anyway"
+    "; or segment it anyway with routing.fallback=base (the student's shared weights) or "
+    "routing.fallback=teacher (Predictor: fallback='base' / 'teacher')"
 )
 
 

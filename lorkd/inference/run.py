@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from lorkd.data.manifest import Case
+from lorkd.exit_codes import NotStarted
+from lorkd.io import check_writable_folder, file_identity
+from lorkd.utils import single_log_stream
 
 if TYPE_CHECKING:
     from lorkd.inference.predictor import Predictor
@@ -43,19 +46,18 @@ def check_prompts(predictor: Predictor, cases: Sequence[Case]) -> None:
         raise ValueError(f"{len(bad)} prompt problem(s):\n" + "\n".join(bad))
 
 
-def predict(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Run the prediction described by ``configs/predict.yaml``; returns the summary rows."""
-    import lightning.pytorch as pl
-    from hydra.utils import instantiate
-    from torch.utils.data import DataLoader
+def _prepare(cfg: DictConfig) -> tuple[list[Case], Predictor, dict[str, Any]]:
+    """Everything checked before any case runs: inputs, output folder, checkpoint, prompts.
 
-    from lorkd.data.datasets import CaseDataset, collate_case
+    Returns the cases, the predictor and the run's part of the resume key.
+    """
     from lorkd.inference.inputs import discover_cases
-    from lorkd.inference.module import PredictionModule
-    from lorkd.inference.predictor import Predictor
+    from lorkd.inference.predictor import NEUTRAL_OPTIONS, Predictor
 
     cases = discover_cases(cfg.input, _plain(cfg.labels), cfg.modality, cfg.region, cfg.orientation)
+    check_writable_folder(cfg.output_dir)
     official = _plain(cfg.official)
+    options = _plain(cfg.inference)
     predictor = Predictor.from_checkpoint(
         cfg.ckpt_path,
         model=cfg.model,
@@ -63,18 +65,51 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         language_model_path=official["language_model_path"],
         official_overrides=official["overrides"],
         device="cpu",
-        **_plain(cfg.inference),
+        **options,
     )
     check_prompts(predictor, cases)
+    settings = {
+        "checkpoint": file_identity(cfg.ckpt_path),
+        "model": cfg.model,
+        "inference": {k: v for k, v in sorted(options.items()) if k not in NEUTRAL_OPTIONS},
+        "official": official,
+        "preview": bool(cfg.writer.preview),
+        "probabilities": bool(cfg.writer.save_probabilities),
+    }
+    return cases, predictor, settings
 
-    writer = instantiate(cfg.writer)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer])
-    if len(cases) < trainer.world_size:
-        raise ValueError(
-            f"{len(cases)} case(s) for {trainer.world_size} processes: use at most {len(cases)} devices"
-        )
+
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Run the prediction described by ``configs/predict.yaml``; returns the summary rows.
+
+    Raises :class:`~lorkd.exit_codes.NotStarted` (one line) when the run cannot start.
+    """
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader
+
+    from lorkd.data.datasets import CaseDataset, collate_case
+    from lorkd.inference.module import PredictionModule
+
+    single_log_stream()
+    try:
+        cases, predictor, settings = _prepare(cfg)
+        writer = instantiate(cfg.writer)
+        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer])
+        if len(cases) < trainer.world_size:
+            raise ValueError(
+                f"{len(cases)} case(s) for {trainer.world_size} processes: use at most {len(cases)} devices"
+            )
+    except Exception as exc:  # bad config, input, checkpoint or output folder: nothing ran
+        log.debug("the run could not start", exc_info=True)
+        raise NotStarted(str(exc)) from exc
     module = PredictionModule(
-        predictor, cfg.output_dir, cfg.overwrite, cfg.writer.save_probabilities, progress=cfg.progress
+        predictor,
+        cfg.output_dir,
+        cfg.overwrite,
+        cfg.writer.save_probabilities,
+        progress=cfg.progress,
+        settings=settings,
     )
     loader = DataLoader(CaseDataset(cases), batch_size=1, shuffle=False, collate_fn=collate_case)
     if trainer.is_global_zero:

@@ -4,13 +4,18 @@ A case folder holds ``<label>.nii.gz`` (uint8 per label), ``segmentation.nii.gz`
 ``labels.json`` (id -> label), ``preview.png``, optionally ``probabilities/<label>.nii.gz`` and, written
 last, ``prediction.json``: the marker of a complete case (labels, files, per-label summary rows).
 Every file is written to a temporary name and moved into place, so an interrupted run never leaves
-a half-written file under a final name, and a case without its marker is simply predicted again.
+a half-written file under a final name, and a case without its marker is simply predicted again
+(its leftover ``.tmp-*`` files removed first). Writes stay inside the output folder: a case folder
+or subfolder that is a symbolic link is refused, a planted file link is replaced, never followed;
+stale files are removed only when the old marker lists them and they are the writer's own kind
+(``*.nii.gz``, ``labels.json``, ``preview.png``) inside the case folder.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,11 +24,15 @@ import nibabel as nib
 import numpy as np
 
 from lorkd.inference.predictor import Prediction
-from lorkd.io import atomic_write, safe_name, write_json
+from lorkd.io import atomic_write, folder_inside, path_inside, remove_temporaries, safe_name, write_json
 
 MARKER = "prediction.json"
 SUMMARY_FIELDS = ("case", "label", "expert", "voxels", "volume_ml", "seconds", "status", "error")
 _RESERVED = {"segmentation", "labels", "preview", "probabilities", "prediction"}
+PROBABILITIES = "probabilities"
+_PNG_START, _PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"  # a whole PNG ends with its IEND chunk
+# names this writer produces: the only files its stale-file cleanup may remove
+_OWN_FILE = re.compile(r"^(probabilities/)?[A-Za-z0-9._-]+\.nii\.gz$|^labels\.json$|^preview\.png$")
 
 
 def label_file_names(labels: Sequence[str]) -> dict[str, str]:
@@ -72,17 +81,46 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def completed(folder: Path, labels: Sequence[str], checkpoint: str | None = None) -> dict[str, Any] | None:
-    """The marker when ``folder`` holds a complete prediction of exactly ``labels`` (by ``checkpoint``
-    when given), else None."""
+def _loads(path: Path) -> bool:
+    """``path`` is a regular file (not a link) whose content reads back (NIfTI voxels, JSON, PNG)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        if path.name.endswith(".nii.gz") or path.suffix == ".nii":
+            np.asarray(nib.load(str(path)).dataobj)
+        elif path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".png":
+            data = path.read_bytes()
+            return data.startswith(_PNG_START) and data.endswith(_PNG_END)
+        return path.stat().st_size > 0
+    except Exception:  # nibabel, gzip, zlib: many error types for a damaged file
+        return False
+
+
+def completed(
+    folder: Path, labels: Sequence[str], key: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The marker when ``folder`` holds a complete prediction of exactly ``labels`` (made for ``key``,
+    the identity of the input and the run's settings, when given) whose files all exist and load; else None."""
     marker = read_marker(folder)
     if marker is None or marker.get("labels") != list(labels):
         return None
-    if checkpoint is not None and marker.get("checkpoint") != checkpoint:
+    if key is not None and marker.get("key") != key:
         return None
-    if not all((folder / name).is_file() for name in marker.get("files", [])):
-        return None
+    for name in marker.get("files", []):
+        path = path_inside(folder, name)
+        if path is None or not _loads(path):
+            return None
     return marker
+
+
+def _remove_stale(folder: Path, names: set[str]) -> None:
+    """Delete files of an earlier prediction: the writer's own kind, inside ``folder``, never a link."""
+    for name in sorted(names):
+        path = path_inside(folder, name) if _OWN_FILE.match(name) else None
+        if path is not None and path.is_file() and not path.is_symlink():
+            path.unlink()
 
 
 def save_prediction(
@@ -92,16 +130,20 @@ def save_prediction(
     preview: bool = True,
     probabilities: bool = True,
     metadata: dict[str, Any] | None = None,
+    root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write every output of one image to ``folder`` (marker last) and return the marker.
 
     ``probabilities``: also write ``probabilities/<label>.nii.gz`` when the prediction has them.
-    ``metadata`` is stored in the marker (e.g. the source image and checkpoint).
+    ``metadata`` is stored in the marker (e.g. the source image, checkpoint and resume key).
+    ``root`` (default: ``folder``'s parent) is the folder no write may leave: :class:`~lorkd.io.UnsafePathError`.
     """
     folder = Path(folder)
+    folder = folder_inside(Path(root) if root is not None else folder.parent, folder)
     case = case or folder.name
     old = read_marker(folder)
     (folder / MARKER).unlink(missing_ok=True)  # the case is incomplete until the new marker is written
+    remove_temporaries(folder)  # a killed run's partial files
     names = label_file_names(prediction.labels)
     files: list[str] = []
 
@@ -115,16 +157,15 @@ def save_prediction(
     label_ids = {str(i): lab for i, lab in prediction.label_ids.items()}
     put("labels.json", lambda tmp: tmp.write_text(json.dumps(label_ids, indent=2) + "\n", encoding="utf-8"))
     if probabilities and prediction.probabilities is not None:
+        folder_inside(folder, folder / PROBABILITIES)
         for label in prediction.labels:
-            name = f"probabilities/{names[label]}.nii.gz"
+            name = f"{PROBABILITIES}/{names[label]}.nii.gz"
             put(name, lambda tmp, lab=label: nib.save(prediction.probabilities[lab], str(tmp)))
     if preview:
         from lorkd.inference.preview import save_preview
 
         put("preview.png", lambda tmp: save_preview(prediction, tmp))
-    for stale in set((old or {}).get("files", [])) - set(files):
-        if not Path(stale).is_absolute() and ".." not in Path(stale).parts:  # never outside the folder
-            (folder / stale).unlink(missing_ok=True)
+    _remove_stale(folder, set((old or {}).get("files", [])) - set(files))
     marker = {
         "case": case,
         "labels": prediction.labels,

@@ -1,0 +1,20 @@
+"""Exit codes of the batch commands (``predict.py``, ``eval.py``, ``lorkd-predict``, ``lorkd-eval``).
+
+* 0 (:data:`OK`): every case done (predicted, evaluated, or already complete);
+* 1 (:data:`CASES_FAILED`): some case failed; the others were done and the summary written;
+* 2 (:data:`NOT_STARTED`): the run could not start (bad config or input, unreadable checkpoint,
+  unwritable output folder): raised as :class:`NotStarted` before any case runs.
+"""
+
+from __future__ import annotations
+
+OK, CASES_FAILED, NOT_STARTED = 0, 1, 2
+
+
+class NotStarted(Exception):
+    """A run that could not start; the message is what the user sees (no traceback)."""
+
+
+def for_failures(failed: int) -> int:
+    """The exit code of a run that finished with ``failed`` failed cases."""
+    return CASES_FAILED if failed else OK
