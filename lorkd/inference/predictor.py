@@ -37,6 +37,7 @@ from lorkd.inference.sliding_window import (
     sliding_window_probabilities,
     window_size,
 )
+from lorkd.labels import HINT as LABELS_HINT
 from lorkd.models.text import PromptBank
 from lorkd.regions import UnknownLabelError, canonical_modality, normalize_label, normalize_labels
 
@@ -252,6 +253,13 @@ class Predictor:
         return self.device if needed < _STITCH_FREE_FRACTION * free else torch.device("cpu")
 
     # ---- prompts ----------------------------------------------------------------------------------
+    def labels(self, modality: str | None = None) -> dict[str, Any]:
+        """The model's label catalogue: labels per modality, their region and expert, parameter counts
+        (see :func:`lorkd.labels.catalogue`; ``lorkd-labels`` prints it)."""
+        from lorkd.labels import catalogue
+
+        return catalogue(self.model, modality)
+
     def plan(self, labels: Sequence[str], modality: str, region: str | None = None) -> list[PromptGroup]:
         """Which network segments which labels (raises for unknown labels unless ``fallback`` is set)."""
         return plan_groups(
@@ -294,7 +302,7 @@ class Predictor:
             hint = f"; closest known prompts: {', '.join(close)}" if close else ""
             raise UnknownLabelError(
                 f"prompt(s) {missing} are not in the prompt bank of {self.model.source} and no language model "
-                f"is available to encode them{hint}"
+                f"is available to encode them{hint}; {LABELS_HINT}"
             ) from exc
 
     # ---- inference --------------------------------------------------------------------------------

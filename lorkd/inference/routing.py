@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from lorkd.labels import HINT as LABELS_HINT
 from lorkd.regions import RegionMap, UnknownLabelError, canonical_modality, normalize_label
 
 FALLBACKS = (None, "base", "teacher")
 _FALLBACK_HINT = (
     "; or set fallback=base (the student's shared weights) or fallback=teacher to segment it anyway"
+    f"; {LABELS_HINT}"
 )
 
 
