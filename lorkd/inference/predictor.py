@@ -89,7 +89,8 @@ def read_input(
     """The input as a float32 3-D NIfTI image in its own grid; :class:`CaseError` names the file on failure."""
     if isinstance(image, (str, Path)):
         volume = read_volume(image, nan_policy)
-        return _like(volume.data, volume.affine, nib.load(str(image)).header)
+        header = None if Path(image).is_dir() else nib.load(str(image)).header  # a folder: a DICOM series
+        return _like(volume.data, volume.affine, header)
     if isinstance(image, nib.spatialimages.SpatialImage):
         name = image.get_filename() or "<nibabel image>"
         data = squeeze_to_3d(np.asarray(image.dataobj), name)

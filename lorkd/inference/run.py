@@ -50,11 +50,13 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     from torch.utils.data import DataLoader
 
     from lorkd.data.datasets import CaseDataset, collate_case
+    from lorkd.inference.dicom_seg import check_format
     from lorkd.inference.inputs import discover_cases
     from lorkd.inference.module import PredictionModule
     from lorkd.inference.predictor import Predictor
 
     cases = discover_cases(cfg.input, _plain(cfg.labels), cfg.modality, cfg.region, cfg.orientation)
+    check_format(cfg.writer.get("format", "nifti"), [case.image for case in cases])
     official = _plain(cfg.official)
     predictor = Predictor.from_checkpoint(
         cfg.ckpt_path,

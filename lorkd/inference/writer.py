@@ -1,7 +1,8 @@
 """Write a :class:`~lorkd.inference.predictor.Prediction` to a case folder, atomically and resumably.
 
 A case folder holds ``<label>.nii.gz`` (uint8 per label), ``segmentation.nii.gz`` (multilabel),
-``labels.json`` (id -> label), ``preview.png``, optionally ``probabilities/<label>.nii.gz`` and, written
+``labels.json`` (id -> label), ``preview.png``, optionally ``probabilities/<label>.nii.gz`` and
+``statistics.json`` (per-label volume and intensities), ``segmentation.dcm`` (DICOM-SEG) and, written
 last, ``prediction.json``: the marker of a complete case (labels, files, per-label summary rows).
 Every file is written to a temporary name and moved into place, so an interrupted run never leaves
 a half-written file under a final name, and a case without its marker is simply predicted again.
@@ -23,7 +24,7 @@ from lorkd.io import atomic_write, safe_name, write_json
 
 MARKER = "prediction.json"
 SUMMARY_FIELDS = ("case", "label", "expert", "voxels", "volume_ml", "seconds", "status", "error")
-_RESERVED = {"segmentation", "labels", "preview", "probabilities", "prediction"}
+_RESERVED = {"segmentation", "labels", "preview", "probabilities", "prediction", "statistics"}
 
 
 def label_file_names(labels: Sequence[str]) -> dict[str, str]:
@@ -92,10 +93,15 @@ def save_prediction(
     preview: bool = True,
     probabilities: bool = True,
     metadata: dict[str, Any] | None = None,
+    statistics: bool = False,
+    dicom_source: Path | None = None,
 ) -> dict[str, Any]:
     """Write every output of one image to ``folder`` (marker last) and return the marker.
 
     ``probabilities``: also write ``probabilities/<label>.nii.gz`` when the prediction has them.
+    ``statistics``: also write ``statistics.json`` (:mod:`lorkd.inference.statistics`).
+    ``dicom_source``: the DICOM series folder of the input; also write ``segmentation.dcm``, a DICOM
+    Segmentation referencing it (:mod:`lorkd.inference.dicom_seg`).
     ``metadata`` is stored in the marker (e.g. the source image and checkpoint).
     """
     folder = Path(folder)
@@ -122,6 +128,16 @@ def save_prediction(
         from lorkd.inference.preview import save_preview
 
         put("preview.png", lambda tmp: save_preview(prediction, tmp))
+    if statistics:
+        from lorkd.inference.statistics import STATISTICS, label_statistics
+
+        write_json(folder / STATISTICS, {"case": case, **label_statistics(prediction)})
+        files.append(STATISTICS)
+    if dicom_source is not None:
+        from lorkd.inference.dicom_seg import DICOM_SEG, write_dicom_seg
+
+        write_dicom_seg(prediction, dicom_source, folder / DICOM_SEG)
+        files.append(DICOM_SEG)
     for stale in set((old or {}).get("files", [])) - set(files):
         if not Path(stale).is_absolute() and ".." not in Path(stale).parts:  # never outside the folder
             (folder / stale).unlink(missing_ok=True)
