@@ -75,13 +75,16 @@ def format_catalogue(entry: dict[str, Any]) -> str:
         lines.append("experts (own low-rank parameters):")
         lines += [f"  {e['index']:>2} {e['region']:<16} {e['parameters'] or 0:>12,}" for e in entry["experts"]]
     if not entry["language_model"]:
-        lines.append("no language model: only prompts with 'prompt: yes' can be asked for")
+        lines.append("no language model: only labels with prompt 'yes' can be asked for")
+    if not entry["labels"]:
+        lines.append("no labels for the modality asked for")
     for modality, rows in entry["labels"].items():
         lines.append(f"{modality} ({len(rows)} labels):")
+        lines.append(f"  {'label':<36} {'region':<16} {'segmented by':<16} prompt")
         for row in rows:
             served = row["route"] or f"no expert (region {row['region']}): needs fallback=base|teacher"
             prompt = "yes" if row["prompt"] else "no"
-            lines.append(f"  {row['label']:<36} {row['region'] or '-':<16} {served:<16} prompt: {prompt}")
+            lines.append(f"  {row['label']:<36} {row['region'] or '-':<16} {served:<16} {prompt}")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Command lines with Hydra-style ``key=value`` arguments: ``lorkd-export`` and the released-checkpoint converter.
 
-    lorkd-export ckpt_path=outputs/lorkd/checkpoints/last.ckpt out=exports/lorkd [regions=[abdomen,thorax]] [overwrite=true]
+    lorkd-export ckpt_path=outputs/lorkd/checkpoints/last.ckpt out=exports/lorkd [regions=[abdomen,thorax]] [overwrite=true] [onnx=true]
     lorkd-export ckpt_path=lorkd-imbalance-pro.pth out=exports/lorkd-pro text_checkpoint=pro_text_encoder.pth \\
         language_model_path=/models/BioLORD-2023-C [student_preset=pro] [teacher_checkpoint=SAT_Pro.pth]
     python scripts/convert_lorkd_official.py ckpt_path=lorkd-imbalance-pro.pth out=lorkd-pro.ckpt \\
@@ -71,6 +71,7 @@ def export_main(argv: Sequence[str] | None = None) -> None:
     parser = _parser("lorkd-export", __doc__ or "", "export directory (created; replaced only with overwrite=true)")
     parser.add_argument("--regions", type=_list, help="experts to export, e.g. [abdomen,thorax] (default: all)")
     parser.add_argument("--overwrite", type=bool_argument, default=False, help="replace an earlier export at out")
+    parser.add_argument("--onnx", type=bool_argument, default=False, help="also <region>/model.onnx (the onnx extra)")
     options = parse_arguments(parser, argv)
     official = _official(options)
     run_command(parser, lambda: export_experts(options.pop("ckpt_path"), options.pop("out"), **options, **official))

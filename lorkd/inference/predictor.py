@@ -199,9 +199,12 @@ class Predictor:
         divisor = model.size_divisor
         if self.teacher is not None:
             divisor = math.lcm(divisor, self.teacher.size_divisor)
+        fixed = getattr(model, "fixed_window", None)  # ONNX experts run the window they were exported for
+        if fixed is not None and window is not None and window_size(window, divisor) != fixed:
+            log.warning("ONNX experts of %s run windows of %s, not the %s asked for", model.source, fixed, window)
         if window is None:
             window = model.data.get("patch_size") or SAT_WINDOW
-        self.window = window_size(window, divisor)
+        self.window = fixed or window_size(window, divisor)
         self._sw_batch_size = int(sw_batch_size)
         self._amp = amp
         self.device = torch.device("cpu")
@@ -215,13 +218,17 @@ class Predictor:
         text_checkpoint: str | Path | None = None,
         language_model_path: str | None = None,
         official_overrides: dict[str, Any] | None = None,
+        runtime: str = "torch",
         **options: Any,
     ) -> Predictor:
         """Load a LoRKD, SATModule or official SAT checkpoint (see :func:`load_model`) once.
 
+        ``runtime="onnx"``: an export's experts run with onnxruntime (their exported window).
         ``options`` are :class:`Predictor`'s arguments (device, window, fallback, ...).
         """
-        loaded = load_model(path, model, text_checkpoint, language_model_path, **(official_overrides or {}))
+        loaded = load_model(
+            path, model, text_checkpoint, language_model_path, runtime=runtime, **(official_overrides or {})
+        )
         teacher = None
         if options.get("fallback") == "teacher" and loaded.experts:
             teacher = load_model(path, "teacher")
