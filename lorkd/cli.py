@@ -1,4 +1,4 @@
-"""Console entry points: ``lorkd-train``, ``lorkd-eval``, ``lorkd-predict``, ``lorkd-export`` (and the root scripts).
+"""Console entry points: ``lorkd-train``, ``lorkd-eval``, ``lorkd-predict``, ``lorkd-export``, ``lorkd-labels`` (and the root scripts).
 
 ``predict`` and ``eval`` exit with :mod:`lorkd.exit_codes`: 0 every case done, 1 some case failed (the
 summary still written), 2 the run could not start (one line on stderr, no traceback).
@@ -103,3 +103,10 @@ def export() -> None:
     from lorkd.checkpoints.commands import export_main
 
     export_main()
+
+
+def labels() -> None:
+    """``lorkd-labels ckpt_path=CKPT [modality=ct] [--json]``: the labels a model knows (see ``lorkd.labels``)."""
+    from lorkd.labels import main
+
+    main()

@@ -1,6 +1,6 @@
 """Command lines with Hydra-style ``key=value`` arguments: ``lorkd-export`` and the released-checkpoint converter.
 
-    lorkd-export ckpt_path=outputs/lorkd/checkpoints/last.ckpt out=exports/lorkd [regions=[abdomen,thorax]] [overwrite=true]
+    lorkd-export ckpt_path=outputs/lorkd/checkpoints/last.ckpt out=exports/lorkd [regions=[abdomen,thorax]] [overwrite=true] [onnx=true]
     lorkd-export ckpt_path=lorkd-imbalance-pro.pth out=exports/lorkd-pro text_checkpoint=pro_text_encoder.pth \\
         language_model_path=/models/BioLORD-2023-C [student_preset=pro] [teacher_checkpoint=SAT_Pro.pth]
     python scripts/convert_lorkd_official.py ckpt_path=lorkd-imbalance-pro.pth out=lorkd-pro.ckpt \\
@@ -21,7 +21,7 @@ from lorkd.checkpoints.report import CheckpointMismatchError
 _USER_ERRORS = (FileExistsError, FileNotFoundError, KeyError, ValueError, CheckpointMismatchError, ExportIntegrityError)
 
 
-def _bool(text: str) -> bool:
+def bool_argument(text: str) -> bool:
     value = text.strip().lower()
     if value not in ("true", "false", "1", "0", "yes", "no"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
@@ -44,7 +44,7 @@ def _parser(prog: str, description: str, out_help: str) -> argparse.ArgumentPars
     return parser
 
 
-def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
     """``key=value`` -> ``--key=value`` for argparse (``--key value`` works too)."""
     args = list(sys.argv[1:] if argv is None else argv)
     args = [f"--{a}" if "=" in a and not a.startswith("-") else a for a in args]
@@ -55,7 +55,7 @@ def _official(options: dict[str, Any]) -> dict[str, Any]:
     return {k: options.pop(k) for k in ("text_checkpoint", "language_model_path", "student_preset", "teacher_checkpoint") if k in options}
 
 
-def _run(parser: argparse.ArgumentParser, job: Callable[[], Any]) -> None:
+def run_command(parser: argparse.ArgumentParser, job: Callable[[], Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         print(job())
@@ -70,10 +70,11 @@ def export_main(argv: Sequence[str] | None = None) -> None:
 
     parser = _parser("lorkd-export", __doc__ or "", "export directory (created; replaced only with overwrite=true)")
     parser.add_argument("--regions", type=_list, help="experts to export, e.g. [abdomen,thorax] (default: all)")
-    parser.add_argument("--overwrite", type=_bool, default=False, help="replace an earlier export at out")
-    options = _parse(parser, argv)
+    parser.add_argument("--overwrite", type=bool_argument, default=False, help="replace an earlier export at out")
+    parser.add_argument("--onnx", type=bool_argument, default=False, help="also <region>/model.onnx (the onnx extra)")
+    options = parse_arguments(parser, argv)
     official = _official(options)
-    _run(parser, lambda: export_experts(options.pop("ckpt_path"), options.pop("out"), **options, **official))
+    run_command(parser, lambda: export_experts(options.pop("ckpt_path"), options.pop("out"), **options, **official))
 
 
 def convert_main(argv: Sequence[str] | None = None) -> None:
@@ -81,8 +82,8 @@ def convert_main(argv: Sequence[str] | None = None) -> None:
     from lorkd.checkpoints.lorkd_official import convert_lorkd_official
 
     parser = _parser("convert_lorkd_official", __doc__ or "", "LoRKD checkpoint to write (.ckpt)")
-    options = _parse(parser, argv)
+    options = parse_arguments(parser, argv)
     official = _official(options)
     if not (official.get("text_checkpoint") and official.get("language_model_path")):
         parser.error("text_checkpoint=... and language_model_path=... are required")
-    _run(parser, lambda: convert_lorkd_official(options["ckpt_path"], options["out"], **official))
+    run_command(parser, lambda: convert_lorkd_official(options["ckpt_path"], options["out"], **official))

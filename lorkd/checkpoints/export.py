@@ -203,14 +203,33 @@ def _publish(stage: Path, out: Path) -> None:
         os.replace(stage, out)
 
 
+def _export_onnx(
+    arguments: Mapping[str, Any], state: Mapping[str, torch.Tensor], folder: Path, meta: Mapping[str, Any], source: str
+) -> dict[str, Any]:
+    """``folder/model.onnx`` of one merged expert for windows of the training patch size."""
+    from lorkd.checkpoints.onnx import ONNX_MODEL, export_onnx, onnx_entry
+    from lorkd.inference.predictor import SAT_WINDOW
+    from lorkd.inference.sliding_window import window_size
+
+    net = SAT(**arguments)
+    load_mapped(net, dict(state), KeyReport(source=source))
+    window = window_size((meta.get("data") or {}).get("patch_size") or SAT_WINDOW, net.size_divisor)
+    path = export_onnx(net, window, folder / ONNX_MODEL)
+    log.info("exported %s as ONNX (windows of %s)", folder.name, "x".join(map(str, window)))
+    return onnx_entry(path, window)
+
+
 def export_experts(
     ckpt_path: str | Path,
     out: str | Path,
     regions: Sequence[str] | None = None,
     overwrite: bool = False,
+    onnx: bool = False,
     **official: Any,
 ) -> Path:
     """Write ``out/<region>/`` for every expert (or ``regions``), ``out/adapters/`` and ``out/index.json``.
+
+    ``onnx``: also ``out/<region>/model.onnx`` (:mod:`lorkd.checkpoints.onnx`), recorded in ``index.json``.
 
     ``official``: for a released LoRKD file, ``text_checkpoint``, ``language_model_path`` and optionally
     ``student_preset``, ``teacher_checkpoint`` (see ``lorkd_checkpoint_from_official``).
@@ -238,6 +257,7 @@ def export_experts(
     try:
         shared = _write_text_files(stage, checkpoint)
         cards: dict[str, str] = {}
+        onnx_files: dict[str, dict[str, Any]] = {}
         for region in chosen:
             folder = stage / region
             folder.mkdir()
@@ -252,6 +272,8 @@ def export_experts(
             card = model_card(region, meta, architecture, count, expert_counts[region], common, files)
             write_json(folder / CARD, card)
             cards[region] = sha256_file(folder / CARD)
+            if onnx:
+                onnx_files[region] = _export_onnx(student.config, state, folder, meta, str(ckpt_path))
             log.info("exported %s: %s parameters -> %s", region, f"{count:,}", out / region)
         for name in shared:
             (stage / name).unlink()
@@ -268,6 +290,7 @@ def export_experts(
             "data": meta.get("data") or {},
             "base": {"file": f"{ADAPTERS}/{BASE}", "sha256": spec["files"][BASE]["sha256"]},
             "adapters": ADAPTERS,
+            **({"onnx": onnx_files} if onnx else {}),
             **common,
         })  # fmt: skip
         _publish(stage, out)

@@ -200,6 +200,23 @@ class ExportedExperts:
             verify_file(path, entry["sha256"])
         return load_plain_sat(path, self.index["architecture"]["arguments"], self.device)
 
+    def onnx_expert(self, region: str) -> torch.nn.Module:
+        """The region's ``model.onnx`` (``lorkd-export ... onnx=true``) in an onnxruntime session, sha256-checked."""
+        from lorkd.checkpoints.onnx import OnnxExpert
+
+        entry = self.onnx_entry(region)
+        path = self.folder(region) / entry["file"]
+        if self.verify:
+            verify_file(path, entry["sha256"])
+        return OnnxExpert(path, entry["window"])
+
+    def onnx_entry(self, region: str) -> dict[str, Any]:
+        """What ``index.json`` records of the region's ONNX file (file, sha256, window, opset)."""
+        entry = self.index.get("onnx", {}).get(region)
+        if entry is None:
+            raise FileNotFoundError(f"{self.root}: no ONNX model of {region!r}; export with `lorkd-export ... onnx=true`")
+        return entry
+
     def to(self, device: str | torch.device) -> ExportedExperts:
         """Move the loaded networks and the text head; networks loaded later go there too."""
         self.device = torch.device(device)

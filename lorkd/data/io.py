@@ -1,4 +1,4 @@
-"""Reading volumes (NIfTI or anything nibabel reads) with errors that name the file."""
+"""Reading volumes (NIfTI or anything nibabel reads, DICOM series folders) with errors that name the file."""
 
 from __future__ import annotations
 
@@ -70,8 +70,17 @@ def check_finite(array: np.ndarray, name: str, nan_policy: str) -> np.ndarray:
 
 
 def read_volume(path: str | Path, nan_policy: str = "error", dtype: type | None = np.float32) -> Volume:
-    """Load a 3-D volume as ``dtype`` (None: as stored) with its affine; :class:`CaseError` names the file."""
+    """Load a 3-D volume as ``dtype`` (None: as stored) with its affine; :class:`CaseError` names the file.
+
+    A folder is read as one DICOM series (:mod:`lorkd.data.dicom`, the ``dicom`` extra).
+    """
     name = str(path)
+    if Path(path).is_dir():
+        from lorkd.data.dicom import read_dicom_series
+
+        volume = read_dicom_series(path)
+        data = volume.data if dtype is None else volume.data.astype(dtype, copy=False)
+        return Volume(check_finite(data, name, nan_policy), volume.affine, name)
     try:
         img = nib.load(name)
         data = np.asarray(img.dataobj)

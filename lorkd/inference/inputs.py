@@ -1,4 +1,5 @@
-"""What ``python predict.py input=...`` predicts: a NIfTI file, a folder of NIfTI files, or a jsonl manifest.
+"""What ``python predict.py input=...`` predicts: a NIfTI file, a folder of NIfTI files and DICOM series
+folders, one DICOM series folder, or a jsonl manifest (whose images may be DICOM series folders too).
 
 Files and folders take ``labels`` and ``modality`` from the command line. A manifest line is
 ``{"image": ..., "label": [...], "modality": ..., "id"?, "region"?, "orientation"?}``; its labels
@@ -21,6 +22,15 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def folder_images(path: Path) -> list[Path]:
+    """A DICOM series folder itself, or the NIfTI files and DICOM series folders in ``path`` (sorted by name)."""
+    from lorkd.data.dicom import is_dicom_series
+
+    if is_dicom_series(path):
+        return [path]
+    return sorted(p for p in path.iterdir() if (p.is_file() and is_nifti(p)) or is_dicom_series(p))
 
 
 def _case(
@@ -57,9 +67,9 @@ def discover_cases(
         cases = _manifest_cases(path, labels, modality, region, orientation)
     else:
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
+            files = folder_images(path)
             if not files:
-                raise FileNotFoundError(f"no NIfTI files (*.nii.gz, *.nii) in folder {path}")
+                raise FileNotFoundError(f"no NIfTI files (*.nii.gz, *.nii) or DICOM series folders in folder {path}")
         elif path.is_file():
             files = [path]
         else:

@@ -4,7 +4,8 @@
   teacher (``model="teacher"``, read from the path recorded in the checkpoint, fingerprint checked);
 * a SATModule checkpoint (``kind: sat``): the teacher alone;
 * an official SAT vision file + its paired text encoder (``text_checkpoint`` and ``language_model_path``);
-* an export directory (``lorkd-export``): one merged standalone model per region, no peft involved.
+* an export directory (``lorkd-export``): one merged standalone model per region, no peft involved
+  (with ``runtime="onnx"``: its ONNX experts in onnxruntime).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from lorkd.experts import add_region_experts
 from lorkd.models.sat import SAT
 from lorkd.models.text import PromptBank
 from lorkd.regions import RegionMap
+
+RUNTIMES = ("torch", "onnx")
 
 
 @dataclass
@@ -64,12 +67,22 @@ class LoadedModel:
 class ExportedModel(LoadedModel):
     """An export directory seen as a :class:`LoadedModel`: each expert is its own merged network."""
 
-    def __init__(self, exported: ExportedExperts) -> None:
+    def __init__(self, exported: ExportedExperts, runtime: str = "torch") -> None:
         self.exported = exported
         base = exported.base_net()
         super().__init__(
             base, exported.prompts, "experts", list(exported.experts), exported.region_map, exported.data, exported.source
         )
+        self.runtime = runtime
+        self.onnx = {r: exported.onnx_expert(r) for r in self.experts} if runtime == "onnx" else {}
+
+    @property
+    def fixed_window(self) -> tuple[int, ...] | None:
+        """The window every ONNX expert was exported for (None with the torch runtime)."""
+        windows = {expert.window for expert in self.onnx.values()}
+        if len(windows) > 1:
+            raise ValueError(f"{self.source}: the ONNX experts were exported for different windows {sorted(windows)}")
+        return windows.pop() if windows else None
 
     @property
     def parameter_count(self) -> int:
@@ -78,6 +91,8 @@ class ExportedModel(LoadedModel):
     def network(self, expert: int | None) -> tuple[torch.nn.Module, int | None]:
         if expert is None or expert < 0:
             return self.net, None
+        if self.onnx:
+            return self.onnx[self.experts[expert]], None
         return self.exported.net(self.experts[expert]), None
 
     def to(self, device: torch.device | str) -> LoadedModel:
@@ -125,15 +140,23 @@ def load_model(
     model: str = "experts",
     text_checkpoint: str | Path | None = None,
     language_model_path: str | None = None,
+    runtime: str = "torch",
     **official_overrides: Any,
 ) -> LoadedModel:
-    """Build the network and prompt bank stored at ``path`` (see module docstring), in eval mode."""
+    """Build the network and prompt bank stored at ``path`` (see module docstring), in eval mode.
+
+    ``runtime="onnx"``: an export's experts run their ``model.onnx`` with onnxruntime (``lorkd-export ... onnx=true``).
+    """
     if model not in ("experts", "teacher"):
         raise ValueError(f"model must be 'experts' or 'teacher', got {model!r}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if Path(path).is_dir():
         if model != "experts":
             raise ValueError(f"{path} is an export directory: it holds region experts, not the teacher")
-        return ExportedModel(load_export(path))
+        return ExportedModel(load_export(path), runtime)
+    if runtime != "torch":
+        raise ValueError(f"runtime={runtime!r} needs an export directory written with `lorkd-export ... onnx=true`, not {path}")
     raw = _read(path)
     meta = raw.get(META_KEY) if isinstance(raw, Mapping) else None
     source = str(path)

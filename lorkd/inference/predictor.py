@@ -38,6 +38,7 @@ from lorkd.inference.sliding_window import (
     sliding_window_probabilities,
     window_size,
 )
+from lorkd.labels import HINT as LABELS_HINT
 from lorkd.models.text import PromptBank
 from lorkd.regions import UnknownLabelError, canonical_modality, normalize_label, normalize_labels
 
@@ -91,7 +92,8 @@ def read_input(
     """The input as a float32 3-D NIfTI image in its own grid; :class:`CaseError` names the file on failure."""
     if isinstance(image, (str, Path)):
         volume = read_volume(image, nan_policy)
-        return _like(volume.data, volume.affine, nib.load(str(image)).header)
+        header = None if Path(image).is_dir() else nib.load(str(image)).header  # a folder: a DICOM series
+        return _like(volume.data, volume.affine, header)
     if isinstance(image, nib.spatialimages.SpatialImage):
         name = image_name(image)
         data = squeeze_to_3d(np.asarray(image.dataobj), name)
@@ -217,9 +219,12 @@ class Predictor:
         divisor = model.size_divisor
         if self.teacher is not None:
             divisor = math.lcm(divisor, self.teacher.size_divisor)
+        fixed = getattr(model, "fixed_window", None)  # ONNX experts run the window they were exported for
+        if fixed is not None and window is not None and window_size(window, divisor) != fixed:
+            log.warning("ONNX experts of %s run windows of %s, not the %s asked for", model.source, fixed, window)
         if window is None:
             window = model.data.get("patch_size") or SAT_WINDOW
-        self.window = window_size(window, divisor)
+        self.window = fixed or window_size(window, divisor)
         self._sw_batch_size = int(sw_batch_size)
         self._amp = amp
         self.device = torch.device("cpu")
@@ -233,13 +238,17 @@ class Predictor:
         text_checkpoint: str | Path | None = None,
         language_model_path: str | None = None,
         official_overrides: dict[str, Any] | None = None,
+        runtime: str = "torch",
         **options: Any,
     ) -> Predictor:
         """Load a LoRKD, SATModule or official SAT checkpoint (see :func:`load_model`) once.
 
+        ``runtime="onnx"``: an export's experts run with onnxruntime (their exported window).
         ``options`` are :class:`Predictor`'s arguments (device, window, fallback, ...).
         """
-        loaded = load_model(path, model, text_checkpoint, language_model_path, **(official_overrides or {}))
+        loaded = load_model(
+            path, model, text_checkpoint, language_model_path, runtime=runtime, **(official_overrides or {})
+        )
         teacher = None
         if options.get("fallback") == "teacher" and loaded.experts:
             teacher = load_model(path, "teacher")
@@ -272,6 +281,13 @@ class Predictor:
         return self.device if needed < _STITCH_FREE_FRACTION * free else torch.device("cpu")
 
     # ---- prompts ----------------------------------------------------------------------------------
+    def labels(self, modality: str | None = None) -> dict[str, Any]:
+        """The model's label catalogue: labels per modality, their region and expert, parameter counts
+        (see :func:`lorkd.labels.catalogue`; ``lorkd-labels`` prints it)."""
+        from lorkd.labels import catalogue
+
+        return catalogue(self.model, modality)
+
     def plan(self, labels: Sequence[str], modality: str, region: str | None = None) -> list[PromptGroup]:
         """Which network segments which labels (raises for unknown labels unless ``fallback`` is set)."""
         return plan_groups(
@@ -314,7 +330,7 @@ class Predictor:
             hint = f"; closest known prompts: {', '.join(close)}" if close else ""
             raise UnknownLabelError(
                 f"prompt(s) {missing} are not in the prompt bank of {self.model.source} and no language model "
-                f"is available to encode them{hint}"
+                f"is available to encode them{hint}; {LABELS_HINT}"
             ) from exc
 
     # ---- inference --------------------------------------------------------------------------------

@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from lorkd.labels import HINT as LABELS_HINT
 from lorkd.regions import RegionMap, UnknownLabelError, canonical_modality, normalize_label
 
 FALLBACKS = (None, "base", "teacher")
 _FALLBACK_HINT = (
     "; or segment it anyway with routing.fallback=base (the student's shared weights) or "
     "routing.fallback=teacher (Predictor: fallback='base' / 'teacher')"
+    f"; {LABELS_HINT}"
 )
 
 

@@ -51,11 +51,13 @@ def _prepare(cfg: DictConfig) -> tuple[list[Case], Predictor, dict[str, Any]]:
 
     Returns the cases, the predictor and the run's part of the resume key.
     """
+    from lorkd.inference.dicom_seg import check_format
     from lorkd.inference.inputs import discover_cases
     from lorkd.inference.predictor import NEUTRAL_OPTIONS, Predictor
 
     cases = discover_cases(cfg.input, _plain(cfg.labels), cfg.modality, cfg.region, cfg.orientation)
     check_writable_folder(cfg.output_dir)
+    check_format(cfg.writer.get("format", "nifti"), [case.image for case in cases])
     official = _plain(cfg.official)
     options = _plain(cfg.inference)
     predictor = Predictor.from_checkpoint(
@@ -75,6 +77,8 @@ def _prepare(cfg: DictConfig) -> tuple[list[Case], Predictor, dict[str, Any]]:
         "official": official,
         "preview": bool(cfg.writer.preview),
         "probabilities": bool(cfg.writer.save_probabilities),
+        "statistics": bool(cfg.writer.get("statistics", False)),
+        "format": cfg.writer.get("format", "nifti"),
     }
     return cases, predictor, settings
 

@@ -1,7 +1,8 @@
 """Write a :class:`~lorkd.inference.predictor.Prediction` to a case folder, atomically and resumably.
 
 A case folder holds ``<label>.nii.gz`` (uint8 per label), ``segmentation.nii.gz`` (multilabel),
-``labels.json`` (id -> label), ``preview.png``, optionally ``probabilities/<label>.nii.gz`` and, written
+``labels.json`` (id -> label), ``preview.png``, optionally ``probabilities/<label>.nii.gz`` and
+``statistics.json`` (per-label volume and intensities), ``segmentation.dcm`` (DICOM-SEG) and, written
 last, ``prediction.json``: the marker of a complete case (labels, files, per-label summary rows).
 Every file is written to a temporary name and moved into place, so an interrupted run never leaves
 a half-written file under a final name, and a case without its marker is simply predicted again
@@ -28,11 +29,11 @@ from lorkd.io import atomic_write, folder_inside, path_inside, remove_temporarie
 
 MARKER = "prediction.json"
 SUMMARY_FIELDS = ("case", "label", "expert", "voxels", "volume_ml", "seconds", "status", "error")
-_RESERVED = {"segmentation", "labels", "preview", "probabilities", "prediction"}
+_RESERVED = {"segmentation", "labels", "preview", "probabilities", "prediction", "statistics"}
 PROBABILITIES = "probabilities"
 _PNG_START, _PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"  # a whole PNG ends with its IEND chunk
 # names this writer produces: the only files its stale-file cleanup may remove
-_OWN_FILE = re.compile(r"^(probabilities/)?[A-Za-z0-9._-]+\.nii\.gz$|^labels\.json$|^preview\.png$")
+_OWN_FILE = re.compile(r"^(probabilities/)?[A-Za-z0-9._-]+\.nii\.gz$|^labels\.json$|^preview\.png$|^statistics\.json$|^segmentation\.dcm$")
 
 
 def label_file_names(labels: Sequence[str]) -> dict[str, str]:
@@ -131,12 +132,17 @@ def save_prediction(
     probabilities: bool = True,
     metadata: dict[str, Any] | None = None,
     root: str | Path | None = None,
+    statistics: bool = False,
+    dicom_source: Path | None = None,
 ) -> dict[str, Any]:
     """Write every output of one image to ``folder`` (marker last) and return the marker.
 
     ``probabilities``: also write ``probabilities/<label>.nii.gz`` when the prediction has them.
     ``metadata`` is stored in the marker (e.g. the source image, checkpoint and resume key).
     ``root`` (default: ``folder``'s parent) is the folder no write may leave: :class:`~lorkd.io.UnsafePathError`.
+    ``statistics``: also write ``statistics.json`` (:mod:`lorkd.inference.statistics`).
+    ``dicom_source``: the DICOM series folder of the input; also write ``segmentation.dcm``, a DICOM
+    Segmentation referencing it (:mod:`lorkd.inference.dicom_seg`).
     """
     folder = Path(folder)
     folder = folder_inside(Path(root) if root is not None else folder.parent, folder)
@@ -165,6 +171,15 @@ def save_prediction(
         from lorkd.inference.preview import save_preview
 
         put("preview.png", lambda tmp: save_preview(prediction, tmp))
+    if statistics:
+        from lorkd.inference.statistics import STATISTICS, label_statistics
+
+        stats = {"case": case, **label_statistics(prediction)}
+        put(STATISTICS, lambda tmp: tmp.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8"))
+    if dicom_source is not None:
+        from lorkd.inference.dicom_seg import DICOM_SEG, write_dicom_seg
+
+        put(DICOM_SEG, lambda tmp: write_dicom_seg(prediction, dicom_source, tmp))
     _remove_stale(folder, set((old or {}).get("files", [])) - set(files))
     marker = {
         "case": case,
