@@ -13,6 +13,7 @@ from dicom_series import write_dicom_series
 from helpers import compose_config
 
 from lorkd.data.io import CaseError, read_volume
+from lorkd.exit_codes import NotStarted
 from lorkd.inference.inputs import discover_cases
 from lorkd.inference.run import predict
 
@@ -141,5 +142,5 @@ def test_predict_on_dicom_series_equals_the_nifti_and_writes_dicom_seg(tiny_lork
         for s, label in enumerate(("liver", "spleen")):
             np.testing.assert_array_equal(frame[..., s], masks[label][:, :, k].T)
 
-    with pytest.raises(ValueError, match="dicom_seg needs DICOM series inputs"):
+    with pytest.raises(NotStarted, match="dicom_seg needs DICOM series inputs"):
         run(nifti, tmp_path / "out_bad", "writer.format=dicom_seg")
