@@ -34,8 +34,31 @@ def predict(cfg: DictConfig) -> None:
     run(cfg)
 
 
-def export() -> None:
-    """``lorkd-export ckpt_path=CKPT out=DIR`` (key=value arguments, see ``lorkd.checkpoints.commands``)."""
-    from lorkd.checkpoints.commands import export_main
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
+def export(cfg: DictConfig) -> None:
+    """``lorkd-export ckpt_path=CKPT output_dir=DIR`` (see ``lorkd.checkpoints.commands``)."""
+    from lorkd.checkpoints.commands import export as run
 
-    export_main()
+    run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="convert")
+def convert(cfg: DictConfig) -> None:
+    """``python scripts/convert_lorkd_official.py ckpt_path=PTH output_path=CKPT official...``."""
+    from lorkd.checkpoints.commands import convert as run
+
+    run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="check_manifest")
+def check_manifest(cfg: DictConfig) -> None:
+    """``python -m lorkd.data.manifest manifests=[M1,M2] [regions=demo | ~regions] [require_masks=false]``."""
+    from hydra.utils import instantiate
+
+    from lorkd.data.manifest import check
+
+    manifests = [cfg.manifests] if isinstance(cfg.manifests, str) else list(cfg.manifests)
+    region_map = instantiate(cfg.regions) if cfg.get("regions") else None
+    status = check(manifests, require_masks=cfg.require_masks, region_map=region_map)
+    if status:
+        raise SystemExit(status)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import compose_config
 
+from lorkd.cli import check_manifest
 from lorkd.data.io import CaseError, read_volume
-from lorkd.data.manifest import ManifestError, load_manifest, main, validate_manifest
+from lorkd.data.manifest import ManifestError, load_manifest, validate_manifest
 
 GOOD = {"image": "ct/case1.nii.gz", "label": ["liver"], "modality": "ct", "dataset": "D", "mask": "ct/case1_seg.nii.gz"}
 
@@ -159,7 +163,28 @@ def test_read_volume_errors_name_the_file(tmp_path, write_nifti):
 def test_command_line_reports_problems(tmp_path, files, capsys):
     ok = write_manifest(tmp_path / "ok.jsonl", [GOOD])
     bad = write_manifest(tmp_path / "bad.jsonl", [{**GOOD, "label": ["liver tumor"]}])
-    assert main([str(ok)]) == 0 and "ok.jsonl: OK" in capsys.readouterr().out
-    assert main([str(ok), str(bad)]) == 1
+
+    def run(*overrides: str) -> int:
+        try:
+            check_manifest(compose_config("check_manifest", overrides))
+        except SystemExit as exit:
+            return int(exit.code)
+        return 0
+
+    assert run(f"manifests={ok}") == 0 and "ok.jsonl: OK" in capsys.readouterr().out
+    assert run(f"manifests=[{ok},{bad}]") == 1
     assert "bad.jsonl:1: unknown label 'liver tumor'" in capsys.readouterr().out
-    assert main([str(bad), "--regions", "demo"]) == 0  # the demo map knows the CT liver tumour
+    assert run(f"manifests=[{bad}]", "regions=demo") == 0  # the demo map knows the CT liver tumour
+    assert run(f"manifests=[{bad}]", "~regions") == 0  # no label checks
+    masks_missing = write_manifest(tmp_path / "predict.jsonl", [{k: v for k, v in GOOD.items() if k != "mask"}])
+    assert run(f"manifests=[{masks_missing}]") == 1
+    assert run(f"manifests=[{masks_missing}]", "require_masks=false") == 0
+
+
+def test_manifest_check_command(tmp_path, files):
+    bad = write_manifest(tmp_path / "bad.jsonl", [{**GOOD, "label": ["liver tumor"]}])
+    command = [sys.executable, "-m", "lorkd.data.manifest", f"manifests=[{bad}]"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 1 and "bad.jsonl:1: unknown label 'liver tumor'" in done.stdout, done.stderr
+    assert subprocess.run([*command, "regions=demo"], cwd=tmp_path, capture_output=True).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "ct"]  # no run folder, no log

@@ -180,12 +180,20 @@ def test_an_existing_target_is_kept_unless_overwrite(tiny_export, distinct_lorkd
 def test_the_export_command(distinct_lorkd_ckpt, tmp_path):
     out = tmp_path / "cli"
     subprocess.run(
-        [sys.executable, "scripts/export_experts.py", f"ckpt_path={distinct_lorkd_ckpt}", f"out={out}", "regions=[pelvis,spine]"],
+        [sys.executable, "scripts/export_experts.py", f"ckpt_path={distinct_lorkd_ckpt}", f"output_dir={out}", "only=[pelvis,spine]"],
         check=True, cwd=ROOT,
     )  # fmt: skip
     assert load_export(out).experts == ["pelvis", "spine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # a Hydra app without a run folder
     result = subprocess.run(
-        [sys.executable, "scripts/export_experts.py", f"ckpt_path={distinct_lorkd_ckpt}", f"out={out}"],
+        [sys.executable, "scripts/export_experts.py", f"ckpt_path={distinct_lorkd_ckpt}", f"output_dir={out}"],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
-    assert result.returncode != 0 and "overwrite=true" in result.stderr
+    assert result.returncode == 1 and "overwrite=true" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(
+        [sys.executable, "scripts/convert_lorkd_official.py", f"ckpt_path={distinct_lorkd_ckpt}", f"output_path={tmp_path / 'x.ckpt'}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "convert_lorkd_official: error: official.text_checkpoint=... is required"
+    ]

@@ -70,7 +70,7 @@ def test_console_scripts_answer_help_outside_the_repository(installed, tmp_path)
         assert "Powered by Hydra" in out and "ckpt_path" in out or command == "lorkd-train", out[-2000:]
 
 
-def test_installed_predict_runs_outside_the_repository(installed, tiny_lorkd_ckpt, tiny_demo_data, tmp_path):
+def test_installed_predict_and_export_run_outside_the_repository(installed, tiny_lorkd_ckpt, tiny_demo_data, tmp_path):
     bin_dir, env = installed
     image = json.loads((tiny_demo_data / "test.jsonl").read_text().splitlines()[0])["image"]
     image = Path(image) if Path(image).is_absolute() else tiny_demo_data / image
@@ -82,3 +82,6 @@ def test_installed_predict_runs_outside_the_repository(installed, tiny_lorkd_ckp
     case = next(p for p in (tmp_path / "pred").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert (case / "segmentation.nii.gz").is_file() and (case / "liver.nii.gz").is_file()
     assert (tmp_path / "pred" / "summary.csv").is_file()
+    _run([str(bin_dir / "lorkd-export"), f"ckpt_path={tiny_lorkd_ckpt}", "output_dir=export", "only=[abdomen]"], tmp_path, env)
+    assert json.loads((tmp_path / "export" / "index.json").read_text())["expert_order"] == ["abdomen"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "pred"]
