@@ -32,8 +32,9 @@ def _run(command: list[str], cwd: Path, env: dict[str, str], timeout: float = 30
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """(bin folder of a fresh venv holding a non-editable install of this checkout, its environment)."""
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], Path]:
+    """(bin folder of a fresh venv holding a non-editable install of this checkout, its environment,
+    its site-packages)."""
     root = tmp_path_factory.mktemp("install")
     source = root / "source"
     source.mkdir()
@@ -60,18 +61,18 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     callbacks, configs = map(Path, where.split())
     assert callbacks.is_relative_to(packages / "lorkd") and configs == packages / "lorkd" / "configs", where
     assert not (packages / "callbacks").exists() and not (packages / "configs").exists()
-    return venv / "bin", env
+    return venv / "bin", env, packages
 
 
 def test_console_scripts_answer_help_outside_the_repository(installed, tmp_path):
-    bin_dir, env = installed
+    bin_dir, env, _ = installed
     for command in ("lorkd-predict", "lorkd-export", "lorkd-eval", "lorkd-train"):
         out = _run([str(bin_dir / command), "--help"], tmp_path, env)
         assert "Powered by Hydra" in out and "ckpt_path" in out or command == "lorkd-train", out[-2000:]
 
 
 def test_installed_predict_and_export_run_outside_the_repository(installed, tiny_lorkd_ckpt, tiny_demo_data, tmp_path):
-    bin_dir, env = installed
+    bin_dir, env, packages = installed
     image = json.loads((tiny_demo_data / "test.jsonl").read_text().splitlines()[0])["image"]
     image = Path(image) if Path(image).is_absolute() else tiny_demo_data / image
     _run(
@@ -84,4 +85,6 @@ def test_installed_predict_and_export_run_outside_the_repository(installed, tiny
     assert (tmp_path / "pred" / "summary.csv").is_file()
     _run([str(bin_dir / "lorkd-export"), f"ckpt_path={tiny_lorkd_ckpt}", "output_dir=export", "only=[abdomen]"], tmp_path, env)
     assert json.loads((tmp_path / "export" / "index.json").read_text())["expert_order"] == ["abdomen"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "pred"]
+    # default outputs (Hydra run folders) go under the working directory, never into the installation
+    assert {p.name for p in tmp_path.iterdir()} <= {"export", "pred", "outputs"}
+    assert {p.name for p in packages.iterdir() if not p.name.endswith((".pth", ".dist-info"))} <= {"lorkd", "__pycache__"}
