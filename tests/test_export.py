@@ -96,8 +96,8 @@ def test_the_model_card_round_trips(tiny_export, distinct_lorkd_ckpt):
         assert card["parameter_counts"]["teacher"] == meta.parameter_counts["teacher"]
         assert set(card["versions"]) == {"lorkd", "torch", "peft", "safetensors", "python"}
         assert card["files"][MODEL]["sha256"] == sha256_file(tiny_export / region / MODEL)
-        assert card["text_encoder"]["query_dim"] == meta["text_encoder"]["query_dim"]
-        assert card["prompt_bank"]["labels"] == len(meta["prompt_bank"]["labels"])
+        assert card["text_encoder"]["query_dim"] == meta.text_encoder.query_dim
+        assert card["prompt_bank"]["labels"] == len(meta.prompt_bank["labels"])
     labels = read_card(tiny_export / "abdomen")["labels"]
     assert "ct_liver" in labels["with_cached_prompt"] and "ct_liver tumor" in labels["abnormal"]
     assert set(labels["with_cached_prompt"]) <= set(labels["routed"])
