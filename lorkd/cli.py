@@ -98,15 +98,39 @@ def predict(*args: Any, **kwargs: Any) -> None:
     _predict(*args, **kwargs)
 
 
-def export() -> None:
-    """``lorkd-export ckpt_path=CKPT out=DIR`` (key=value arguments, see ``lorkd.checkpoints.commands``)."""
-    from lorkd.checkpoints.commands import export_main
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
+def export(cfg: DictConfig) -> None:
+    """``lorkd-export ckpt_path=CKPT output_dir=DIR`` (see ``lorkd.checkpoints.commands``)."""
+    from lorkd.checkpoints.commands import export as run
 
-    export_main()
+    run(cfg)
 
 
-def labels() -> None:
-    """``lorkd-labels ckpt_path=CKPT [modality=ct] [--json]``: the labels a model knows (see ``lorkd.labels``)."""
-    from lorkd.labels import main
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="convert")
+def convert(cfg: DictConfig) -> None:
+    """``python scripts/convert_lorkd_official.py ckpt_path=PTH output_path=CKPT official...``."""
+    from lorkd.checkpoints.commands import convert as run
 
-    main()
+    run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="check_manifest")
+def check_manifest(cfg: DictConfig) -> None:
+    """``python -m lorkd.data.manifest manifests=[M1,M2] [regions=demo | ~regions] [require_masks=false] [quick=true]``."""
+    from hydra.utils import instantiate
+
+    from lorkd.data.manifest import check
+
+    manifests = [cfg.manifests] if isinstance(cfg.manifests, str) else list(cfg.manifests)
+    region_map = instantiate(cfg.regions) if cfg.get("regions") else None
+    status = check(manifests, require_masks=cfg.require_masks, region_map=region_map, quick=cfg.quick)
+    if status:
+        raise SystemExit(status)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="labels")
+def labels(cfg: DictConfig) -> None:
+    """``lorkd-labels ckpt_path=CKPT [modality=ct] [json=true]``: the labels a model knows (see ``lorkd.labels``)."""
+    from lorkd.labels import run
+
+    run(cfg)

@@ -1,6 +1,6 @@
 """The label catalogue of a model: what can be asked for (``lorkd-labels``, ``Predictor.labels()``).
 
-    lorkd-labels ckpt_path=outputs/lorkd/checkpoints/last.ckpt [modality=ct] [model=teacher] [--json]
+    lorkd-labels ckpt_path=outputs/lorkd/checkpoints/last.ckpt [modality=ct] [model=teacher] [json=true]
     python -m lorkd.labels ckpt_path=exports/demo json=true
 
 For a LoRKD checkpoint or export: every label of its region map per modality, the region and
@@ -12,7 +12,6 @@ prompts in its bank, valid for every modality.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from lorkd.regions import MODALITY_CODES, canonical_modality
@@ -88,28 +87,22 @@ def format_catalogue(entry: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``lorkd-labels``: see the module docstring."""
-    import argparse
+def run(cfg: Any) -> None:
+    """``lorkd-labels`` (``configs/labels.yaml``; :func:`lorkd.cli.labels` makes it a Hydra app)."""
     import json
 
-    from lorkd.checkpoints.commands import bool_argument, parse_arguments, run_command
-
-    parser = argparse.ArgumentParser(prog="lorkd-labels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_path", required=True, help="LoRKD / SAT checkpoint or export directory")
-    parser.add_argument("--model", default="experts", choices=["experts", "teacher"], help="which network of a LoRKD checkpoint")
-    parser.add_argument("--modality", help="only this modality (ct, mri, us, pet)")
-    parser.add_argument("--json", nargs="?", const=True, default=False, type=bool_argument, help="print JSON")
-    options = parse_arguments(parser, argv)
+    from lorkd.checkpoints.commands import run_command
 
     def job() -> str:
         from lorkd.inference.loading import load_model
 
-        entry = catalogue(load_model(options["ckpt_path"], options["model"]), options.get("modality"))
-        return json.dumps(entry, indent=2) if options["json"] else format_catalogue(entry)
+        entry = catalogue(load_model(cfg.ckpt_path, cfg.model), cfg.modality)
+        return json.dumps(entry, indent=2) if cfg.json else format_catalogue(entry)
 
-    run_command(parser, job)
+    run_command("lorkd-labels", job)
 
 
 if __name__ == "__main__":
-    main()
+    from lorkd.cli import labels
+
+    labels()

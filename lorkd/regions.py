@@ -125,10 +125,6 @@ class RegionMap:
             labels.setdefault(region, []).append(key)
         return {"regions": list(self.regions), "labels": labels, "abnormal": sorted(self.abnormal)}
 
-    @property
-    def num_experts(self) -> int:
-        return len(self.regions)
-
     def __contains__(self, key: str) -> bool:
         return key in self.label_region
 

@@ -11,13 +11,27 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = PROJECT_ROOT / "configs"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# an installed package carries the configs as lorkd/configs (setup.py maps the top-level configs/ there);
+# a repository checkout reads the top-level configs/ itself
+INSTALLED = (_PACKAGE_DIR / "configs").is_dir()
+CONFIG_DIR = _PACKAGE_DIR / "configs" if INSTALLED else _PACKAGE_DIR.parent / "configs"
+
+
+def project_root() -> Path:
+    """Where default outputs go (``outputs/``): the repository root, or the working directory when installed."""
+    return Path.cwd() if INSTALLED else _PACKAGE_DIR.parent
+
+
+PROJECT_ROOT = project_root()
 
 
 def register_resolvers() -> None:
+    """``${project_root:}`` (see :func:`project_root`) and ``${config_dir:}`` (the config tree in use)."""
     if not OmegaConf.has_resolver("project_root"):
-        OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+        OmegaConf.register_new_resolver("project_root", lambda: str(project_root()))
+    if not OmegaConf.has_resolver("config_dir"):
+        OmegaConf.register_new_resolver("config_dir", lambda: str(CONFIG_DIR))
 
 
 def offline_environment() -> None:

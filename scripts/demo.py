@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from lorkd.checkpoints import schema
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "outputs" / "demo"
 
@@ -54,10 +56,11 @@ def last_metrics(run_dir: Path) -> dict[str, float]:
 
 
 def patch_dice_table(lorkd_dir: Path) -> str:
-    ckpt = torch.load(lorkd_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    counts = ckpt["lorkd"]["parameter_counts"]
+    path = lorkd_dir / "checkpoints" / "last.ckpt"
+    meta = schema.read(torch.load(path, map_location="cpu", weights_only=True), str(path))
+    counts = meta.parameter_counts
     metrics = last_metrics(lorkd_dir)
-    regions = [r for r in ckpt["lorkd"]["experts"]["regions"] if f"val/dice/{r}" in metrics]
+    regions = [r for r in meta.experts.regions if f"val/dice/{r}" in metrics]
     lines = [
         "Validation patch Dice per region (full-volume evaluation follows):",
         "",

@@ -1,9 +1,9 @@
 """Export a LoRKD checkpoint: one merged standalone model per region + peft adapters (same as ``lorkd-export``).
 
-python scripts/export_experts.py ckpt_path=outputs/demo/lorkd/checkpoints/last.ckpt out=outputs/demo/export
+python scripts/export_experts.py ckpt_path=outputs/demo/lorkd/checkpoints/last.ckpt output_dir=outputs/demo/export
 """
 
-from lorkd.checkpoints.commands import export_main
+from lorkd.cli import export
 
 if __name__ == "__main__":
-    export_main()
+    export()

@@ -68,7 +68,7 @@ def test_demo_config_builds_every_loader(demo_dir, tmp_path):
     )  # 2 patches/item
 
     (item,) = [b for b in dm.test_dataloader() if b["index"] == 0]
-    assert item["case"].id == "abdomen_ct_003" and item["case"].has_masks
+    assert item["case"].id == "abdomen_ct_003" and item["case"].mask is not None
 
 
 def test_predict_manifest_needs_no_masks(demo_dir, tmp_path):
@@ -81,7 +81,7 @@ def test_predict_manifest_needs_no_masks(demo_dir, tmp_path):
         demo_dir, tmp_path / "cache", f"data.predict_manifest={predict}", "data.train_manifest=null"
     )
     cases = [b["case"] for b in dm.predict_dataloader()]
-    assert len(cases) == len(rows) and not any(c.has_masks for c in cases)
+    assert len(cases) == len(rows) and all(c.mask is None and c.masks is None for c in cases)
     with pytest.raises(ValueError, match="no training data"):
         dm.train_dataloader()
 

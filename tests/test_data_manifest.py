@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import compose_config
 
+from lorkd.cli import check_manifest
 from lorkd.data.io import CaseError, read_volume
-from lorkd.data.manifest import ManifestError, load_manifest, main, validate_manifest
+from lorkd.data.manifest import ManifestError, load_manifest, validate_manifest
 
 GOOD = {"image": "ct/case1.nii.gz", "label": ["liver"], "modality": "ct", "dataset": "D", "mask": "ct/case1_seg.nii.gz"}
 
@@ -156,13 +160,36 @@ def test_read_volume_errors_name_the_file(tmp_path, write_nifti):
         read_volume(tmp_path / "missing.nii.gz")
 
 
+def run(*overrides: str) -> int:
+    """The manifest check command in process; its exit status."""
+    try:
+        check_manifest(compose_config("check_manifest", overrides))
+    except SystemExit as exit:
+        return int(exit.code)
+    return 0
+
+
 def test_command_line_reports_problems(tmp_path, files, capsys):
     ok = write_manifest(tmp_path / "ok.jsonl", [GOOD])
     bad = write_manifest(tmp_path / "bad.jsonl", [{**GOOD, "label": ["liver tumor"]}])
-    assert main([str(ok)]) == 0 and "ok.jsonl: OK" in capsys.readouterr().out
-    assert main([str(ok), str(bad)]) == 1
+
+    assert run(f"manifests={ok}") == 0 and "ok.jsonl: OK" in capsys.readouterr().out
+    assert run(f"manifests=[{ok},{bad}]") == 1
     assert "bad.jsonl:1: unknown label 'liver tumor'" in capsys.readouterr().out
-    assert main([str(bad), "--regions", "demo"]) == 0  # the demo map knows the CT liver tumour
+    assert run(f"manifests=[{bad}]", "regions=demo") == 0  # the demo map knows the CT liver tumour
+    assert run(f"manifests=[{bad}]", "~regions") == 0  # no label checks
+    masks_missing = write_manifest(tmp_path / "predict.jsonl", [{k: v for k, v in GOOD.items() if k != "mask"}])
+    assert run(f"manifests=[{masks_missing}]") == 1
+    assert run(f"manifests=[{masks_missing}]", "require_masks=false") == 0
+
+
+def test_manifest_check_command(tmp_path, files):
+    bad = write_manifest(tmp_path / "bad.jsonl", [{**GOOD, "label": ["liver tumor"]}])
+    command = [sys.executable, "-m", "lorkd.data.manifest", f"manifests=[{bad}]"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 1 and "bad.jsonl:1: unknown label 'liver tumor'" in done.stdout, done.stderr
+    assert subprocess.run([*command, "regions=demo"], cwd=tmp_path, capture_output=True).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "ct"]  # no run folder, no log
 
 
 def test_command_line_reads_voxels_mask_ids_above_the_labels_and_truncated_images(tmp_path, write_nifti, capsys):
@@ -183,9 +210,9 @@ def test_command_line_reads_voxels_mask_ids_above_the_labels_and_truncated_image
             {**GOOD, "image": "ct/b.nii.gz", "mask": "ct/b_seg.nii.gz", "id": "b"},
         ],
     )
-    assert main([str(path)]) == 1
+    assert run(f"manifests={path}") == 1
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 2
     assert out[0].startswith(f"{path}:1: ") and "a_seg.nii.gz has id(s) [3] outside 0..1" in out[0]
     assert out[1].startswith(f"{path}:2: ") and "b.nii.gz: cannot read voxels" in out[1]
-    assert main([str(path), "--quick"]) == 0  # headers only
+    assert run(f"manifests={path}", "quick=true") == 0  # headers only

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from helpers import demo_overrides, run_training, tiny_sat
 
+from lorkd.checkpoints import schema
 from lorkd.experts import add_region_experts, route
 from lorkd.experts.build import expert_layers
 
@@ -47,7 +48,7 @@ def test_a_lorkd_style_fit_checkpoints_the_released_shapes_and_exports(tiny_demo
     )  # fmt: skip
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     raw = torch.load(ckpt, weights_only=True)
-    assert raw["lorkd"]["experts"]["style"] == "lorkd"
+    assert schema.read(raw, str(ckpt)).experts.style == "lorkd"
     a = raw["state_dict"]["student.backbone.base_model.model.encoder.stages.1.0.convs.0.conv.lora_A.abdomen.weight"]
     assert tuple(a.shape) == (3 * 4, 9 * 8)  # (3r, 9·Cin)
     student = load_model(ckpt)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorkd.checkpoints import schema
 from lorkd.checkpoints.adapters import load_adapters
 from lorkd.checkpoints.export import export_experts
 from lorkd.checkpoints.exported import (
@@ -68,7 +69,7 @@ def test_each_exported_expert_equals_the_routed_student(tiny_export, student):
 
 def test_an_exported_expert_has_the_student_base_size_and_only_plain_modules(tiny_export, tiny_lorkd_ckpt):
     exported = load_export(tiny_export, regions=["thorax"], preload=True)
-    base = torch.load(tiny_lorkd_ckpt, weights_only=True)["lorkd"]["parameter_counts"]["student_base"]
+    base = schema.read(torch.load(tiny_lorkd_ckpt, weights_only=True), "ckpt").parameter_counts["student_base"]
     expert = exported.expert("thorax")
     assert expert.parameter_count == exported.parameter_count == base
     assert type(expert.net) is SAT and type(expert.net.backbone) is PlainConvUNet
@@ -78,25 +79,25 @@ def test_an_exported_expert_has_the_student_base_size_and_only_plain_modules(tin
 
 
 def test_the_model_card_round_trips(tiny_export, distinct_lorkd_ckpt):
-    meta = torch.load(distinct_lorkd_ckpt, weights_only=True)["lorkd"]
+    meta = schema.read(torch.load(distinct_lorkd_ckpt, weights_only=True), "ckpt")
     for region in ("abdomen", "brain"):
         card = read_card(tiny_export / region)
         assert json.loads(json.dumps(card)) == card == load_export(tiny_export).card(region)
-        assert SAT(**card["architecture"]["arguments"]).config == meta["net"]
+        assert SAT(**card["architecture"]["arguments"]).config == meta.net
         assert card["architecture"]["preset"] == "unet_tiny"
-        assert card["region"] == region and card["expert_index"] == meta["experts"]["regions"].index(region)
-        rank = meta["experts"]["ranks"][region]
+        assert card["region"] == region and card["expert_index"] == meta.experts.regions.index(region)
+        rank = meta.experts.ranks[region]
         assert card["expert"] == {
             "style": "peft", "scaling": 2.0, "rank": rank, "decoder_rank": 2 * rank, "decoder_rank_factor": 2,
-            "parameters": meta["parameter_counts"][f"expert_{region}"], "merged_into_base": True, "trained_base": True,
+            "parameters": meta.parameter_counts[f"expert_{region}"], "merged_into_base": True, "trained_base": True,
         }  # fmt: skip
-        assert card["data"] == meta["data"]
-        assert card["parameter_counts"]["model"] == meta["parameter_counts"]["student_base"]
-        assert card["parameter_counts"]["teacher"] == meta["parameter_counts"]["teacher"]
+        assert card["data"] == meta.data
+        assert card["parameter_counts"]["model"] == meta.parameter_counts["student_base"]
+        assert card["parameter_counts"]["teacher"] == meta.parameter_counts["teacher"]
         assert set(card["versions"]) == {"lorkd", "torch", "peft", "safetensors", "python"}
         assert card["files"][MODEL]["sha256"] == sha256_file(tiny_export / region / MODEL)
-        assert card["text_encoder"]["query_dim"] == meta["text_encoder"]["query_dim"]
-        assert card["prompt_bank"]["labels"] == len(meta["prompt_bank"]["labels"])
+        assert card["text_encoder"]["query_dim"] == meta.text_encoder.query_dim
+        assert card["prompt_bank"]["labels"] == len(meta.prompt_bank["labels"])
     labels = read_card(tiny_export / "abdomen")["labels"]
     assert "ct_liver" in labels["with_cached_prompt"] and "ct_liver tumor" in labels["abnormal"]
     assert set(labels["with_cached_prompt"]) <= set(labels["routed"])
@@ -180,12 +181,20 @@ def test_an_existing_target_is_kept_unless_overwrite(tiny_export, distinct_lorkd
 def test_the_export_command(distinct_lorkd_ckpt, tmp_path):
     out = tmp_path / "cli"
     subprocess.run(
-        [sys.executable, "scripts/export_experts.py", f"ckpt_path={distinct_lorkd_ckpt}", f"out={out}", "regions=[pelvis,spine]"],
+        [sys.executable, "scripts/export_experts.py", f"ckpt_path={distinct_lorkd_ckpt}", f"output_dir={out}", "only=[pelvis,spine]"],
         check=True, cwd=ROOT,
     )  # fmt: skip
     assert load_export(out).experts == ["pelvis", "spine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # a Hydra app without a run folder
     result = subprocess.run(
-        [sys.executable, "scripts/export_experts.py", f"ckpt_path={distinct_lorkd_ckpt}", f"out={out}"],
+        [sys.executable, "scripts/export_experts.py", f"ckpt_path={distinct_lorkd_ckpt}", f"output_dir={out}"],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
-    assert result.returncode != 0 and "overwrite=true" in result.stderr
+    assert result.returncode == 1 and "overwrite=true" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(
+        [sys.executable, "scripts/convert_lorkd_official.py", f"ckpt_path={distinct_lorkd_ckpt}", f"output_path={tmp_path / 'x.ckpt'}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "convert_lorkd_official: error: official.text_checkpoint=... is required"
+    ]

@@ -61,7 +61,7 @@ def test_unknown_label_errors_point_to_lorkd_labels(tiny_lorkd_ckpt):
 
 @pytest.mark.slow
 def test_lorkd_labels_command_prints_a_table_and_json(tiny_lorkd_ckpt):
-    done = _labels_cli(f"ckpt_path={tiny_lorkd_ckpt}", "--json")
+    done = _labels_cli(f"ckpt_path={tiny_lorkd_ckpt}", "json=true")
     assert done.returncode == 0, done.stderr
     entry = json.loads(done.stdout)
     assert {"ct", "mri"} <= set(entry["labels"]) and entry["experts"][0]["region"] == "abdomen"

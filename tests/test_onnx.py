@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import compose_config
 
-from lorkd.checkpoints.commands import export_main
+from lorkd.checkpoints.commands import export
 from lorkd.checkpoints.exported import ExportIntegrityError
 from lorkd.checkpoints.onnx import OnnxExpert
 from lorkd.inference.predictor import Predictor
@@ -23,7 +23,7 @@ REGIONS = ["abdomen", "thorax", "brain"]  # the demo test cases' experts
 @pytest.fixture(scope="module")
 def onnx_export(distinct_lorkd_ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("onnx") / "demo"
-    export_main([f"ckpt_path={distinct_lorkd_ckpt}", f"out={out}", f"regions=[{','.join(REGIONS)}]", "onnx=true"])
+    export(compose_config("export", [f"ckpt_path={distinct_lorkd_ckpt}", f"output_dir={out}", f"only=[{','.join(REGIONS)}]", "onnx=true"]))
     return out
 
 

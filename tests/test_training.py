@@ -2,6 +2,7 @@ import pytest
 import torch
 from helpers import demo_overrides, run_training
 
+from lorkd.checkpoints import schema
 from lorkd.experts.build import expert_layers
 from lorkd.inference.loading import load_model
 from lorkd.losses import distillation_loss, hard_dice, segmentation_loss
@@ -9,16 +10,17 @@ from lorkd.losses import distillation_loss, hard_dice, segmentation_loss
 
 def test_teacher_and_lorkd_checkpoints_after_a_two_step_fit(tiny_teacher_ckpt, tiny_lorkd_ckpt):
     teacher = torch.load(tiny_teacher_ckpt, weights_only=True)
-    assert teacher["global_step"] == 2 and teacher["lorkd"]["kind"] == "sat"
+    assert teacher["global_step"] == 2 and schema.read(teacher, "teacher").kind == "sat"
     lorkd = torch.load(tiny_lorkd_ckpt, weights_only=True)
-    assert lorkd["global_step"] == 2 and lorkd["lorkd"]["kind"] == "lorkd"
+    meta = schema.read(lorkd, "lorkd")
+    assert lorkd["global_step"] == 2 and meta.kind == "lorkd" and meta.version == schema.VERSION
     assert not any(k.startswith("teacher.") for k in lorkd["state_dict"])  # teacher stored by path + fingerprint
-    meta = lorkd["lorkd"]
-    assert meta["teacher"]["path"] == str(tiny_teacher_ckpt.resolve()) and len(meta["teacher"]["fingerprint"]) == 16
-    assert meta["data"]["patch_size"] == [32, 32, 16] and meta["data"]["preprocess"]["spacing"] == [1.0, 1.0, 3.0]
-    counts = meta["parameter_counts"]
+    assert meta.teacher.path == str(tiny_teacher_ckpt.resolve()) and len(meta.teacher.fingerprint) == 16
+    assert meta.data["patch_size"] == [32, 32, 16] and meta.data["preprocess"]["spacing"] == [1.0, 1.0, 3.0]
+    assert meta.experts.regions[:2] == ["abdomen", "brain"] and meta.experts.style == "peft"
+    counts = meta.parameter_counts
     assert counts["deployed_expert"] == counts["student_base"] <= 0.6 * counts["teacher"]
-    assert set(meta["prompt_bank"]["labels"]) >= {"liver", "left lung", "white matter"}
+    assert set(meta.prompt_bank["labels"]) >= {"liver", "left lung", "white matter"}
 
 
 def test_lorkd_checkpoint_loads_for_inference(tiny_lorkd_ckpt):

@@ -14,6 +14,7 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from lorkd.checkpoints import schema
 from lorkd.checkpoints.adapters import plain_state, save_adapters
 from lorkd.checkpoints.exported import (
     ADAPTERS,
@@ -37,6 +39,7 @@ from lorkd.checkpoints.exported import (
     sha256_file,
 )
 from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.schema import CheckpointMeta
 from lorkd.checkpoints.teacher import read_checkpoint, sub_state
 from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts
 from lorkd.io import write_json
@@ -50,17 +53,17 @@ log = logging.getLogger(__name__)
 _PRESET_KEYS = ("features", "strides", "n_convs", "proj_hidden", "mask_hidden", "latent_stride")
 
 
-def read_lorkd_checkpoint(path: str | Path, **official: Any) -> dict[str, Any]:
-    """Our LoRKD checkpoint as stored, or a released one converted in memory (``official``: the arguments of
-    ``lorkd_checkpoint_from_official``: text_checkpoint, language_model_path, student_preset, ...)."""
+def read_lorkd_checkpoint(path: str | Path, **official: Any) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
+    """(record, state dict) of our LoRKD checkpoint, or of a released one converted in memory (``official``: the
+    arguments of ``lorkd_checkpoint_from_official``: text_checkpoint, language_model_path, student_preset, ...)."""
     from lorkd.checkpoints.lorkd_official import is_lorkd_official, lorkd_checkpoint_from_official
 
     raw = read_checkpoint(path)
-    meta = raw.get("lorkd") if isinstance(raw, Mapping) else None
+    meta = schema.read(raw, str(path))
     if meta is not None:
-        if meta.get("kind") != "lorkd":
-            raise ValueError(f"{path} is a {meta.get('kind')!r} checkpoint; export needs a LoRKD checkpoint with experts")
-        return raw
+        if meta.kind != "lorkd":
+            raise ValueError(f"{path} is a {meta.kind!r} checkpoint; export needs a LoRKD checkpoint with experts")
+        return meta, raw["state_dict"]
     if not is_lorkd_official(raw.get("model_state_dict", raw)):
         raise ValueError(f"{path} is neither a LoRKD checkpoint (no 'lorkd' metadata) nor a released LoRKD file")
     del raw
@@ -69,15 +72,16 @@ def read_lorkd_checkpoint(path: str | Path, **official: Any) -> dict[str, Any]:
             f"{path} is a released LoRKD checkpoint: also give its paired text encoder (text_checkpoint=...) "
             "and a local BioLORD-2023-C folder (language_model_path=...)"
         )
-    return lorkd_checkpoint_from_official(path, **official)
+    converted = lorkd_checkpoint_from_official(path, **official)
+    return schema.read(converted, str(path)), converted["state_dict"]
 
 
-def build_student(checkpoint: Mapping[str, Any], source: str) -> SAT:
+def build_student(meta: CheckpointMeta, state: Mapping[str, torch.Tensor], source: str) -> SAT:
     """The student SAT with its region experts, weights loaded with strict key accounting, in eval mode."""
-    meta = checkpoint["lorkd"]
-    net = SAT(**meta["net"])
-    net.backbone = add_region_experts(net.backbone, **meta["experts"])
-    load_mapped(net, sub_state(checkpoint["state_dict"], "student."), KeyReport(source=source))
+    assert meta.experts is not None  # schema.read checks it for kind "lorkd"
+    net = SAT(**meta.net)
+    net.backbone = add_region_experts(net.backbone, **meta.experts.arguments())
+    load_mapped(net, sub_state(state, "student."), KeyReport(source=source))
     return net.eval()
 
 
@@ -108,11 +112,11 @@ def _file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def _write_text_files(folder: Path, checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def _write_text_files(folder: Path, meta: CheckpointMeta, state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """The text head and the prompt bank (label -> pooled embedding) as safetensors; returns their file entries."""
-    bank = checkpoint["lorkd"]["prompt_bank"]
+    bank = meta.prompt_bank
     save_file(
-        {k: v.contiguous() for k, v in sub_state(checkpoint["state_dict"], "text_encoder.").items()},
+        {k: v.contiguous() for k, v in sub_state(state, "text_encoder.").items()},
         str(folder / TEXT_HEAD),
     )
     embeddings = {label: emb.contiguous() for label, emb in zip(bank["labels"], bank["embeddings"])}
@@ -137,42 +141,43 @@ def region_labels(region_map: Mapping[str, Any] | None, region: str, prompted: S
     }
 
 
-def _source_info(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+def _source_info(path: str | Path, meta: CheckpointMeta) -> dict[str, Any]:
     info: dict[str, Any] = {"checkpoint": str(Path(path).resolve()), "fingerprint": file_fingerprint([Path(path)])}
-    if meta.get("teacher"):
-        info["teacher"] = {k: meta["teacher"][k] for k in ("path", "fingerprint")}
-    if meta.get("converted_from"):
-        info["converted_from"] = meta["converted_from"]
+    if meta.teacher:
+        info["teacher"] = {"path": meta.teacher.path, "fingerprint": meta.teacher.fingerprint}
+    if meta.converted_from:
+        info["converted_from"] = meta.converted_from
     return info
 
 
 def model_card(
     region: str,
-    meta: Mapping[str, Any],
+    meta: CheckpointMeta,
     architecture: Mapping[str, Any],
     model_parameters: int,
     expert_parameters: int,
     common: Mapping[str, Any],
     files: Mapping[str, Any],
 ) -> dict[str, Any]:
-    experts = meta["experts"]
-    rank = int(experts["ranks"][region])
-    factor = int(experts["decoder_rank_factor"])
-    teacher = meta.get("parameter_counts", {}).get("teacher")
-    bank = meta["prompt_bank"]
+    experts = meta.experts
+    assert experts is not None
+    rank = int(experts.ranks[region])
+    factor = int(experts.decoder_rank_factor)
+    teacher = meta.parameter_counts.get("teacher")
+    bank = meta.prompt_bank
     return {
         "format": CARD_FORMAT,
         "region": region,
-        "expert_index": list(experts["regions"]).index(region),
+        "expert_index": list(experts.regions).index(region),
         "architecture": architecture,
         "expert": {
-            "style": experts["style"], "scaling": float(experts["scaling"]), "rank": rank,
+            "style": experts.style, "scaling": float(experts.scaling), "rank": rank,
             "decoder_rank": rank * factor, "decoder_rank_factor": factor, "parameters": expert_parameters,
-            "merged_into_base": True, "trained_base": bool(experts.get("train_base", True)),
+            "merged_into_base": True, "trained_base": bool(experts.train_base),
         },
-        "labels": region_labels(meta.get("region_map"), region, bank["labels"]),
-        "data": meta.get("data") or {},
-        "text_encoder": {**meta["text_encoder"], "file": TEXT_HEAD},
+        "labels": region_labels(meta.region_map, region, bank["labels"]),
+        "data": dict(meta.data),
+        "text_encoder": {**asdict(meta.text_encoder), "file": TEXT_HEAD},
         "prompt_bank": {"file": PROMPTS, "fingerprint": bank.get("fingerprint"), "labels": len(bank["labels"])},
         "parameter_counts": {
             "model": model_parameters, "teacher": teacher,
@@ -187,7 +192,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another out= or pass overwrite=true")
+        raise FileExistsError(f"{out} already exists; choose another output_dir= or pass overwrite=true")
     if not (out / INDEX).is_file():
         raise FileExistsError(f"{out} exists and is not an expert export (no {INDEX}); refusing to replace it")
 
@@ -236,10 +241,10 @@ def export_experts(
     """
     out = Path(out)
     _check_target(out, overwrite)
-    checkpoint = read_lorkd_checkpoint(ckpt_path, **official)
-    meta = checkpoint["lorkd"]
-    student = build_student(checkpoint, str(ckpt_path))
-    names = list(meta["experts"]["regions"])
+    meta, state_dict = read_lorkd_checkpoint(ckpt_path, **official)
+    assert meta.experts is not None
+    student = build_student(meta, state_dict, str(ckpt_path))
+    names = list(meta.experts.regions)
     chosen = names if regions is None else [r for r in names if r in set(regions)]
     unknown = sorted(set(regions or ()) - set(names))
     if unknown or not chosen:
@@ -255,7 +260,7 @@ def export_experts(
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        shared = _write_text_files(stage, checkpoint)
+        shared = _write_text_files(stage, meta, state_dict)
         cards: dict[str, str] = {}
         onnx_files: dict[str, dict[str, Any]] = {}
         for region in chosen:
@@ -277,7 +282,7 @@ def export_experts(
             log.info("exported %s: %s parameters -> %s", region, f"{count:,}", out / region)
         for name in shared:
             (stage / name).unlink()
-        spec = save_adapters(student, dict(meta["experts"]), stage / ADAPTERS, architecture)
+        spec = save_adapters(student, meta.experts.arguments(), stage / ADAPTERS, architecture)
         write_json(stage / INDEX, {
             "format": EXPORT_FORMAT,
             "expert_order": chosen,
@@ -285,9 +290,9 @@ def export_experts(
             "cards_sha256": cards,
             "shared_files": shared,
             "architecture": architecture,
-            "parameter_counts": {**meta.get("parameter_counts", {}), "model": base_count},
-            "region_map": meta.get("region_map"),
-            "data": meta.get("data") or {},
+            "parameter_counts": {**meta.parameter_counts, "model": base_count},
+            "region_map": meta.region_map,
+            "data": dict(meta.data),
             "base": {"file": f"{ADAPTERS}/{BASE}", "sha256": spec["files"][BASE]["sha256"]},
             "adapters": ADAPTERS,
             **({"onnx": onnx_files} if onnx else {}),

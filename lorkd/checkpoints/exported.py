@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.schema import TextHead
 from lorkd.checkpoints.teacher import build_text_encoder_from_meta
 from lorkd.models.sat import SAT
 from lorkd.models.text import PromptBank
@@ -109,8 +110,8 @@ def load_prompts(folder: Path, card: Mapping[str, Any]) -> PromptBank:
     """The prompt bank of an exported expert: its text head + the cached prompt embeddings."""
     from safetensors import safe_open
 
-    text_meta = card["text_encoder"]
-    encoder = build_text_encoder_from_meta(text_meta, _load_safetensors(folder / TEXT_HEAD), str(folder / TEXT_HEAD))
+    head = TextHead(**{k: v for k, v in card["text_encoder"].items() if k != "file"})
+    encoder = build_text_encoder_from_meta(head, _load_safetensors(folder / TEXT_HEAD), str(folder / TEXT_HEAD))
     bank = PromptBank(encoder.requires_grad_(False))
     path = folder / PROMPTS
     with safe_open(str(path), framework="pt") as f:

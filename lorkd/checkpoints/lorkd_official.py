@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from lorkd.checkpoints import schema
 from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport, load_mapped, read_state_dict
 from lorkd.checkpoints.sat import infer_sat_config, load_sat_text_encoder, sat_vision_to_model_keys
+from lorkd.checkpoints.schema import CheckpointMeta, ExpertsSpec, TeacherSource, TextHead
 from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts
 from lorkd.io import atomic_write
 from lorkd.models.sat import SAT
@@ -197,13 +199,13 @@ def load_lorkd_official(
     return OfficialLoRKD(net.eval(), experts, preset, text, report, source)
 
 
-def _teacher_meta(teacher_checkpoint: str | Path) -> tuple[dict[str, Any], int]:
+def _teacher_meta(teacher_checkpoint: str | Path) -> tuple[TeacherSource, int]:
     """What our checkpoints record about the teacher, and its parameter count (built on the meta device)."""
     config = infer_sat_config(read_state_dict(teacher_checkpoint))
     with torch.device("meta"):
         count = sum(p.numel() for p in SAT(**config).parameters())
     path = Path(teacher_checkpoint)
-    return {"path": str(path.resolve()), "fingerprint": file_fingerprint([path]), "net": config}, count
+    return TeacherSource(path=str(path.resolve()), fingerprint=file_fingerprint([path]), net=config), count
 
 
 def lorkd_checkpoint_from_official(
@@ -216,7 +218,7 @@ def lorkd_checkpoint_from_official(
     teacher_checkpoint: str | Path | None = None,
     net_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A released checkpoint as one of our LoRKD checkpoints (``{"lorkd": meta, "state_dict": ...}``), in memory.
+    """A released checkpoint as one of our LoRKD checkpoints (``state_dict`` + :mod:`~lorkd.checkpoints.schema` record), in memory.
 
     The prompt bank is filled for ``labels`` (default: every label of the region map) with the paired
     language model, so the result needs no language model later; ``teacher_checkpoint`` (the SAT vision
@@ -237,30 +239,28 @@ def lorkd_checkpoint_from_official(
     experts = expert_parameter_counts(official.net.backbone)
     counts.update(experts_all=sum(experts.values()), deployed_expert=counts["student_base"])
     counts.update({f"expert_{k}": v for k, v in experts.items()})
-    meta: dict[str, Any] = {
-        "kind": "lorkd",
-        "net": dict(official.net.config),
-        "experts": official.experts,
-        "text_encoder": {
-            "hidden_dim": text.hidden_dim, "query_dim": text.query_dim,
-            "proj_hidden": text.projection_layer[0].out_features,
-            "language_model_path": None,  # the bank holds every prompt; the official tower is not a plain folder
-            "max_length": text.language_model.max_length if text.language_model else 64,
-        },
-        "prompt_bank": bank.state_dict(),
-        "region_map": region_map.to_dict(),
-        "data": {"preprocess": PreprocessConfig().to_dict(), "patch_size": list(OFFICIAL_PATCH_SIZE)},
-        "converted_from": {
+    teacher = None
+    if teacher_checkpoint is not None:
+        teacher, counts["teacher"] = _teacher_meta(teacher_checkpoint)
+    meta = CheckpointMeta(
+        kind="lorkd",
+        net=dict(official.net.config),
+        experts=ExpertsSpec(**official.experts),
+        # the bank holds every prompt; the official tower is not a plain folder
+        text_encoder=replace(TextHead.of(text), language_model_path=None),
+        prompt_bank=bank.state_dict(),
+        region_map=region_map.to_dict(),
+        data={"preprocess": PreprocessConfig().to_dict(), "patch_size": list(OFFICIAL_PATCH_SIZE)},
+        teacher=teacher,
+        parameter_counts=counts,
+        converted_from={
             "path": str(Path(path).resolve()), "fingerprint": file_fingerprint([Path(path)]),
             "preset": official.preset, "text_checkpoint": str(Path(text_checkpoint).resolve()),
         },
-    }  # fmt: skip
-    if teacher_checkpoint is not None:
-        meta["teacher"], counts["teacher"] = _teacher_meta(teacher_checkpoint)
-    meta["parameter_counts"] = counts
+    )  # fmt: skip
     state = {f"student.{k}": v for k, v in official.net.state_dict().items()}
     state.update({f"text_encoder.{k}": v for k, v in text.state_dict().items()})
-    return {"lorkd": meta, "state_dict": state}
+    return schema.write({"state_dict": state}, meta)
 
 
 def convert_lorkd_official(path: str | Path, out: str | Path, **kwargs: Any) -> Path:

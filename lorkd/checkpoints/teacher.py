@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
+from lorkd.checkpoints import schema
 from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.sat import sat_model_from_checkpoint
+from lorkd.checkpoints.schema import TextHead
 from lorkd.models.sat import SAT
 from lorkd.models.text import LanguageModel, TextEncoder, file_fingerprint
-
-META_KEY = "lorkd"
 
 
 @dataclass
@@ -53,11 +53,11 @@ def sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def build_text_encoder_from_meta(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str) -> TextEncoder:
+def build_text_encoder_from_meta(head: TextHead, state: Mapping[str, torch.Tensor], source: str) -> TextEncoder:
     """The text head stored in one of our checkpoints; its language model only if the folder still exists."""
-    lm_path = meta.get("language_model_path")
-    lm = LanguageModel(lm_path, max_length=meta.get("max_length", 64)) if lm_path and Path(lm_path).is_dir() else None
-    encoder = TextEncoder(lm, hidden_dim=meta["hidden_dim"], query_dim=meta["query_dim"], proj_hidden=meta["proj_hidden"])
+    lm_path = head.language_model_path
+    lm = LanguageModel(lm_path, max_length=head.max_length) if lm_path and Path(lm_path).is_dir() else None
+    encoder = TextEncoder(lm, hidden_dim=head.hidden_dim, query_dim=head.query_dim, proj_hidden=head.proj_hidden)
     load_mapped(encoder, state, KeyReport(source=f"{source} (text encoder)"))
     return encoder
 
@@ -67,14 +67,14 @@ def load_teacher(path: str | Path, **overrides: Any) -> Teacher:
     or a SATModule checkpoint (architecture, text head and prompt bank stored inside)."""
     raw = read_checkpoint(path)
     fingerprint = file_fingerprint([Path(path)])
-    meta = raw.get(META_KEY) if isinstance(raw, Mapping) else None
+    meta = schema.read(raw, str(path))
     if meta is None:
         net, report = sat_model_from_checkpoint(raw, **overrides)
         return Teacher(net, None, None, None, str(path), fingerprint, report)
-    if meta.get("kind") != "sat":
-        raise ValueError(f"{path} is a {meta.get('kind')!r} checkpoint; a teacher must be a SAT model")
+    if meta.kind != "sat":
+        raise ValueError(f"{path} is a {meta.kind!r} checkpoint; a teacher must be a SAT model")
     state = raw["state_dict"]
-    net = SAT(**{**meta["net"], **overrides})
+    net = SAT(**{**meta.net, **overrides})
     report = load_mapped(net, sub_state(state, "net."), KeyReport(source=str(path)))
-    text = build_text_encoder_from_meta(meta["text_encoder"], sub_state(state, "text_encoder."), str(path))
-    return Teacher(net, text, meta.get("prompt_bank"), meta.get("region_map"), str(path), fingerprint, report)
+    text = build_text_encoder_from_meta(meta.text_encoder, sub_state(state, "text_encoder."), str(path))
+    return Teacher(net, text, meta.prompt_bank, meta.region_map, str(path), fingerprint, report)

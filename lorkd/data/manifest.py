@@ -15,6 +15,7 @@ folder. Every problem is reported as ``<file>:<line>: <problem>``, all of them a
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,6 @@ class Case:
     orientation: str | None
     line: int
     source: Path
-
-    @property
-    def has_masks(self) -> bool:
-        return self.mask is not None or self.masks is not None
 
 
 def _identity(path: Path) -> dict[str, Any] | str:
@@ -366,34 +363,28 @@ def _check_voxels(
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lorkd.data.manifest FILE... [--regions demo] [--no-masks]``: report every problem."""
-    import argparse
+def check(
+    manifests: Sequence[str | Path],
+    require_masks: bool = True,
+    region_map: RegionMap | None = None,
+    quick: bool = False,
+) -> int:
+    """Print every problem of each manifest as ``file:line: ...`` (or ``FILE: OK``); 1 if any has one, else 0.
 
-    parser = argparse.ArgumentParser(
-        description="Validate jsonl manifests; print every problem as file:line."
-    )
-    parser.add_argument("manifests", nargs="+", type=Path)
-    parser.add_argument(
-        "--regions",
-        default="sat49",
-        help="region map config (configs/regions/<name>.yaml); 'none' skips label checks",
-    )
-    parser.add_argument("--no-masks", action="store_true", help="predict manifests: masks are optional")
-    parser.add_argument(
-        "--quick", action="store_true", help="headers only: skip reading voxels (truncated files, mask ids)"
-    )
-    args = parser.parse_args(argv)
-    region_map = None if args.regions == "none" else RegionMap.from_config(args.regions)
+    Command line (``configs/check_manifest.yaml``, see :func:`lorkd.cli.check_manifest`):
+    ``python -m lorkd.data.manifest manifests=[train.jsonl,val.jsonl] [regions=demo | ~regions] [require_masks=false] [quick=true]``
+
+    Voxels are read too (truncated files, mask ids above a line's labels) unless ``quick`` (headers only).
+    """
     failed = 0
-    for path in args.manifests:
-        problems = validate_manifest(
-            path, require_masks=not args.no_masks, region_map=region_map, deep=not args.quick
-        )
+    for path in manifests:
+        problems = validate_manifest(path, require_masks=require_masks, region_map=region_map, deep=not quick)
         print("\n".join(problems) if problems else f"{path}: OK")
         failed += bool(problems)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from lorkd.cli import check_manifest
+
+    check_manifest()

@@ -17,17 +17,13 @@ from typing import Any
 
 import torch
 
+from lorkd.checkpoints import schema
+from lorkd.checkpoints.export import build_student
 from lorkd.checkpoints.exported import ExportedExperts, load_export
 from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.sat import build_text_encoder, sat_model_from_checkpoint
-from lorkd.checkpoints.teacher import (
-    META_KEY,
-    build_text_encoder_from_meta,
-    load_teacher,
-    read_checkpoint,
-    sub_state,
-)
-from lorkd.experts import add_region_experts
+from lorkd.checkpoints.schema import CheckpointMeta
+from lorkd.checkpoints.teacher import build_text_encoder_from_meta, load_teacher, read_checkpoint, sub_state
 from lorkd.models.sat import SAT
 from lorkd.models.text import PromptBank
 from lorkd.regions import RegionMap
@@ -101,15 +97,10 @@ class ExportedModel(LoadedModel):
         return self
 
 
-def _region_map(meta: Mapping[str, Any]) -> RegionMap | None:
-    data = meta.get("region_map")
-    return RegionMap(**data) if data else None
-
-
-def _prompts(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str) -> PromptBank:
-    text = build_text_encoder_from_meta(meta["text_encoder"], sub_state(state, "text_encoder."), source)
+def _prompts(meta: CheckpointMeta, state: Mapping[str, torch.Tensor], source: str) -> PromptBank:
+    text = build_text_encoder_from_meta(meta.text_encoder, sub_state(state, "text_encoder."), source)
     bank = PromptBank(text)
-    bank.load_state_dict(meta["prompt_bank"])
+    bank.load_state_dict(meta.prompt_bank)
     return bank
 
 
@@ -158,8 +149,8 @@ def load_model(
     if runtime != "torch":
         raise ValueError(f"runtime={runtime!r} needs an export directory written with `lorkd-export ... onnx=true`, not {path}")
     raw = _read(path)
-    meta = raw.get(META_KEY) if isinstance(raw, Mapping) else None
     source = str(path)
+    meta = schema.read(raw, source)
     if meta is None:  # official SAT vision file
         if not (text_checkpoint and language_model_path):
             raise ValueError(
@@ -171,24 +162,23 @@ def load_model(
         return LoadedModel(net.eval(), PromptBank(text), "teacher", source=source)
     state = raw["state_dict"]
     prompts = _prompts(meta, state, source)
-    region_map = _region_map(meta)
-    data = dict(meta.get("data") or {})
-    if meta["kind"] == "sat" or model == "teacher":
-        if meta["kind"] == "sat":
-            net = SAT(**meta["net"])
+    region_map = RegionMap(**meta.region_map) if meta.region_map else None
+    data = dict(meta.data)
+    if meta.kind == "sat" or model == "teacher":
+        if meta.kind == "sat":
+            net = SAT(**meta.net)
             load_mapped(net, sub_state(state, "net."), KeyReport(source=source))
         else:
-            saved = meta["teacher"]
-            teacher = load_teacher(saved["path"], **_overrides(saved["net"]))
-            if teacher.fingerprint != saved["fingerprint"]:
-                raise ValueError(f"teacher file {saved['path']} changed since {path} was distilled from it")
+            saved = meta.teacher
+            if saved is None:
+                raise ValueError(f"{path} does not record the teacher it was distilled from (model=teacher needs it)")
+            teacher = load_teacher(saved.path, **_overrides(saved.net))
+            if teacher.fingerprint != saved.fingerprint:
+                raise ValueError(f"teacher file {saved.path} changed since {path} was distilled from it")
             net = teacher.net
         return LoadedModel(net.eval(), prompts, "teacher", [], region_map, data, source)
-    net = SAT(**meta["net"])
-    experts = meta["experts"]
-    net.backbone = add_region_experts(net.backbone, **experts)
-    load_mapped(net, sub_state(state, "student."), KeyReport(source=source))
-    return LoadedModel(net.eval(), prompts, "experts", list(experts["regions"]), region_map, data, source)
+    net = build_student(meta, state, source)
+    return LoadedModel(net, prompts, "experts", list(meta.experts.regions), region_map, data, source)
 
 
 def _overrides(net_config: Mapping[str, Any]) -> dict[str, Any]:

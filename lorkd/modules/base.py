@@ -1,5 +1,5 @@
 """What SATModule and LoRKDModule share: prompt queries, optimiser and schedule, patch-Dice validation,
-and the project metadata stored in every checkpoint (``checkpoint["lorkd"]``)."""
+and the project metadata stored in every checkpoint (:mod:`lorkd.checkpoints.schema`)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorkd.checkpoints import schema
+from lorkd.checkpoints.schema import CheckpointMeta, TextHead
 from lorkd.losses import hard_dice
 from lorkd.models.text import PromptBank, TextEncoder
 from lorkd.regions import RegionMap
 
-CHECKPOINT_KEY = "lorkd"
 RNG_KEY = "rng_states"
 
 
@@ -53,17 +54,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def text_encoder_config(encoder: TextEncoder) -> dict[str, Any]:
-    lm = encoder.language_model
-    return {
-        "hidden_dim": encoder.hidden_dim,
-        "query_dim": encoder.query_dim,
-        "proj_hidden": encoder.projection_layer[0].out_features,
-        "language_model_path": lm.path if lm is not None else None,
-        "max_length": lm.max_length if lm is not None else 64,
-    }
 
 
 class PromptedSegmentationModule(pl.LightningModule):
@@ -153,27 +143,24 @@ class PromptedSegmentationModule(pl.LightningModule):
         self.accumulate_dice(name, hard_dice(logits, batch["masks"]), batch["query_mask"], batch["region"])
 
     # ---- checkpoints -------------------------------------------------------------------------------
-    def checkpoint_metadata(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {
-            "kind": self.checkpoint_kind,
-            "text_encoder": text_encoder_config(self.text_encoder),
-            "prompt_bank": self.prompts.state_dict(),
-        }
-        if self.region_map is not None:
-            meta["region_map"] = self.region_map.to_dict()
+    def checkpoint_metadata(self) -> CheckpointMeta:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         describe = getattr(datamodule, "describe", None)
-        if callable(describe):
-            meta["data"] = describe()
-        return meta
+        return CheckpointMeta(
+            kind=self.checkpoint_kind,
+            text_encoder=TextHead.of(self.text_encoder),
+            prompt_bank=self.prompts.state_dict(),
+            region_map=self.region_map.to_dict() if self.region_map is not None else None,
+            data=describe() if callable(describe) else {},
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata()
+        schema.write(checkpoint, self.checkpoint_metadata())
         checkpoint[RNG_KEY] = rng_states()  # dropout masks of a resumed run continue the same stream
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get(CHECKPOINT_KEY, {})
-        if "prompt_bank" in meta:
-            self.prompts.load_state_dict(meta["prompt_bank"])
+        meta = schema.read(checkpoint, "the checkpoint to resume")
+        if meta is not None:
+            self.prompts.load_state_dict(meta.prompt_bank)
         if RNG_KEY in checkpoint:
             set_rng_states(checkpoint[RNG_KEY])

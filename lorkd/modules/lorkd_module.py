@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from lorkd.checkpoints import schema
 from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.schema import CheckpointMeta, ExpertsSpec, TeacherSource
 from lorkd.checkpoints.teacher import load_teacher, read_checkpoint, sub_state
 from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts, route
 from lorkd.losses import distillation_loss, segmentation_loss
@@ -176,14 +179,14 @@ class LoRKDModule(PromptedSegmentationModule):
                 f"{counts['deployed_expert']:,}", 100 * ratio,
             )  # fmt: skip
 
-    def checkpoint_metadata(self) -> dict[str, Any]:
-        return {
-            **super().checkpoint_metadata(),
-            "teacher": {**self.teacher_source, "net": dict(self.teacher.config)},
-            "net": self.student_config,
-            "experts": self.experts_config,
-            "parameter_counts": self.parameter_counts(),
-        }
+    def checkpoint_metadata(self) -> CheckpointMeta:
+        return replace(
+            super().checkpoint_metadata(),
+            teacher=TeacherSource(**self.teacher_source, net=dict(self.teacher.config)),
+            net=self.student_config,
+            experts=ExpertsSpec(**self.experts_config),
+            parameter_counts=self.parameter_counts(),
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -193,10 +196,11 @@ class LoRKDModule(PromptedSegmentationModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        saved = checkpoint.get("lorkd", {}).get("teacher", {})
-        if saved.get("fingerprint") not in (None, self.teacher_source["fingerprint"]):
+        meta = schema.read(checkpoint, "the checkpoint to resume")
+        saved = meta.teacher if meta is not None else None
+        if saved is not None and saved.fingerprint != self.teacher_source["fingerprint"]:
             raise ValueError(
-                f"this checkpoint was distilled from teacher {saved.get('path')} ({saved.get('fingerprint')}), "
+                f"this checkpoint was distilled from teacher {saved.path} ({saved.fingerprint}), "
                 f"but the configured teacher is {self.teacher_source['path']} ({self.teacher_source['fingerprint']})"
             )
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

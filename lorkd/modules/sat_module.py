@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lorkd.checkpoints.schema import CheckpointMeta
 from lorkd.losses import deep_supervision_loss
 from lorkd.models.sat import SAT
 from lorkd.models.text import TextEncoder
@@ -48,5 +50,5 @@ class SATModule(PromptedSegmentationModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.validation_dice(batch, self.net(batch["image"], self.queries_for(batch)))
 
-    def checkpoint_metadata(self) -> dict[str, Any]:
-        return {**super().checkpoint_metadata(), "net": dict(self.net.config)}
+    def checkpoint_metadata(self) -> CheckpointMeta:
+        return replace(super().checkpoint_metadata(), net=dict(self.net.config))

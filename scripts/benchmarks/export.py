@@ -19,7 +19,6 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,8 +28,8 @@ from lorkd.checkpoints.adapters import plain_state
 from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts, route
 from lorkd.experts.build import expert_layers
 from lorkd.models.sat import SAT
+from lorkd.utils import CONFIG_DIR
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 REGIONS = ["abdomen", "brain", "head_and_neck", "lower_limb", "pelvis", "spine", "thorax", "upper_limb"]
 DEMO_HEADS = {"query_dim": 64, "decoder_layers": 2, "decoder_heads": 4, "decoder_ffn": 128}
 PRESETS: dict[str, dict[str, Any]] = {

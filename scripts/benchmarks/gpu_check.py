@@ -30,18 +30,18 @@ from lorkd.experts import add_region_experts, route  # noqa: E402
 from lorkd.experts.build import expert_layers  # noqa: E402
 from lorkd.losses import distillation_loss, segmentation_loss  # noqa: E402
 from lorkd.models.sat import SAT  # noqa: E402
+from lorkd.utils import CONFIG_DIR  # noqa: E402
 
 REGIONS = ["abdomen", "brain", "head_and_neck", "lower_limb", "pelvis", "spine", "thorax", "upper_limb"]
-CONFIGS = ROOT / "configs"
 
 
 def sat_from_preset(backbone: str, **extra) -> SAT:
-    spec = yaml.safe_load((CONFIGS / "backbone" / f"{backbone}.yaml").read_text())
+    spec = yaml.safe_load((CONFIG_DIR / "backbone" / f"{backbone}.yaml").read_text())
     return SAT(**spec, query_dim=768, decoder_layers=6, decoder_heads=8, decoder_ffn=2048, dropout=0.1, **extra)
 
 
 def ranks(name: str) -> dict:
-    return yaml.safe_load((CONFIGS / "experts" / f"{name}.yaml").read_text())
+    return yaml.safe_load((CONFIG_DIR / "experts" / f"{name}.yaml").read_text())
 
 
 def measure(fn: Callable[[], None], repeats: int, device: torch.device) -> tuple[float, float]:

@@ -42,8 +42,8 @@ from lorkd.inference.predictor import Predictor  # noqa: E402
 from lorkd.models.sat import SAT  # noqa: E402
 from lorkd.models.text import PromptBank, TextEncoder  # noqa: E402
 from lorkd.regions import RegionMap  # noqa: E402
+from lorkd.utils import CONFIG_DIR  # noqa: E402
 
-CONFIGS = ROOT / "configs"
 PRESETS = {  # backbone, expert ranks, query dim, decoder layers / heads / ffn
     "tiny": ("unet_tiny", "ranks_tiny", 64, 2, 4, 128),
     "nano": ("unet_student_nano", "ranks_nano", 768, 6, 8, 2048),
@@ -55,10 +55,10 @@ def build_model(preset: str, window: Sequence[int], regions: RegionMap, labels: 
     backbone, ranks, query_dim, layers, heads, ffn = PRESETS[preset]
     torch.manual_seed(0)
     net = SAT(
-        **yaml.safe_load((CONFIGS / "backbone" / f"{backbone}.yaml").read_text()),
+        **yaml.safe_load((CONFIG_DIR / "backbone" / f"{backbone}.yaml").read_text()),
         query_dim=query_dim, decoder_layers=layers, decoder_heads=heads, decoder_ffn=ffn, dropout=0.0,
     )  # fmt: skip
-    experts = yaml.safe_load((CONFIGS / "experts" / f"{ranks}.yaml").read_text())
+    experts = yaml.safe_load((CONFIG_DIR / "experts" / f"{ranks}.yaml").read_text())
     net.backbone = add_region_experts(
         net.backbone, regions.regions, experts["ranks"], experts["decoder_rank_factor"], experts["scaling"]
     )

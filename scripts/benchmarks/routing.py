@@ -17,7 +17,6 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +26,8 @@ from lorkd.experts import add_region_experts, route
 from lorkd.experts.build import expert_layers
 from lorkd.experts.layers import RoutedLoraConv3d
 from lorkd.models.unet import PlainConvUNet
+from lorkd.utils import CONFIG_DIR
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 REGIONS = ["abdomen", "brain", "head_and_neck", "lower_limb", "pelvis", "spine", "thorax", "upper_limb"]
 
 

@@ -1,0 +1,122 @@
+"""What a LoRKD or SAT checkpoint of this project records about itself (``checkpoint["lorkd"]``).
+
+One typed record, written by :func:`write` (training modules, the released-LoRKD converter) and read
+by :func:`read` (teacher loading, prediction loading, export, resume). Version 1 is the layout every
+checkpoint has had so far; a file without a ``version`` field is version 1. A newer version, an
+unknown kind or a missing field is a clear error naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+KEY = "lorkd"
+VERSION = 1
+KINDS = ("sat", "lorkd")
+
+
+@dataclass(frozen=True)
+class TextHead:
+    """The trainable text head (projection of the language model's embedding to query space)."""
+
+    hidden_dim: int
+    query_dim: int
+    proj_hidden: int
+    language_model_path: str | None = None  # None: the prompt bank holds every prompt, no tower needed
+    max_length: int = 64
+
+    @classmethod
+    def of(cls, encoder: Any) -> TextHead:
+        """The record of a :class:`lorkd.models.text.TextEncoder`."""
+        lm = encoder.language_model
+        return cls(
+            hidden_dim=encoder.hidden_dim,
+            query_dim=encoder.query_dim,
+            proj_hidden=encoder.projection_layer[0].out_features,
+            language_model_path=lm.path if lm is not None else None,
+            max_length=lm.max_length if lm is not None else 64,
+        )
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """The region experts: the arguments of :func:`lorkd.experts.add_region_experts`."""
+
+    regions: list[str]
+    ranks: dict[str, int]
+    decoder_rank_factor: int = 2
+    scaling: float = 2.0
+    style: str = "peft"
+    train_base: bool = True
+
+    def arguments(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """The SAT file a LoRKD student was distilled from."""
+
+    path: str
+    fingerprint: str
+    net: dict[str, Any]  # SAT arguments
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    kind: str  # "sat" (a teacher) | "lorkd" (a student with region experts)
+    text_encoder: TextHead
+    prompt_bank: dict[str, Any]  # PromptBank.state_dict()
+    net: dict[str, Any] = field(default_factory=dict)  # SAT arguments of the stored network
+    region_map: dict[str, Any] | None = None  # RegionMap.to_dict()
+    data: dict[str, Any] = field(default_factory=dict)  # preprocessing, patch size, ... (DataModule.describe)
+    experts: ExpertsSpec | None = None  # kind "lorkd"
+    teacher: TeacherSource | None = None  # kind "lorkd", when known
+    parameter_counts: dict[str, int] = field(default_factory=dict)
+    converted_from: dict[str, Any] | None = None  # a released LoRKD file: its path, fingerprint, preset
+    version: int = VERSION
+
+
+_NESTED = {"text_encoder": TextHead, "experts": ExpertsSpec, "teacher": TeacherSource}
+
+
+def to_dict(meta: CheckpointMeta) -> dict[str, Any]:
+    """Plain data (what ``torch.save`` stores and ``weights_only=True`` loads)."""
+    return {k: v for k, v in asdict(meta).items() if v is not None}
+
+
+def write(checkpoint: dict[str, Any], meta: CheckpointMeta) -> dict[str, Any]:
+    """Store ``meta`` in ``checkpoint`` (in place); returns ``checkpoint``."""
+    checkpoint[KEY] = to_dict(meta)
+    return checkpoint
+
+
+def read(checkpoint: Any, source: str) -> CheckpointMeta | None:
+    """The record of a loaded checkpoint; None when it has none (an official SAT or LoRKD file)."""
+    raw = checkpoint.get(KEY) if isinstance(checkpoint, Mapping) else None
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{source}: checkpoint['{KEY}'] is a {type(raw).__name__}, not a mapping")
+    version = raw.get("version", 1)
+    if version != VERSION:
+        raise ValueError(
+            f"{source}: checkpoint metadata version {version!r} is not supported (this lorkd reads version {VERSION}; "
+            "a newer lorkd wrote it?)"
+        )
+    if raw.get("kind") not in KINDS:
+        raise ValueError(f"{source}: unknown checkpoint kind {raw.get('kind')!r} (expected one of {KINDS})")
+    known = {f.name for f in fields(CheckpointMeta)}
+    values = {k: v for k, v in raw.items() if k in known}
+    try:
+        for name, cls in _NESTED.items():
+            if values.get(name) is not None:
+                values[name] = cls(**values[name])
+        meta = CheckpointMeta(**values)
+    except TypeError as exc:
+        raise ValueError(f"{source}: malformed checkpoint metadata ({exc})") from None
+    if meta.kind == "lorkd" and meta.experts is None:
+        raise ValueError(f"{source}: a LoRKD checkpoint without its experts spec")
+    return meta
