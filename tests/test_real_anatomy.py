@@ -55,9 +55,8 @@ def test_real_halves_manifests_and_masks(tmp_path):
 
 @needs_nilearn
 def test_crop_margin_puts_real_background_between_the_mni_head_and_the_array_faces():
-    """The cause of prediction specks outside the head: with SAT's tight crop the array's faces touch
-    the head, so the network's zero padding (a mid-grey) lies against it; the margin keeps scan
-    background (as far as the scan reaches: the neck is cut at the bottom of the template)."""
+    """With SAT's tight crop the array's faces touch the head; the margin keeps scan background
+    around it (as far as the scan reaches: the neck is cut at the bottom of the template)."""
     t1, _, affine = mni_arrays()
     cfg = {"spacing": [2.0, 2.0, 2.0]}
     tight, _ = preprocess_image(t1, "mri", cfg, affine=affine)

@@ -51,9 +51,8 @@ class PreprocessConfig:
 
     ``orientation`` None keeps the image's own axis order; ``spacing`` None keeps its voxel size.
     A manifest line's ``orientation`` overrides ``orientation``. ``crop_margin_mm`` keeps that much of
-    the scan around the foreground box (as far as the scan reaches): with 0 (SAT's tight crop) the
-    array's faces touch the body, so the network's zero padding, a mid-grey in z-scored units, lies
-    against the body wherever it reaches the box and background there can look like tissue.
+    the scan around the foreground box, as far as the scan reaches (0: SAT's tight crop, whose faces
+    touch the body).
     """
 
     orientation: str | None = "RAS"
