@@ -20,7 +20,7 @@ REQUIRED = {  # values an experiment leaves to the user (???)
 
 
 def test_every_experiment_is_listed():
-    assert set(EXPERIMENTS) == {"demo", "demo_teacher", "nano", "pro", "teacher_nano", "teacher_pro"}
+    assert set(EXPERIMENTS) == {"demo", "demo_teacher", "nano", "pro", "real_anatomy", "teacher_nano", "teacher_pro"}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -31,7 +31,7 @@ def test_experiment_composes_and_resolves(experiment, tmp_path):
     assert resolved["_target_"].startswith("lorkd.modules.")
     OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=False)
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    assert trainer["precision"] == ("32-true" if experiment.startswith("demo") else "bf16-mixed")
+    assert trainer["precision"] == ("32-true" if experiment.startswith(("demo", "real")) else "bf16-mixed")
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,7 @@ def test_key_depends_on_config_labels_modality_and_source(tmp_path, cases):
     key = cache.key(case, cfg)
     assert cache.key(case, {"spacing": [1.0, 1.0, 3.0]}) == key  # same config, other spelling
     assert cache.key(case, {"spacing": [1.0, 1.0, 2.0]}) != key
+    assert cache.key(case, {"crop_margin_mm": 8.0}) != key  # a preprocessing change is a new entry
     assert cache.key(Case(**{**case.__dict__, "labels": ["liver"]}), cfg) != key
     assert cache.key(Case(**{**case.__dict__, "modality": "mri"}), cfg) != key
     assert cache.key(Case(**{**case.__dict__, "orientation": "LPS"}), cfg) != key

@@ -211,6 +211,24 @@ def test_inversion_pads_the_crop_with_zero_and_returns_float_for_bilinear():
         invert_to_original(np.zeros((1, 5, 5, 5)), info)
 
 
+def test_crop_margin_keeps_background_around_the_body_and_still_inverts():
+    image = np.zeros((40, 40, 20), np.float32)
+    image[10:30, 5:25, 4:16] = 100.0
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    out, info = preprocess_image(image, "ct", {"crop_margin_mm": 6.0}, affine=affine)
+    # 6 voxels of 1 mm, 2 of 3 mm, clipped where the scan ends (y starts at 5)
+    assert info.crop_start == (4, 0, 2) and info.crop_end == (36, 31, 18)
+    background = float(out.min())
+    assert np.all(out[0, :6] == background) and np.all(out[0, :, :, :2] == background)  # real background kept
+    assert np.all(out[0, 6:26, 5:25, 2:14] > background)  # the body, where it was
+    probs = np.zeros((1, *info.shape), np.float32)
+    probs[0, 6:26, 5:25, 2:14] = 1.0
+    back = invert_to_original(probs, info, mode="nearest")
+    assert np.array_equal(back[0] > 0, image > 0)
+    with pytest.raises(ValueError, match="crop_margin_mm"):
+        PreprocessConfig(crop_margin_mm=-1)
+
+
 def test_inversion_info_is_picklable_and_json_round_trips():
     _, info = preprocess_image(np.ones((9, 8, 7), np.float32), "ct", affine=grid((0.8, 0.8, 2.5), (9, 8, 7)))
     assert pickle.loads(pickle.dumps(info)) == info

@@ -289,6 +289,27 @@ def test_eval_reports_resumes_and_survives_a_corrupt_case(tiny_lorkd_ckpt, tiny_
     assert other["space"] == "preprocessed" and {r["spacing_mm"] for r in read_rows(out)} == {"1x1x3"}
 
 
+def test_teacher_report_names_the_teacher_not_the_lorkd_checkpoint(
+    tiny_lorkd_ckpt, tiny_teacher_ckpt, tiny_cases, tmp_path
+):
+    from lorkd.inference.loading import load_model
+    from lorkd.models.text import file_fingerprint
+
+    out = tmp_path / "teacher"
+    summary = run_eval(
+        [f"ckpt_path={tiny_lorkd_ckpt}", "model=teacher", f"data.test_manifest={tiny_cases}"], out
+    )
+    model = summary["model"]
+    teacher = load_model(tiny_teacher_ckpt)  # the SATModule checkpoint itself
+    assert model["kind"] == "teacher" and model["checkpoint"] == str(tiny_teacher_ckpt.resolve())
+    assert model["checkpoint_sha256"] == file_fingerprint([tiny_teacher_ckpt])
+    assert model["loaded_from"] == str(tiny_lorkd_ckpt.resolve())
+    assert model["parameter_count"] == teacher.parameter_count
+    line = next(t for t in (out / "report.md").read_text().splitlines() if t.startswith("Model:"))
+    assert line.startswith(f"Model: teacher (teacher), checkpoint `{tiny_teacher_ckpt.resolve()}` (sha256 ")
+    assert f"{teacher.parameter_count:,}" in line and f"the teacher recorded in `{tiny_lorkd_ckpt.resolve()}`" in line
+
+
 @pytest.mark.slow
 def test_two_processes_give_exactly_the_rows_of_one(tiny_lorkd_ckpt, tiny_cases, tmp_path):
     common = [f"ckpt_path={tiny_lorkd_ckpt}", f"data.test_manifest={tiny_cases}"]

@@ -312,8 +312,9 @@ def _package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def lits_case(out: Path) -> dict | None:
-    """LiTS case 117 CT crop (liver-ct-segmentation-package) as a RAS, 1 mm, identity-affine NIfTI."""
+def lits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """LiTS case 117 CT crop (liver-ct-segmentation-package) as RAS arrays: (HU image int16, label map
+    uint8 with 1 liver and 2 tumour, identity affine: 1 mm assumed); None when the package is missing."""
     root = _package_dir("liver_ct_segmentation_package")
     if root is None or not (root / "data" / "img_117.mrc").is_file():
         return None
@@ -325,20 +326,23 @@ def lits_case(out: Path) -> dict | None:
         # z-low), so (x, -y, -z) is RAS
         return np.ascontiguousarray(np.transpose(a, (2, 1, 0))[:, ::-1, ::-1])
 
+    return np.rint(to_ras(image)).astype(np.int16), to_ras(labels).astype(np.uint8), np.eye(4)
+
+
+def lits_case(out: Path) -> dict | None:
+    """LiTS case 117 CT crop as a RAS, 1 mm, identity-affine NIfTI (see :func:`lits_arrays`)."""
+    arrays = lits_arrays()
+    if arrays is None:
+        return None
     return _record(
-        out,
-        "lits_117",
-        np.rint(to_ras(image)).astype(np.int16),
-        to_ras(labels).astype(np.uint8),
-        np.eye(4),
-        label=["liver", "liver tumor"],
-        modality="ct",
-        dataset="LiTS",
+        out, "lits_117", *arrays, label=["liver", "liver tumor"], modality="ct", dataset="LiTS"
     )
 
 
-def mni_case(out: Path) -> dict | None:
-    """MNI152 2009a T1 (nilearn) at 2 mm, cropped to 112 mm around the ventricles, with GM/WM labels."""
+def mni_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """MNI152 2009a T1 (nilearn) averaged to 2 mm over its whole field: (T1 float32, label map uint8
+    with 1 grey and 2 white matter where the averaged probability is > 0.5, exact MNI affine); None
+    when nilearn is missing."""
     root = _package_dir("nilearn")
     if root is None:
         return None
@@ -358,19 +362,28 @@ def mni_case(out: Path) -> dict | None:
     t1, gm, wm = (pool(np.asarray(imgs[k].dataobj)) for k in ("t1", "gm", "wm"))
     affine2 = affine @ np.diag([2.0, 2.0, 2.0, 1.0])
     affine2[:3, 3] = (affine @ np.array([0.5, 0.5, 0.5, 1.0]))[:3]
+    labels = np.zeros(t1.shape, dtype=np.uint8)
+    labels[gm > 127.5] = 1
+    labels[wm > 127.5] = 2
+    return t1, labels, affine2
+
+
+def mni_case(out: Path) -> dict | None:
+    """The 2 mm MNI152 T1 of :func:`mni_arrays` cropped to 112 mm around the ventricles."""
+    arrays = mni_arrays()
+    if arrays is None:
+        return None
+    t1, labels, affine2 = arrays
     center = np.linalg.solve(affine2, np.array([0.0, -18.0, 12.0, 1.0]))[:3]
     lo = [max(int(round(c)) - 28, 0) for c in center]
     box = tuple(slice(s, s + 56) for s in lo)
     crop_affine = affine2.copy()
     crop_affine[:3, 3] = (affine2 @ np.array([*lo, 1.0]))[:3]
-    labels = np.zeros(t1[box].shape, dtype=np.uint8)
-    labels[gm[box] > 127.5] = 1
-    labels[wm[box] > 127.5] = 2
     return _record(
         out,
         "mni152_t1",
         np.rint(t1[box]).astype(np.int16),
-        labels,
+        labels[box],
         crop_affine,
         label=["grey matter", "white matter"],
         modality="mri",

@@ -50,12 +50,15 @@ class PreprocessConfig:
     """SAT's recipe; every field is a key of the ``preprocess:`` block of ``configs/data/*.yaml``.
 
     ``orientation`` None keeps the image's own axis order; ``spacing`` None keeps its voxel size.
-    A manifest line's ``orientation`` overrides ``orientation``.
+    A manifest line's ``orientation`` overrides ``orientation``. ``crop_margin_mm`` keeps that much of
+    the scan around the foreground box, as far as the scan reaches (0: SAT's tight crop, whose faces
+    touch the body).
     """
 
     orientation: str | None = "RAS"
     spacing: tuple[float, float, float] | None = (1.0, 1.0, 3.0)
     crop_foreground: bool = True
+    crop_margin_mm: float = 0.0
     ct_window: tuple[float, float] = (-500.0, 1000.0)
     percentiles: tuple[float, float] = (0.5, 99.5)
     interpolation: str = "bilinear"
@@ -82,6 +85,9 @@ class PreprocessConfig:
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"preprocess.nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
         self.crop_foreground = bool(self.crop_foreground)
+        self.crop_margin_mm = float(self.crop_margin_mm)
+        if self.crop_margin_mm < 0:
+            raise ValueError(f"preprocess.crop_margin_mm must be >= 0, got {self.crop_margin_mm!r}")
 
     @classmethod
     def coerce(cls, value: PreprocessConfig | Mapping[str, Any] | None) -> PreprocessConfig:
@@ -217,17 +223,27 @@ def resample(
     return np.asarray(out.as_tensor() if isinstance(out, MetaTensor) else out, dtype=np.float32)
 
 
-def foreground_box(volume: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """Bounding box (start, exclusive end) of the voxels > 0, or None when there are none."""
+def foreground_box(
+    volume: np.ndarray, margin: Sequence[int] | None = None
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Bounding box (start, exclusive end) of the voxels > 0 grown by ``margin`` voxels per axis
+    (clipped to the volume), or None when there are none."""
     fg = volume > 0
+    margin = [0] * volume.ndim if margin is None else [int(m) for m in margin]
     start, end = [], []
     for axis in range(volume.ndim):
         hits = np.flatnonzero(fg.any(axis=tuple(a for a in range(volume.ndim) if a != axis)))
         if hits.size == 0:
             return None
-        start.append(int(hits[0]))
-        end.append(int(hits[-1]) + 1)
+        start.append(max(int(hits[0]) - margin[axis], 0))
+        end.append(min(int(hits[-1]) + 1 + margin[axis], volume.shape[axis]))
     return tuple(start), tuple(end)
+
+
+def margin_voxels(margin_mm: float, affine: np.ndarray) -> tuple[int, int, int]:
+    """``margin_mm`` in voxels of each axis of a grid (rounded up)."""
+    sizes = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return tuple(int(np.ceil(margin_mm / s - 1e-6)) for s in sizes)  # type: ignore[return-value]
 
 
 def normalize_intensity(volume: np.ndarray, modality: str, cfg: PreprocessConfig) -> np.ndarray:
@@ -290,7 +306,7 @@ def preprocess_image(
 
     start, end, empty = (0, 0, 0), dst_shape, False
     if cfg.crop_foreground:
-        box = foreground_box(resampled)
+        box = foreground_box(resampled, margin_voxels(cfg.crop_margin_mm, dst_affine))
         if box is None:
             empty = True
             log.warning(

@@ -23,6 +23,7 @@ from functools import lru_cache
 from typing import Literal
 
 import numpy as np
+from scipy.ndimage import binary_dilation
 from scipy.spatial import cKDTree
 
 EmptyRule = Literal["sat", "nnunet"]
@@ -301,3 +302,9 @@ def case_label_metrics(
         "dice": dice(tp, fp, fn, empty_rule),
         "nsd": fixed if fixed is not None else _surface_dice(pred, ref, spacing, tolerance_mm),
     }
+
+
+def voxels_outside(mask: np.ndarray, body: np.ndarray, margin: int = 0) -> int:
+    """Voxels of ``mask`` farther than ``margin`` voxels (chessboard distance) from ``body``."""
+    near = binary_dilation(body, structure=np.ones((3,) * body.ndim, bool), iterations=margin) if margin else body
+    return int(np.count_nonzero(mask & ~near))

@@ -103,16 +103,23 @@ class EvaluationModule(pl.LightningModule):
 
     @property
     def model_info(self) -> dict[str, Any]:
-        """Name, kind, checkpoint, experts and parameter count of the evaluated model (for the reports)."""
+        """Name, kind, the file whose weights were evaluated (the teacher's own file for a LoRKD
+        checkpoint's teacher, with its sha256 prefix and the LoRKD checkpoint it was reached through),
+        experts and parameter count of the evaluated model (for the reports)."""
         loaded = self.predictor.model
-        return {
+        info = {
             "name": self.name or ("lorkd" if loaded.kind == "experts" else "teacher"),
             "kind": loaded.kind,
-            "checkpoint": str(Path(self.checkpoint).resolve()),
+            "checkpoint": str(Path(loaded.source or self.checkpoint).resolve()),
             "experts": list(loaded.experts),
             "parameter_count": int(loaded.parameter_count),
             "fingerprint": self.fingerprint,
         }
+        if loaded.fingerprint:
+            info["checkpoint_sha256"] = loaded.fingerprint
+        if loaded.loaded_from:
+            info["loaded_from"] = str(Path(loaded.loaded_from).resolve())
+        return info
 
     def predict_dataloader(self) -> DataLoader:
         sampler = ShardSampler(len(self.pending), self.trainer.global_rank, self.trainer.world_size)

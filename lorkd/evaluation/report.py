@@ -298,7 +298,10 @@ def render_comparison(
 def _model_line(model: Mapping[str, Any]) -> str:
     parts = [f"Model: {model.get('name', '?')} ({model.get('kind', '?')})"]
     if model.get("checkpoint"):
-        parts.append(f"checkpoint `{model['checkpoint']}`")
+        sha = f" (sha256 {model['checkpoint_sha256']}…)" if model.get("checkpoint_sha256") else ""
+        parts.append(f"checkpoint `{model['checkpoint']}`{sha}")
+    if model.get("loaded_from"):
+        parts.append(f"the teacher recorded in `{model['loaded_from']}`")
     if model.get("parameter_count") is not None:
         parts.append(f"{_format_params(model['parameter_count'])} parameters")
     return ", ".join(parts) + "."

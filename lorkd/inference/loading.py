@@ -39,7 +39,9 @@ class LoadedModel:
     experts: list[str] = field(default_factory=list)  # expert names in index order
     region_map: RegionMap | None = None
     data: dict[str, Any] = field(default_factory=dict)  # preprocessing and patch size used in training
-    source: str = ""
+    source: str = ""  # the file whose weights these are (a LoRKD checkpoint's teacher: the teacher's file)
+    fingerprint: str = ""  # sha256 prefix of ``source`` where it was hashed on loading
+    loaded_from: str = ""  # the checkpoint given to the loader, when it is not ``source`` itself
 
     @property
     def parameter_count(self) -> int:
@@ -176,6 +178,9 @@ def load_model(
             if teacher.fingerprint != saved.fingerprint:
                 raise ValueError(f"teacher file {saved.path} changed since {path} was distilled from it")
             net = teacher.net
+            return LoadedModel(
+                net.eval(), prompts, "teacher", [], region_map, data, teacher.source, teacher.fingerprint, source
+            )
         return LoadedModel(net.eval(), prompts, "teacher", [], region_map, data, source)
     net = build_student(meta, state, source)
     return LoadedModel(net, prompts, "experts", list(meta.experts.regions), region_map, data, source)
