@@ -209,7 +209,7 @@ def _publish(stage: Path, out: Path) -> None:
 
 
 def _export_onnx(
-    arguments: Mapping[str, Any], state: Mapping[str, torch.Tensor], folder: Path, meta: Mapping[str, Any], source: str
+    arguments: Mapping[str, Any], state: Mapping[str, torch.Tensor], folder: Path, meta: CheckpointMeta, source: str
 ) -> dict[str, Any]:
     """``folder/model.onnx`` of one merged expert for windows of the training patch size."""
     from lorkd.checkpoints.onnx import ONNX_MODEL, export_onnx, onnx_entry
@@ -218,7 +218,7 @@ def _export_onnx(
 
     net = SAT(**arguments)
     load_mapped(net, dict(state), KeyReport(source=source))
-    window = window_size((meta.get("data") or {}).get("patch_size") or SAT_WINDOW, net.size_divisor)
+    window = window_size(meta.data.get("patch_size") or SAT_WINDOW, net.size_divisor)
     path = export_onnx(net, window, folder / ONNX_MODEL)
     log.info("exported %s as ONNX (windows of %s)", folder.name, "x".join(map(str, window)))
     return onnx_entry(path, window)
