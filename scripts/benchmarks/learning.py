@@ -19,7 +19,7 @@ import argparse
 import itertools
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -68,6 +68,13 @@ def cosine_table(cos: torch.Tensor, keys: Sequence[tuple[str, str]]) -> str:
     off = cos[~torch.eye(len(keys), dtype=torch.bool)]
     lines.append(f"\noff-diagonal cosine: max {off.max():.3f}, mean {off.mean():.3f}")
     return "\n".join(lines)
+
+
+def training_batches(loader) -> Iterator[dict[str, Any]]:
+    """Endless training batches; each pass over the loader is a new epoch of the region sampler."""
+    for epoch in itertools.count():
+        loader.sampler.set_epoch(epoch)
+        yield from loader
 
 
 def validate(segment: Callable[[dict[str, Any]], torch.Tensor], loader, n_regions: int) -> torch.Tensor:
@@ -146,7 +153,7 @@ def main() -> None:
           f"unet BasicUNet{BASELINE_FEATURES} {count(baseline):,}")  # fmt: skip
     results: dict[int, dict[str, torch.Tensor]] = {}
     seconds = dict.fromkeys(models, 0.0)
-    loader = itertools.chain.from_iterable(itertools.repeat(data.train_dataloader()))
+    loader = training_batches(data.train_dataloader())
     val_regions = sorted({int(r) for b in data.val_dataloader() for r in b["region"]})
     shown = [(regions[i], i) for i in val_regions] + [("all", len(regions))]
     for step in range(1, args.steps + 1):
