@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +24,10 @@ from lorkd.checkpoints import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "outputs" / "demo"
+
+
+# the same thread count on every machine: CPU float reductions (and so the table) depend on it
+THREADS = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 
 
 def run(args: list[str]) -> None:
@@ -84,6 +89,7 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--lorkd-steps", type=int, default=400)
     args = parser.parse_args()
+    os.environ.update(THREADS)  # every stage (training, evaluation) runs in a subprocess that inherits it
     start = time.time()
     data = DEMO / "data"
     if not (data / "test.jsonl").is_file():

@@ -59,3 +59,17 @@ def test_cli_help_and_cfg_job():
     )  # fmt: skip
     assert job.returncode == 0, job.stderr
     assert "lorkd.modules.lorkd_module.LoRKDModule" in job.stdout and "checkpoint: /x.pth" in job.stdout
+
+
+def test_demo_student_is_the_teacher_with_one_conv_per_stage():
+    """The demo's experts share a student with <= 60% of the teacher's parameters whose every tensor has
+    a teacher tensor of the same name and shape (student_init=auto starts it from the teacher)."""
+    teacher_cfg = compose_config("train", ["experiment=demo_teacher"])
+    cfg = compose_config("train", ["experiment=demo"])
+    teacher = instantiate(teacher_cfg.model.net, query_dim=64)
+    student = instantiate(cfg.model.student, query_dim=64)
+    assert cfg.model.student_init == "auto" and student.config["mask_head_act"] == teacher.config["mask_head_act"]
+    ts, ss = teacher.state_dict(), student.state_dict()
+    assert all(k in ts and ts[k].shape == v.shape for k, v in ss.items())
+    ratio = sum(v.numel() for v in ss.values()) / sum(v.numel() for v in ts.values())
+    assert 0.45 < ratio <= 0.6

@@ -50,7 +50,7 @@ def test_a_lorkd_style_fit_checkpoints_the_released_shapes_and_exports(tiny_demo
     raw = torch.load(ckpt, weights_only=True)
     assert schema.read(raw, str(ckpt)).experts.style == "lorkd"
     a = raw["state_dict"]["student.backbone.base_model.model.encoder.stages.1.0.convs.0.conv.lora_A.abdomen.weight"]
-    assert tuple(a.shape) == (3 * 4, 9 * 8)  # (3r, 9·Cin)
+    assert tuple(a.shape) == (3 * 4, 9 * 16)  # (3r, 9·Cin); Cin = 16, the demo student's first width
     student = load_model(ckpt)
     exported = load_export(export_experts(ckpt, tmp_path / "export", regions=["abdomen"]))
     x = torch.randn(2, 1, 32, 32, 16)

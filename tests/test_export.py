@@ -84,7 +84,7 @@ def test_the_model_card_round_trips(tiny_export, distinct_lorkd_ckpt):
         card = read_card(tiny_export / region)
         assert json.loads(json.dumps(card)) == card == load_export(tiny_export).card(region)
         assert SAT(**card["architecture"]["arguments"]).config == meta.net
-        assert card["architecture"]["preset"] == "unet_tiny"
+        assert card["architecture"]["preset"] == "unet_small_lite"
         assert card["region"] == region and card["expert_index"] == meta.experts.regions.index(region)
         rank = meta.experts.ranks[region]
         assert card["expert"] == {

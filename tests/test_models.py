@@ -121,3 +121,15 @@ def test_deep_supervision_heads_follow_decoder_scales():
     net = tiny_sat(deep_supervision=True).eval()
     out = net(torch.randn(2, 1, 32, 32, 16), torch.randn(2, 64), return_aux=True)
     assert [tuple(a.shape) for a in out.aux_logits] == [(2, 2, 16, 16, 8), (2, 2, 8, 8, 4)]
+
+
+def test_mask_head_without_final_gelu_keeps_sat_keys_and_frees_the_sign():
+    """``mask_head_act=False`` (demo knob) drops the mask heads' last GELU: same keys, so the same weights
+    give the pre-activation embedding, which can be more negative than GELU's minimum (-0.17)."""
+    sat, free = tiny_sat(deep_supervision=True), tiny_sat(deep_supervision=True, mask_head_act=False)
+    assert sat.state_dict().keys() == free.state_dict().keys() and sat.config["mask_head_act"] is True
+    free.load_state_dict(sat.state_dict())
+    q = 3 * torch.randn(16, 64)
+    for a, b in zip([sat.mask_embed_proj, *sat.mid_mask_embed_proj], [free.mask_embed_proj, *free.mid_mask_embed_proj]):
+        torch.testing.assert_close(a(q), torch.nn.functional.gelu(b(q)))
+        assert a(q).min() > -0.2 and b(q).min() < -0.2

@@ -74,3 +74,21 @@ def test_trainable_head_gets_gradients(minilm):
     bank.queries(["liver", "heart"], "mri").sum().backward()
     assert head.modality_embed.weight.grad[1].abs().sum() > 0
     assert head.modality_embed.weight.grad[0].abs().sum() == 0
+
+
+DEMO_LABELS = {
+    "ct": ["liver", "spleen", "left kidney", "right kidney", "aorta", "left lung", "right lung", "heart", "pulmonary artery"],
+    "mri": ["lateral ventricle", "grey matter", "white matter"],
+}
+
+
+@pytest.mark.parametrize("query_dim", [64, 768])
+def test_fresh_head_gives_distinct_labels_distinct_queries(minilm, query_dim):
+    """A text head trained from scratch must tell labels apart from step 0: with nn.Embedding's default
+    init the modality term dominated and every CT prompt had cosine 1.000 to every other."""
+    torch.manual_seed(0)
+    bank = PromptBank(TextEncoder(minilm, query_dim=query_dim, proj_hidden=query_dim))
+    for modality, labels in DEMO_LABELS.items():
+        q = torch.nn.functional.normalize(bank.queries(labels, modality), dim=-1)
+        off = (q @ q.T)[~torch.eye(len(labels), dtype=torch.bool)]
+        assert off.max() < 0.98, f"{modality}: max cosine {off.max():.4f} between distinct labels"

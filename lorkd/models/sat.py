@@ -20,9 +20,10 @@ from lorkd.models.positional import positional_encoding_3d
 from lorkd.models.unet import PlainConvUNet
 
 
-def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
-    """Linear-GELU-Linear-GELU (SAT's projection heads; keys ``0`` and ``2``)."""
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out), nn.GELU())
+def _mlp(d_in: int, d_hidden: int, d_out: int, final_act: bool = True) -> nn.Sequential:
+    """Linear-GELU-Linear[-GELU] (SAT's projection heads; keys ``0`` and ``2``)."""
+    layers = [nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out)]
+    return nn.Sequential(*layers, nn.GELU()) if final_act else nn.Sequential(*layers)
 
 
 @dataclass
@@ -60,7 +61,11 @@ class SAT(nn.Module):
         latent_stride: int = 32,
         deep_supervision: bool = False,
         ds_hidden: Sequence[int] = (256, 384, 512),
+        mask_head_act: bool = True,
     ) -> None:
+        """``mask_head_act=False`` drops the mask heads' final GELU (SAT has it): the mask embedding is then
+        free in sign, so a voxel's logit (its non-negative LeakyReLU features times the embedding) can
+        be negative without huge features. Same keys; a demo knob."""
         super().__init__()
         self.config: dict[str, Any] = {
             "features": list(features), "strides": list(strides), "n_convs": n_convs,
@@ -68,6 +73,7 @@ class SAT(nn.Module):
             "proj_hidden": proj_hidden, "mask_hidden": mask_hidden, "decoder_layers": decoder_layers,
             "decoder_heads": decoder_heads, "decoder_ffn": decoder_ffn, "dropout": dropout,
             "latent_stride": latent_stride, "deep_supervision": deep_supervision, "ds_hidden": list(ds_hidden),
+            "mask_head_act": mask_head_act,
         }  # fmt: skip
         self.backbone = PlainConvUNet(features, strides, n_convs, n_convs_decoder, in_channels)
         self.pool_kernels = []
@@ -80,12 +86,12 @@ class SAT(nn.Module):
         self.query_dim = query_dim
         self.projection_layer = _mlp(sum(features), proj_hidden, query_dim)
         self.transformer_decoder = QueryDecoder(query_dim, decoder_heads, decoder_layers, decoder_ffn, dropout)
-        self.mask_embed_proj = _mlp(query_dim, mask_hidden, features[0])
+        self.mask_embed_proj = _mlp(query_dim, mask_hidden, features[0], mask_head_act)
         self.deep_supervision = deep_supervision
         if deep_supervision:
             n_ds = min(3, len(features) - 2)
             self.mid_mask_embed_proj = nn.ModuleList(
-                _mlp(query_dim, ds_hidden[i], features[i + 1]) for i in range(n_ds)
+                _mlp(query_dim, ds_hidden[i], features[i + 1], mask_head_act) for i in range(n_ds)
             )
         self._pos_cache: dict[tuple[int, int, int], torch.Tensor] = {}
 

@@ -163,6 +163,10 @@ class TextEncoder(nn.Module):
             nn.Linear(hidden_dim, proj_hidden), nn.GELU(), nn.Linear(proj_hidden, query_dim)
         )
         self.modality_embed = nn.Embedding(num_modalities, query_dim)
+        # small at initialisation (norm ~0.1, the projection's output ~0.8): a fresh head's queries then
+        # differ per label from step 0 (nn.Embedding's N(0, 1) init is ~10x the projection's output, which
+        # made every prompt of a modality one query); official SAT text heads overwrite it when loaded
+        nn.init.normal_(self.modality_embed.weight, std=0.1 / query_dim**0.5)
 
     def forward(self, text_embeddings: torch.Tensor, modality_codes: torch.Tensor) -> torch.Tensor:
         """(N, hidden) pooled text embeddings + (N,) modality codes -> (N, query_dim) queries."""
