@@ -16,8 +16,6 @@ from dataclasses import replace
 
 import torch
 
-from lorkd.experts import route
-
 ProgressFn = Callable[[int], None]  # called with the number of windows just processed
 
 
@@ -76,6 +74,8 @@ class WindowModel:
     def _route(self, batch: int) -> contextlib.AbstractContextManager:
         if self.expert is None:
             return contextlib.nullcontext()
+        from lorkd.experts import route  # peft: only networks with experts route
+
         index = torch.full((batch,), self.expert, dtype=torch.long)
         return route(self.net.backbone, index)
 
