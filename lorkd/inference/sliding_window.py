@@ -36,6 +36,15 @@ def count_windows(shape: Sequence[int], window: Sequence[int], overlap: float) -
     return total
 
 
+def route(
+    model: torch.nn.Module, region_index: torch.Tensor, per_sample_weights: bool | None = None
+) -> contextlib.AbstractContextManager:
+    """:func:`lorkd.experts.route`, imported on first use: peft is loaded only for networks with experts."""
+    from lorkd.experts import route as route_experts
+
+    return route_experts(model, region_index, per_sample_weights)
+
+
 def autocast_dtype() -> torch.dtype:
     """bfloat16 where the GPU supports it (no overflow), else float16 (SAT's choice)."""
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -74,8 +83,6 @@ class WindowModel:
     def _route(self, batch: int) -> contextlib.AbstractContextManager:
         if self.expert is None:
             return contextlib.nullcontext()
-        from lorkd.experts import route  # peft: only networks with experts route
-
         index = torch.full((batch,), self.expert, dtype=torch.long)
         return route(self.net.backbone, index)
 
