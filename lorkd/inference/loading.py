@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from lorkd.checkpoints import schema
-from lorkd.checkpoints.export import build_student
 from lorkd.checkpoints.exported import ExportedExperts, load_export
 from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.sat import build_text_encoder, sat_model_from_checkpoint
@@ -182,6 +181,9 @@ def load_model(
                 net.eval(), prompts, "teacher", [], region_map, data, teacher.source, teacher.fingerprint, source
             )
         return LoadedModel(net.eval(), prompts, "teacher", [], region_map, data, source)
+    # imported here: peft (and its transformers) only for a student with experts
+    from lorkd.checkpoints.export import build_student
+
     net = build_student(meta, state, source)
     return LoadedModel(net, prompts, "experts", list(meta.experts.regions), region_map, data, source)
 

@@ -16,8 +16,6 @@ from dataclasses import replace
 
 import torch
 
-from lorkd.experts import route
-
 ProgressFn = Callable[[int], None]  # called with the number of windows just processed
 
 
@@ -36,6 +34,15 @@ def count_windows(shape: Sequence[int], window: Sequence[int], overlap: float) -
             step = max(int(roi * (1 - overlap)), 1)
             total *= math.ceil((size - roi) / step) + 1
     return total
+
+
+def route(
+    model: torch.nn.Module, region_index: torch.Tensor, per_sample_weights: bool | None = None
+) -> contextlib.AbstractContextManager:
+    """:func:`lorkd.experts.route`, imported on first use: peft is loaded only for networks with experts."""
+    from lorkd.experts import route as route_experts
+
+    return route_experts(model, region_index, per_sample_weights)
 
 
 def autocast_dtype() -> torch.dtype:

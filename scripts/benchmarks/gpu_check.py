@@ -6,15 +6,26 @@ Measured in one process (median of ``--repeats`` after warm-up; peak memory from
   * SAT-Nano and SAT-Pro teacher forwards (no grad);
   * expert routing on a mixed-region batch: plain student, ours, per-sample loop, the paper's EKS.
 
-Needs only torch, peft and pyyaml (no MONAI/Hydra), so it runs on a bare GPU image:
+  * prediction of one CT-sized case (512x512x120 at 0.8x0.8x2.5 mm, int16 NIfTI) with a random-weight
+    student (``--predict-preset``, 8 experts) saved as a LoRKD checkpoint: ``python predict.py`` end to end
+    in a fresh process (start-up, loading, preprocessing, sliding windows, inversion, writing), and
+    ``Predictor.predict`` warm in this process; seconds per case and peak GPU memory of each.
+
+Needs a CUDA GPU (it stops with one line without one). The training/routing steps need only torch,
+peft and pyyaml; the prediction check needs the installed project (MONAI, Hydra, Lightning):
   PYTHONPATH=. python scripts/benchmarks/gpu_check.py [--size 288 288 96] [--repeats 5] [--out FILE.md]
+      [--skip-steps] [--skip-predict] [--predict-preset nano] [--predict-labels 5] [--predict-window 288 288 96]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +72,78 @@ def measure(fn: Callable[[], None], repeats: int, device: torch.device) -> tuple
     return statistics.median(times), peak
 
 
-def main() -> None:
+# Runs predict.py in the child and writes its peak CUDA memory (bytes) to argv[1] when it exits.
+PEAK_CHILD = (
+    "import atexit, json, runpy, sys, torch\n"
+    "out = sys.argv[1]\n"
+    "peak = lambda: torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0\n"
+    "atexit.register(lambda: open(out, 'w').write(json.dumps({'peak': peak()})))\n"
+    "sys.argv = sys.argv[2:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+def prepare_predict_case(
+    folder: Path, preset: str, window: tuple[int, ...], n_labels: int, size: tuple[int, int, int] = (512, 512, 120)
+) -> tuple[Path, Path, list[str]]:
+    """A random-weight LoRKD checkpoint of ``preset`` and the synthetic CT (int16 NIfTI); returns (ckpt, image, labels)."""
+    import nibabel as nib
+    import numpy as np
+
+    from lorkd.regions import RegionMap
+    from scripts.benchmarks.predict import build_model, ct_volume, write_checkpoint
+
+    regions = RegionMap.from_config("demo")
+    abdomen = sorted(k.split("_", 1)[1] for k, r in regions.label_region.items() if r == "abdomen" and k.startswith("ct_"))
+    labels = abdomen[:n_labels]
+    ckpt = write_checkpoint(build_model(preset, window, regions, labels), folder / f"{preset}.ckpt")
+    volume, affine = ct_volume()
+    image = folder / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.rint(volume[: size[0], : size[1], : size[2]]).astype(np.int16), affine), image)
+    return ckpt, image, labels
+
+
+def run_predict_cli(ckpt: Path, image: Path, labels: list[str], out: Path) -> tuple[float, float]:
+    """``python predict.py`` on one case in a fresh process: (wall seconds, peak CUDA GiB; 0 on the CPU)."""
+    peak_file = out.parent / f"{out.name}.peak.json"
+    command = [
+        sys.executable, "-c", PEAK_CHILD, str(peak_file), str(ROOT / "predict.py"), f"ckpt_path={ckpt}",
+        f"input={image}", f"labels=[{','.join(labels)}]", "modality=ct", f"output_dir={out}", "progress=false",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled")
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"predict.py failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return seconds, json.loads(peak_file.read_text())["peak"] / 2**30
+
+
+def predict_rows(args: argparse.Namespace, device: torch.device) -> list[tuple[str, float, float]]:
+    """predict.py end to end and the warm in-process Predictor on one CT-sized case: (name, s, peak GiB)."""
+    from lorkd.inference.predictor import Predictor
+
+    window = tuple(args.predict_window)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, image, labels = prepare_predict_case(Path(tmp), args.predict_preset, window, args.predict_labels)
+        cli_seconds, cli_peak = run_predict_cli(ckpt, image, labels, Path(tmp) / "out")
+        predictor = Predictor.from_checkpoint(ckpt, device=device)
+        predictor.predict(image, labels[:1], "ct")  # warm-up: cuDNN plans, allocator
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        predictor.predict(image, labels, "ct")
+        torch.cuda.synchronize()
+        warm = time.perf_counter() - start
+        warm_peak = torch.cuda.max_memory_allocated() / 2**30
+    what = f"{args.predict_preset} student, CT 512x512x120, {len(labels)} labels, window {'x'.join(map(str, window))}"
+    return [
+        (f"python predict.py end to end, fresh process ({what})", cli_seconds, cli_peak),
+        (f"Predictor.predict in process, warm ({what})", warm, warm_peak),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, nargs=3, default=[288, 288, 96])
     parser.add_argument("--prompts", type=int, default=8)
@@ -69,12 +151,38 @@ def main() -> None:
     parser.add_argument("--routing-batch", type=int, default=2)
     parser.add_argument("--skip-pro", action="store_true", help="skip the SAT-Pro teacher (memory/time)")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-steps", action="store_true", help="only the prediction check")
+    parser.add_argument("--skip-predict", action="store_true", help="no prediction check")
+    parser.add_argument("--predict-preset", default="nano", choices=["tiny", "nano"])
+    parser.add_argument("--predict-labels", type=int, default=5)
+    parser.add_argument("--predict-window", type=int, nargs=3, default=[288, 288, 96])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
+    lines = [f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}"]
+    if not args.skip_steps:
+        lines += step_lines(args, device)
+    if not args.skip_predict:
+        lines += [
+            "",
+            "Prediction of one CT-sized case (random weights; bf16 autocast; peak: CUDA allocator):",
+            "",
+            "| run | s/case | peak GiB |",
+            "|---|---|---|",
+            *[f"| {name} | {s:.1f} | {p:.2f} |" for name, s, p in predict_rows(args, device)],
+        ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+def step_lines(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """Training steps, teacher forwards and the routing table, as markdown lines."""
     dtype = torch.bfloat16
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     size = tuple(args.size)
     rows: list[tuple[str, float, float]] = []
 
@@ -130,9 +238,8 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     routing_rows = routing_table(student, args, device, dtype)
-    lines = [
-        f"card: {card}; torch {torch.__version__}; window {size}; {args.prompts} prompts; bf16 autocast; "
-        f"median of {args.repeats} after warm-up",
+    return [
+        f"window {size}; {args.prompts} prompts; bf16 autocast; median of {args.repeats} after warm-up",
         "",
         "| step | ms | peak GiB |",
         "|---|---|---|",
@@ -145,10 +252,6 @@ def main() -> None:
         "|---|---|---|---|",
         *routing_rows,
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
 
 
 def routing_table(student: SAT, args, device: torch.device, dtype: torch.dtype) -> list[str]:

@@ -52,11 +52,11 @@ TEXT_DIM = 384  # MiniLM
 
 
 def build_model(preset: str, window: Sequence[int], regions: RegionMap, labels: Sequence[str]) -> LoadedModel:
-    backbone, ranks, query_dim, layers, heads, ffn = PRESETS[preset]
+    backbone, ranks, query_dim, *_ = PRESETS[preset]
     torch.manual_seed(0)
     net = SAT(
-        **yaml.safe_load((CONFIG_DIR / "backbone" / f"{backbone}.yaml").read_text()),
-        query_dim=query_dim, decoder_layers=layers, decoder_heads=heads, decoder_ffn=ffn, dropout=0.0,
+        **yaml.safe_load((CONFIG_DIR / "backbone" / f"{backbone}.yaml").read_text()), query_dim=query_dim,
+        **_decoder_arguments(preset),
     )  # fmt: skip
     experts = yaml.safe_load((CONFIG_DIR / "experts" / f"{ranks}.yaml").read_text())
     net.backbone = add_region_experts(
@@ -67,6 +67,36 @@ def build_model(preset: str, window: Sequence[int], regions: RegionMap, labels: 
         bank.embeddings[label] = torch.randn(TEXT_DIM)
     data = {"preprocess": PreprocessConfig().to_dict(), "patch_size": list(window)}
     return LoadedModel(net.eval(), bank, "experts", list(regions.regions), regions, data, f"random {preset}")
+
+
+def write_checkpoint(loaded: LoadedModel, path: Path) -> Path:
+    """Save a :func:`build_model` student as a LoRKD checkpoint that ``predict.py`` loads (prompts cached)."""
+    from lorkd.checkpoints import schema
+
+    _, ranks, *_ = PRESETS[loaded.source.split()[-1]]
+    experts = yaml.safe_load((CONFIG_DIR / "experts" / f"{ranks}.yaml").read_text())
+    net = loaded.net
+    meta = schema.CheckpointMeta(
+        kind="lorkd",
+        text_encoder=schema.TextHead.of(loaded.prompts.text_encoder),
+        prompt_bank=loaded.prompts.state_dict(),
+        net=dict(net.config),
+        region_map=loaded.region_map.to_dict(),
+        data=loaded.data,
+        experts=schema.ExpertsSpec(
+            regions=list(loaded.experts), ranks=experts["ranks"], decoder_rank_factor=experts["decoder_rank_factor"],
+            scaling=experts["scaling"],
+        ),
+    )  # fmt: skip
+    state = {f"student.{k}": v for k, v in net.state_dict().items()}
+    state.update({f"text_encoder.{k}": v for k, v in loaded.prompts.text_encoder.state_dict().items()})
+    torch.save(schema.write({"state_dict": state}, meta), path)
+    return path
+
+
+def _decoder_arguments(preset: str) -> dict:
+    _, _, _, layers, heads, ffn = PRESETS[preset]
+    return {"decoder_layers": layers, "decoder_heads": heads, "decoder_ffn": ffn, "dropout": 0.0}
 
 
 def ct_volume() -> tuple[np.ndarray, np.ndarray]:

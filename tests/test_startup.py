@@ -1,0 +1,34 @@
+"""Start-up: predicting with an export imports neither peft nor W&B (peft is only for students with experts).
+
+Checked structurally in a fresh interpreter (``scripts/benchmarks/startup.py`` measures the seconds).
+transformers is not checked: MONAI imports it at ``import monai`` (``monai.networks.nets.transchex``).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROBE = """
+import json, sys
+import numpy as np
+from lorkd.inference.predictor import Predictor
+before = sorted(m for m in ("peft", "wandb") if m in sys.modules)
+predictor = Predictor.from_checkpoint(sys.argv[1], device="cpu")
+result = predictor.predict(np.zeros((24, 24, 12), np.float32) + np.arange(12), ["liver"], "ct", affine=np.eye(4))
+after = sorted(m for m in ("peft", "wandb") if m in sys.modules)
+print(json.dumps({"before": before, "after": after, "routes": result.routes}))
+"""
+
+
+def test_predicting_with_an_export_imports_neither_peft_nor_wandb(tiny_export):
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tiny_export)], capture_output=True, text=True, env=env, cwd=root, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["routes"] == {"liver": "abdomen"}  # the abdomen expert ran
+    assert report["before"] == [] and report["after"] == [], report
