@@ -8,10 +8,14 @@
 Pipeline: the checkpoint's preprocessing (orientation, spacing, foreground crop, intensity) → labels
 grouped by region expert (:mod:`lorkd.inference.routing`) → per group, MONAI sliding-window
 inference with that expert (:mod:`lorkd.inference.sliding_window`) → sigmoid → back to the input's
-grid (crop, spacing and orientation undone) → threshold. Windows past the volume's faces see the
-image's background value, not 0 (which after normalisation is the scan's mean, i.e. tissue-like),
-and probabilities outside the body (:func:`lorkd.data.body.body_mask`, grown by ``body_margin_mm``)
-are set to 0 unless ``body_mask=False`` (SAT's own behaviour). In the multilabel map each voxel takes the
+grid (crop, spacing and orientation undone) → threshold.
+
+Two guards against masks outside the body, both off with ``edge_padding=0, body_mask=False`` (SAT's
+behaviour): the preprocessed image is padded with its background (``InversionInfo.background``; 0
+would be the scan's mean intensity, tissue-like) by ``edge_padding`` voxels per face, so that no face
+of the foreground crop lies on a window's border, where the network sees its convolutions' zero
+padding; and probabilities outside the body (:func:`lorkd.data.body.body_mask`, grown by
+``body_margin_mm``) are set to 0. In the multilabel map each voxel takes the
 most probable label among those above the threshold (an exact tie goes to the earlier label).
 """
 
@@ -187,6 +191,7 @@ class Predictor:
         nan_policy: NaN/Inf voxels of an input: ``"error"`` or ``"zero"`` (default: the checkpoint's).
         stitch_device: where windows are blended: ``"cpu"``, ``"device"`` or ``"auto"`` (the device
             while the blended output takes under a quarter of its free memory, else the CPU).
+        edge_padding: voxels of background added to each face of the preprocessed image (0: SAT's behaviour).
         body_mask: set probabilities outside the body to 0 (the voxels above the image's background,
             holes filled per axial slice, grown by ``body_margin_mm``); False: SAT's behaviour.
         body_margin_mm: how far outside the body a mask may reach.
@@ -206,6 +211,7 @@ class Predictor:
         amp: bool | None = None,
         stitch_device: str = "auto",
         nan_policy: str | None = None,
+        edge_padding: int = 8,
         body_mask: bool = True,
         body_margin_mm: float = 5.0,
     ) -> None:
@@ -226,6 +232,9 @@ class Predictor:
             raise ValueError(f"max_queries must be >= 1, got {max_queries}")
         if float(body_margin_mm) < 0:
             raise ValueError(f"body_margin_mm must be >= 0, got {body_margin_mm}")
+        if int(edge_padding) < 0:
+            raise ValueError(f"edge_padding must be >= 0, got {edge_padding}")
+        self.edge_padding = int(edge_padding)
         self.threshold = float(threshold)
         self.body_mask = bool(body_mask)
         self.body_margin_mm = float(body_margin_mm)
@@ -368,7 +377,10 @@ class Predictor:
         background: float,
     ) -> torch.Tensor:
         """(n_group, X, Y, Z) float32 probabilities on the CPU for a preprocessed (1, X, Y, Z) image
-        (padded with ``background`` where smaller than the window)."""
+        (padded with ``background``: ``edge_padding`` voxels per face, more where smaller than the window)."""
+        pad = self.edge_padding
+        if pad:
+            image = np.pad(image, ((0, 0), *((pad, pad),) * 3), constant_values=background)
         stitch = self._stitch_on(len(group.indices), image.shape[1:])
         tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(stitch)
         net, expert = self._network(group)
@@ -378,14 +390,15 @@ class Predictor:
                 tensor, model, self.window, self.overlap, self.sw_batch_size, self.device, stitch,
                 cval=background,
             )  # fmt: skip
+        if pad:
+            probs = probs[:, pad:-pad, pad:-pad, pad:-pad].contiguous()
         return probs.cpu()
 
-    def _body(self, image: np.ndarray, background: float, affine: np.ndarray) -> torch.Tensor | None:
-        """The body of a preprocessed (1, X, Y, Z) image in a grid with ``affine``, as a bool tensor;
-        None when ``body_mask`` is off."""
-        if not self.body_mask:
-            return None
-        return torch.from_numpy(body_mask(image[0], background, margin_voxels(self.body_margin_mm, affine)))
+    def body(self, image: np.ndarray, info: InversionInfo | None = None) -> np.ndarray:
+        """Where masks of a preprocessed (1, X, Y, Z) image may lie: its body grown by ``body_margin_mm``
+        (X, Y, Z) bool; ``info`` as in :meth:`predict_preprocessed`."""
+        background, affine = self._grid(image, info)
+        return body_mask(image[0], background, margin_voxels(self.body_margin_mm, affine))
 
     def _grid(self, image: np.ndarray, info: InversionInfo | None) -> tuple[float, np.ndarray]:
         """Background value and affine of a preprocessed image: ``info``'s, else the image's minimum and
@@ -414,7 +427,8 @@ class Predictor:
         """Yield (group, its probabilities (n_group, X, Y, Z)) for a preprocessed image (see :meth:`_grid`)."""
         tick = None
         if progress is not None:
-            total = count_windows(image.shape[1:], self.window, self.overlap) * len(groups)
+            padded = [s + 2 * self.edge_padding for s in image.shape[1:]]
+            total = count_windows(padded, self.window, self.overlap) * len(groups)
             done = [0]
 
             def tick(n: int) -> None:
@@ -422,8 +436,8 @@ class Predictor:
                 progress(done[0], total)
 
         blank = _constant(image)  # no contrast: no network output could mean anything
-        background, affine = self._grid(image, info)
-        body = None if blank else self._body(image, background, affine)
+        background = self._grid(image, info)[0]
+        body = torch.from_numpy(self.body(image, info)) if self.body_mask and not blank else None
         for group, q in zip(groups, queries):
             if blank:
                 yield group, torch.zeros((len(group.indices), *image.shape[1:]), dtype=torch.float32)
