@@ -185,6 +185,9 @@ def test_windows_past_the_image_see_its_background_not_zero():
     assert window.shape == (16, 16, 8) and info.background == float(array.min()) < 0
     padding = window.size - array.size  # MONAI pads both sides; SAT padded with 0, the mean intensity
     assert np.count_nonzero(window == info.background) == padding + np.count_nonzero(array == info.background)
+    sat = fake_predictor(window=(16, 16, 8), background_padding=False)
+    sat.predict_preprocessed(array, ["object"], "mri", info=info)
+    assert np.count_nonzero(sat.model.network(None)[0].seen[-1] == 0) == padding + np.count_nonzero(array == 0)
 
 
 def test_edge_padding_keeps_the_crop_faces_off_the_window_borders():

@@ -10,12 +10,12 @@ grouped by region expert (:mod:`lorkd.inference.routing`) → per group, MONAI s
 inference with that expert (:mod:`lorkd.inference.sliding_window`) → sigmoid → back to the input's
 grid (crop, spacing and orientation undone) → threshold.
 
-Two guards against masks outside the body, both off with ``edge_padding=0, body_mask=False`` (SAT's
-behaviour): the preprocessed image is padded with its background (``InversionInfo.background``; 0
-would be the scan's mean intensity, tissue-like) by ``edge_padding`` voxels per face, so that no face
-of the foreground crop lies on a window's border, where the network sees its convolutions' zero
-padding; and probabilities outside the body (:func:`lorkd.data.body.body_mask`, grown by
-``body_margin_mm``) are set to 0. In the multilabel map each voxel takes the
+Against masks outside the body (SAT's behaviour: ``background_padding=False, edge_padding=0,
+body_mask=False``): windows past the image see its background (``InversionInfo.background``; 0 is
+the normalised scan's mean intensity, tissue-like); ``edge_padding`` voxels of it can be added on every
+face, so that no face of the foreground crop lies on a window's border, where the network sees its
+convolutions' zero padding; and probabilities outside the body (:func:`lorkd.data.body.body_mask`,
+grown by ``body_margin_mm``) are set to 0. In the multilabel map each voxel takes the
 most probable label among those above the threshold (an exact tie goes to the earlier label).
 """
 
@@ -191,7 +191,8 @@ class Predictor:
         nan_policy: NaN/Inf voxels of an input: ``"error"`` or ``"zero"`` (default: the checkpoint's).
         stitch_device: where windows are blended: ``"cpu"``, ``"device"`` or ``"auto"`` (the device
             while the blended output takes under a quarter of its free memory, else the CPU).
-        edge_padding: voxels of background added to each face of the preprocessed image (0: SAT's behaviour).
+        background_padding: pad windows past the image with its background value (False: with 0, as SAT).
+        edge_padding: voxels of padding added to each face of the preprocessed image (0: SAT's behaviour).
         body_mask: set probabilities outside the body to 0 (the voxels above the image's background,
             holes filled per axial slice, grown by ``body_margin_mm``); False: SAT's behaviour.
         body_margin_mm: how far outside the body a mask may reach.
@@ -211,7 +212,8 @@ class Predictor:
         amp: bool | None = None,
         stitch_device: str = "auto",
         nan_policy: str | None = None,
-        edge_padding: int = 8,
+        background_padding: bool = True,
+        edge_padding: int = 0,
         body_mask: bool = True,
         body_margin_mm: float = 5.0,
     ) -> None:
@@ -235,6 +237,7 @@ class Predictor:
         if int(edge_padding) < 0:
             raise ValueError(f"edge_padding must be >= 0, got {edge_padding}")
         self.edge_padding = int(edge_padding)
+        self.background_padding = bool(background_padding)
         self.threshold = float(threshold)
         self.body_mask = bool(body_mask)
         self.body_margin_mm = float(body_margin_mm)
@@ -436,7 +439,7 @@ class Predictor:
                 progress(done[0], total)
 
         blank = _constant(image)  # no contrast: no network output could mean anything
-        background = self._grid(image, info)[0]
+        background = self._grid(image, info)[0] if self.background_padding else 0.0
         body = torch.from_numpy(self.body(image, info)) if self.body_mask and not blank else None
         for group, q in zip(groups, queries):
             if blank:
