@@ -401,18 +401,19 @@ class Predictor:
         """Where masks of a preprocessed (1, X, Y, Z) image may lie: its body grown by ``body_margin_mm``
         (X, Y, Z) bool; ``info`` as in :meth:`predict_preprocessed`."""
         background, affine = self._grid(image, info)
-        return body_mask(image[0], background, margin_voxels(self.body_margin_mm, affine))
-
-    def _grid(self, image: np.ndarray, info: InversionInfo | None) -> tuple[float, np.ndarray]:
-        """Background value and affine of a preprocessed image: ``info``'s, else the image's minimum and
-        the checkpoint's spacing."""
-        if info is not None:
-            return info.background, info.affine
-        if self.preprocess.spacing is None:
+        if affine is None:
             raise ValueError(
                 "this checkpoint keeps each image's own spacing: give the image's InversionInfo (info=...)"
             )
-        return float(image.min()), np.diag([*self.preprocess.spacing, 1.0])
+        return body_mask(image[0], background, margin_voxels(self.body_margin_mm, affine))
+
+    def _grid(self, image: np.ndarray, info: InversionInfo | None) -> tuple[float, np.ndarray | None]:
+        """Background value and affine of a preprocessed image: ``info``'s, else the image's minimum and
+        the checkpoint's spacing (None when it keeps each image's own)."""
+        if info is not None:
+            return info.background, info.affine
+        spacing = self.preprocess.spacing
+        return float(image.min()), None if spacing is None else np.diag([*spacing, 1.0])
 
     def _group_queries(
         self, labels: list[str], modality: str, groups: list[PromptGroup]
