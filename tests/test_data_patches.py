@@ -68,6 +68,8 @@ def test_crop_start_and_padding():
         and np.array_equal(out[:, :2, :, :3], array[:, 2:])
         and out[:, 2:].sum() == 0
     )
+    filled = crop_padded(array.astype(np.float32), (2, 0, 0), (4, 4, 4), fill=-1.5)
+    assert np.array_equal(filled[:, :2, :, :3], array[:, 2:]) and np.all(filled[:, 2:] == -1.5)
 
 
 @pytest.fixture
@@ -131,7 +133,7 @@ def test_patches_are_deterministic_per_key_and_image_matches_the_volume(known_ca
     assert any(np.array_equal(volume[x : x + 16, y : y + 16, z : z + 16], window) for x, y, z in hits)
 
 
-def test_small_volumes_are_zero_padded(tmp_path, write_nifti, region_map):
+def test_small_volumes_are_padded_with_their_background(tmp_path, write_nifti, region_map):
     image = np.full((10, 12, 6), 5.0, np.float32)
     image[2:8, 2:8, 1:5] = 50.0
     labels = np.zeros(image.shape, np.uint8)
@@ -140,8 +142,10 @@ def test_small_volumes_are_zero_padded(tmp_path, write_nifti, region_map):
         write_nifti("i.nii.gz", image), ["liver"], "ct", "D", write_nifti("s.nii.gz", labels), None, "s", None, None,
         1, tmp_path,
     )  # fmt: skip
-    s = patches(case, region_map, tmp_path)[(0, 0)]
-    assert s["image"].shape == (1, 16, 16, 16) and s["image"][0, 10:].abs().sum() == 0
+    ds = patches(case, region_map, tmp_path)
+    s, background = ds[(0, 0)], ds.load(0).data.info.background  # -500 HU normalised; 0 is the mean
+    assert background < float(s["image"][0, :10, :12, :6].min())
+    assert s["image"].shape == (1, 16, 16, 16) and bool((s["image"][0, 10:] == background).all())
     assert s["masks"][0].sum() == 6 * 6 * 4 and s["masks"][0, 10:].sum() == 0
 
 

@@ -27,9 +27,11 @@ class ThresholdNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.windows = 0
+        self.seen: list[torch.Tensor] = []
 
     def encode(self, image: torch.Tensor) -> ImageFeatures:
         self.windows += image.shape[0]
+        self.seen.append(image)
         x = image[:, :1]
         return ImageFeatures(
             per_voxel=[x], memory=x.new_zeros(x.shape[0], 1, 2), pos=x.new_zeros(1, 1, 2), latent=x
@@ -51,7 +53,7 @@ class StubBank:
 
 
 def fake_predictor(**options) -> Predictor:
-    bank = StubBank({"object": (20.0, 0.0), "wide": (1.0, 3.0)})
+    bank = StubBank({"object": (20.0, 0.0), "wide": (1.0, 3.0), "everywhere": (0.0, 5.0)})
     data = {"preprocess": {"orientation": "RAS", "spacing": [1.0, 1.0, 3.0]}, "patch_size": [16, 16, 8]}
     model = LoadedModel(ThresholdNet(), bank, "teacher", data=data, source="fake.ckpt")  # type: ignore[arg-type]
     return Predictor(model, device="cpu", **options)
@@ -165,6 +167,72 @@ def test_windows_respect_the_size_divisor_and_a_small_image_is_padded():
     mask = np.asarray(result.masks["object"].dataobj)
     assert mask.shape == (12, 10, 3)
     assert mask[5:7, 4:6, 1].all() and not mask[:, :, 0].any() and not mask[:2].any()
+
+
+def mri_box(shape=(12, 10, 3)) -> np.ndarray:
+    """Zero background, a box of 300 with a brighter core: after SAT's crop the box fills the array."""
+    image = np.zeros(shape, np.float32)
+    image[2:-2, 2:-2, :] = 300.0
+    image[4:-4, 4:-4, 1] = 600.0
+    return image
+
+
+def test_windows_past_the_image_see_its_background_not_zero():
+    predictor = fake_predictor(window=(16, 16, 8), edge_padding=0)
+    _, array, info = predictor.preprocess_input(mri_box(), "mri", np.diag([1.0, 1.0, 3.0, 1.0]))
+    predictor.predict_preprocessed(array, ["object"], "mri", info=info)
+    window = predictor.model.network(None)[0].seen[-1][0, 0].numpy()
+    assert window.shape == (16, 16, 8) and info.background == float(array.min()) < 0
+    padding = window.size - array.size  # MONAI pads both sides; SAT padded with 0, the mean intensity
+    assert np.count_nonzero(window == info.background) == padding + np.count_nonzero(array == info.background)
+    sat = fake_predictor(window=(16, 16, 8), background_padding=False)
+    sat.predict_preprocessed(array, ["object"], "mri", info=info)
+    assert np.count_nonzero(sat.model.network(None)[0].seen[-1] == 0) == padding + np.count_nonzero(array == 0)
+
+
+def test_edge_padding_keeps_the_crop_faces_off_the_window_borders():
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    image = mri_box((40, 36, 12))
+    results = {}
+    for pad in (0, 3):
+        predictor = fake_predictor(window=(16, 16, 8), edge_padding=pad)
+        _, array, info = predictor.preprocess_input(image, "mri", affine)
+        results[pad] = predictor.predict(image, "object", "mri", affine=affine, return_probabilities=True)
+        net = predictor.model.network(None)[0]
+        first = net.seen[0][0, 0].numpy()  # the window at the array's low corner
+        padded = np.pad(array[0], pad, constant_values=info.background)  # pad 3: 3 faces of background
+        assert np.array_equal(first, padded[:16, :16, :8]) and np.array_equal(padded.shape, np.add(info.shape, 2 * pad))
+    probs = [np.asarray(results[pad].probabilities["object"].dataobj) for pad in (0, 3)]
+    assert np.allclose(probs[0], probs[1], atol=1e-6)  # a voxel-wise network: padding changes nothing else
+    with pytest.raises(ValueError, match="edge_padding"):
+        fake_predictor(edge_padding=-1)
+
+
+def two_bodies() -> tuple[np.ndarray, np.ndarray]:
+    """Zero background with two bright boxes: after SAT's crop, background lies between them."""
+    image = np.zeros((40, 36, 20), np.float32)
+    image[5:15, 5:15, 5:10] = 800.0
+    image[25:35, 20:30, 10:15] = 400.0
+    return image, np.diag([1.0, 1.0, 3.0, 1.0])  # already the 1x1x3 grid: no resampling
+
+
+def test_masks_stay_inside_the_body_unless_body_mask_is_off():
+    image, affine = two_bodies()
+    body = image > 0
+    crop = np.zeros_like(body)
+    crop[5:35, 5:30, 5:15] = True  # the foreground box SAT crops to
+    masks = {
+        options: np.asarray(fake_predictor(**dict(options)).predict(image, "everywhere", "mri", affine=affine)
+                            .masks["everywhere"].dataobj).astype(bool)
+        for options in ((("edge_padding", 0),), (("body_margin_mm", 0.0),), (("body_mask", False),))
+    }  # fmt: skip
+    assert np.array_equal(masks[(("body_margin_mm", 0.0),)], body)
+    grown = np.zeros_like(body)  # the default 5 mm: 5 voxels in x and y, 2 slices of 3 mm in z
+    grown[0:20, 0:20, 3:12] = grown[20:40, 15:35, 8:17] = True
+    assert np.array_equal(masks[(("edge_padding", 0),)], grown & crop)
+    assert np.array_equal(masks[(("body_mask", False),)], crop)  # SAT: the whole crop, background too
+    with pytest.raises(ValueError, match="body_margin_mm"):
+        fake_predictor(body_margin_mm=-1)
 
 
 def test_unknown_prompt_names_the_closest_known_prompts():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -72,3 +73,24 @@ def test_crop_margin_puts_real_background_between_the_mni_head_and_the_array_fac
                     continue
                 assert not np.take(head, face, axis=axis).any(), (axis, face)
     assert info.crop_start[2] == 0 and min(info.crop_start[:2]) > 0
+
+
+@pytest.mark.slow
+@needs_nilearn
+def test_masks_stay_on_the_real_mni_head(tiny_teacher_ckpt):
+    """A teacher after 2 steps labels background too (SAT's behaviour, ``body_mask=False``); with the
+    body mask no voxel lies where the T1 is 0 more than 4 voxels (8 mm) from the head: the 5 mm margin
+    in whole 3 mm voxels (6 mm) plus one 2 mm voxel of resampling back to the T1's grid."""
+    from lorkd.inference import Predictor
+
+    t1, _, affine = mni_arrays()
+    predictor = Predictor.from_checkpoint(tiny_teacher_ckpt, device="cpu", overlap=0.0, edge_padding=0)
+    predictor.preprocess = replace(predictor.preprocess, spacing=(3.0, 3.0, 3.0))  # 8 windows: seconds
+    outside = {}
+    for guard in (False, True):
+        predictor.body_mask = guard
+        result = predictor.predict(t1, ["grey matter", "white matter"], "mri", affine=affine)
+        masks = [np.asarray(m.dataobj) > 0 for m in result.masks.values()]
+        assert all(m.sum() > 10_000 for m in masks)
+        outside[guard] = sum(voxels_outside(m, t1 > 0, margin=4) for m in masks)
+    assert outside[False] > 10_000 and outside[True] == 0, outside

@@ -30,7 +30,7 @@ from lorkd.data.transforms import InversionInfo, PreprocessConfig, PreprocessedC
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: InversionInfo.background
 
 
 class LabelMapMasks:

@@ -189,7 +189,7 @@ class PatchDataset(Dataset):
         label_ids = [item.label_indices[k] for k in chosen_pos]
         empty = np.zeros(self.patch_size, dtype=np.uint8)
         masks = np.stack([crops.get(j, empty) for j in label_ids]).astype(np.float32)
-        image = crop_padded(data.image, start, self.patch_size).astype(np.float32)
+        image = crop_padded(data.image, start, self.patch_size, fill=data.info.background).astype(np.float32)
 
         image_t, masks_t = torch.from_numpy(image), torch.from_numpy(masks)
         if self.augment is not None:

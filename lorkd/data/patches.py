@@ -62,7 +62,7 @@ def crop_start(
 ) -> tuple[int, int, int]:
     """Patch origin: centred on ``center`` (clamped into the volume) or uniformly random.
 
-    An axis shorter than the patch starts at 0 (the crop is zero-padded at the high end, as SAT).
+    An axis shorter than the patch starts at 0 (the crop is padded at the high end, as SAT pads it).
     """
     start = []
     for axis, (size, p) in enumerate(zip(shape, patch)):
@@ -75,9 +75,10 @@ def crop_start(
 
 
 def crop_padded(
-    array: Any, start: Sequence[int], patch: Sequence[int], channels: slice = slice(None)
+    array: Any, start: Sequence[int], patch: Sequence[int], channels: slice = slice(None), fill: float = 0
 ) -> np.ndarray:
-    """(C, *patch) window of a (C, X, Y, Z) array at ``start``, zero-padded past the volume's end.
+    """(C, *patch) window of a (C, X, Y, Z) array at ``start``, padded with ``fill`` past the volume's end
+    (masks: 0; images: their background, ``InversionInfo.background``, as inference pads them).
 
     ``array`` may be a memory map or any array-like with ``shape`` and channel+spatial slicing:
     only the window (of the selected ``channels``) is read.
@@ -86,7 +87,7 @@ def crop_padded(
     region = np.asarray(array[(channels, *src)])
     if region.shape[1:] == tuple(patch):
         return np.array(region)
-    out = np.zeros((region.shape[0], *patch), dtype=region.dtype)
+    out = np.full((region.shape[0], *patch), fill, dtype=region.dtype)
     out[(slice(None), *(slice(0, r) for r in region.shape[1:]))] = region
     return out
 

@@ -130,6 +130,7 @@ class InversionInfo:
     crop_start: tuple[int, int, int]
     crop_end: tuple[int, int, int]
     foreground_empty: bool = False
+    background: float = 0.0  # normalised intensity of the clip's lower bound (air, empty field of view)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -166,6 +167,7 @@ class InversionInfo:
             crop_start=ints("crop_start"),  # type: ignore[arg-type]
             crop_end=ints("crop_end"),  # type: ignore[arg-type]
             foreground_empty=bool(data.get("foreground_empty", False)),
+            background=float(data.get("background", 0.0)),
         )
 
 
@@ -246,8 +248,13 @@ def margin_voxels(margin_mm: float, affine: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(np.ceil(margin_mm / s - 1e-6)) for s in sizes)  # type: ignore[return-value]
 
 
-def normalize_intensity(volume: np.ndarray, modality: str, cfg: PreprocessConfig) -> np.ndarray:
-    """CT: clip to ``ct_window``; others: clip to ``percentiles``; then z-score (a constant gives zeros)."""
+def normalize_intensity(volume: np.ndarray, modality: str, cfg: PreprocessConfig) -> tuple[np.ndarray, float]:
+    """CT: clip to ``ct_window``; others: clip to ``percentiles``; then z-score (a constant gives zeros).
+
+    Returns the normalised volume and the normalised value of the clip's lower bound: the scan's
+    background (air, a zero-filled field of view), bit for bit as its clipped voxels. 0 there is the
+    scan's mean intensity, i.e. tissue-like.
+    """
     if canonical_modality(modality) == "ct":
         low, high = cfg.ct_window
     else:
@@ -256,8 +263,9 @@ def normalize_intensity(volume: np.ndarray, modality: str, cfg: PreprocessConfig
     mean = float(clipped.mean(dtype=np.float64))
     std = float(clipped.std(dtype=np.float64))
     if std <= 1e-5 * max(1.0, abs(mean)):  # constant up to float rounding of the resampling
-        return np.zeros_like(clipped, dtype=np.float32)
-    return ((clipped - mean) / std).astype(np.float32)
+        return np.zeros_like(clipped, dtype=np.float32), 0.0
+    background = ((np.full(1, low, dtype=clipped.dtype) - mean) / std).astype(np.float32)
+    return ((clipped - mean) / std).astype(np.float32), float(background[0])
 
 
 def _as_volume(
@@ -316,6 +324,8 @@ def preprocess_image(
             )
         else:
             start, end = box
+    cropped = resampled[tuple(slice(s, e) for s, e in zip(start, end))]
+    normalised, background = normalize_intensity(cropped, modality, cfg)
     info = InversionInfo(
         original_shape=tuple(int(s) for s in vol.data.shape),  # type: ignore[arg-type]
         original_affine=_affine_tuple(vol.affine),
@@ -326,9 +336,9 @@ def preprocess_image(
         crop_start=tuple(start),  # type: ignore[arg-type]
         crop_end=tuple(end),  # type: ignore[arg-type]
         foreground_empty=empty,
+        background=background,
     )
-    cropped = resampled[info.crop_slices]
-    return normalize_intensity(cropped, modality, cfg)[None], info
+    return normalised[None], info
 
 
 def to_preprocessed_grid(array: np.ndarray, info: InversionInfo, mode: str = "nearest") -> np.ndarray:

@@ -44,7 +44,7 @@ def masks_original(predictor: Predictor, case: Case) -> Pairs:
 def masks_preprocessed(predictor: Predictor, case: Case) -> Pairs:
     """(prediction, reference) per label in the preprocessed grid, lazily, and that grid's spacing."""
     _, image, info = predictor.preprocess_input(case.image, case.modality, orientation=case.orientation)
-    probabilities = predictor.predict_preprocessed(image, case.labels, case.modality, region=case.region)
+    probabilities = predictor.predict_preprocessed(image, case.labels, case.modality, case.region, info)
     original = load_masks(case, info.original_shape, predictor.preprocess.nan_policy)
     ref = to_preprocessed_grid(original, info, mode="nearest")
     pairs = ((probabilities[j] > predictor.threshold, ref[j] > 0.5) for j in range(len(case.labels)))

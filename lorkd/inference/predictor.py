@@ -8,7 +8,14 @@
 Pipeline: the checkpoint's preprocessing (orientation, spacing, foreground crop, intensity) → labels
 grouped by region expert (:mod:`lorkd.inference.routing`) → per group, MONAI sliding-window
 inference with that expert (:mod:`lorkd.inference.sliding_window`) → sigmoid → back to the input's
-grid (crop, spacing and orientation undone) → threshold. In the multilabel map each voxel takes the
+grid (crop, spacing and orientation undone) → threshold.
+
+Against masks outside the body (SAT's behaviour: ``background_padding=False, edge_padding=0,
+body_mask=False``): windows past the image see its background (``InversionInfo.background``; 0 is
+the normalised scan's mean intensity, tissue-like); ``edge_padding`` voxels of it can be added on every
+face, so that no face of the foreground crop lies on a window's border, where the network sees its
+convolutions' zero padding; and probabilities outside the body (:func:`lorkd.data.body.body_mask`,
+grown by ``body_margin_mm``) are set to 0. In the multilabel map each voxel takes the
 most probable label among those above the threshold (an exact tie goes to the earlier label).
 """
 
@@ -28,8 +35,15 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from lorkd.data.body import body_mask
 from lorkd.data.io import CaseError, check_finite, read_volume, squeeze_to_3d
-from lorkd.data.transforms import InversionInfo, PreprocessConfig, invert_to_original, preprocess_image
+from lorkd.data.transforms import (
+    InversionInfo,
+    PreprocessConfig,
+    invert_to_original,
+    margin_voxels,
+    preprocess_image,
+)
 from lorkd.inference.loading import LoadedModel, load_model
 from lorkd.inference.routing import PromptGroup, check_fallback, plan_groups
 from lorkd.inference.sliding_window import (
@@ -177,6 +191,11 @@ class Predictor:
         nan_policy: NaN/Inf voxels of an input: ``"error"`` or ``"zero"`` (default: the checkpoint's).
         stitch_device: where windows are blended: ``"cpu"``, ``"device"`` or ``"auto"`` (the device
             while the blended output takes under a quarter of its free memory, else the CPU).
+        background_padding: pad windows past the image with its background value (False: with 0, as SAT).
+        edge_padding: voxels of padding added to each face of the preprocessed image (0: SAT's behaviour).
+        body_mask: set probabilities outside the body to 0 (the voxels above the image's background,
+            holes filled per axial slice, grown by ``body_margin_mm``); False: SAT's behaviour.
+        body_margin_mm: how far outside the body a mask may reach.
     """
 
     def __init__(
@@ -193,6 +212,10 @@ class Predictor:
         amp: bool | None = None,
         stitch_device: str = "auto",
         nan_policy: str | None = None,
+        background_padding: bool = True,
+        edge_padding: int = 0,
+        body_mask: bool = True,
+        body_margin_mm: float = 5.0,
     ) -> None:
         self.model = model
         self.fallback = check_fallback(fallback)
@@ -209,7 +232,15 @@ class Predictor:
             raise ValueError(f"stitch_device must be one of {STITCH_DEVICES}, got {stitch_device!r}")
         if int(max_queries) < 1:
             raise ValueError(f"max_queries must be >= 1, got {max_queries}")
+        if float(body_margin_mm) < 0:
+            raise ValueError(f"body_margin_mm must be >= 0, got {body_margin_mm}")
+        if int(edge_padding) < 0:
+            raise ValueError(f"edge_padding must be >= 0, got {edge_padding}")
+        self.edge_padding = int(edge_padding)
+        self.background_padding = bool(background_padding)
         self.threshold = float(threshold)
+        self.body_mask = bool(body_mask)
+        self.body_margin_mm = float(body_margin_mm)
         self.overlap = float(overlap)
         self.max_queries = int(max_queries)
         self.stitch_device = stitch_device
@@ -346,17 +377,43 @@ class Predictor:
         group: PromptGroup,
         queries: torch.Tensor,
         progress: Callable[[int], None] | None,
+        background: float,
     ) -> torch.Tensor:
-        """(n_group, X, Y, Z) float32 probabilities on the CPU for a preprocessed (1, X, Y, Z) image."""
+        """(n_group, X, Y, Z) float32 probabilities on the CPU for a preprocessed (1, X, Y, Z) image
+        (padded with ``background``: ``edge_padding`` voxels per face, more where smaller than the window)."""
+        pad = self.edge_padding
+        if pad:
+            image = np.pad(image, ((0, 0), *((pad, pad),) * 3), constant_values=background)
         stitch = self._stitch_on(len(group.indices), image.shape[1:])
         tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(stitch)
         net, expert = self._network(group)
         model = WindowModel(net, queries, expert, self.max_queries, self.amp, progress)
         with torch.inference_mode():
             probs = sliding_window_probabilities(
-                tensor, model, self.window, self.overlap, self.sw_batch_size, self.device, stitch
-            )
+                tensor, model, self.window, self.overlap, self.sw_batch_size, self.device, stitch,
+                cval=background,
+            )  # fmt: skip
+        if pad:
+            probs = probs[:, pad:-pad, pad:-pad, pad:-pad].contiguous()
         return probs.cpu()
+
+    def body(self, image: np.ndarray, info: InversionInfo | None = None) -> np.ndarray:
+        """Where masks of a preprocessed (1, X, Y, Z) image may lie: its body grown by ``body_margin_mm``
+        (X, Y, Z) bool; ``info`` as in :meth:`predict_preprocessed`."""
+        background, affine = self._grid(image, info)
+        if affine is None:
+            raise ValueError(
+                "this checkpoint keeps each image's own spacing: give the image's InversionInfo (info=...)"
+            )
+        return body_mask(image[0], background, margin_voxels(self.body_margin_mm, affine))
+
+    def _grid(self, image: np.ndarray, info: InversionInfo | None) -> tuple[float, np.ndarray | None]:
+        """Background value and affine of a preprocessed image: ``info``'s, else the image's minimum and
+        the checkpoint's spacing (None when it keeps each image's own)."""
+        if info is not None:
+            return info.background, info.affine
+        spacing = self.preprocess.spacing
+        return float(image.min()), None if spacing is None else np.diag([*spacing, 1.0])
 
     def _group_queries(
         self, labels: list[str], modality: str, groups: list[PromptGroup]
@@ -369,11 +426,13 @@ class Predictor:
         groups: list[PromptGroup],
         queries: list[torch.Tensor],
         progress: WindowProgress | None,
+        info: InversionInfo | None = None,
     ) -> Iterator[tuple[PromptGroup, torch.Tensor]]:
-        """Yield (group, its probabilities (n_group, X, Y, Z)) for a preprocessed image."""
+        """Yield (group, its probabilities (n_group, X, Y, Z)) for a preprocessed image (see :meth:`_grid`)."""
         tick = None
         if progress is not None:
-            total = count_windows(image.shape[1:], self.window, self.overlap) * len(groups)
+            padded = [s + 2 * self.edge_padding for s in image.shape[1:]]
+            total = count_windows(padded, self.window, self.overlap) * len(groups)
             done = [0]
 
             def tick(n: int) -> None:
@@ -381,22 +440,37 @@ class Predictor:
                 progress(done[0], total)
 
         blank = _constant(image)  # no contrast: no network output could mean anything
+        background = self._grid(image, info)[0] if self.background_padding else 0.0
+        body = torch.from_numpy(self.body(image, info)) if self.body_mask and not blank else None
         for group, q in zip(groups, queries):
             if blank:
                 yield group, torch.zeros((len(group.indices), *image.shape[1:]), dtype=torch.float32)
-            else:
-                yield group, self._group_probabilities(image, group, q, tick)
+                continue
+            probs = self._group_probabilities(image, group, q, tick, background)
+            if body is not None:
+                with torch.inference_mode():
+                    probs.mul_(body)
+            yield group, probs
 
     def predict_preprocessed(
-        self, image: np.ndarray, labels: Sequence[str], modality: str, region: str | None = None
+        self,
+        image: np.ndarray,
+        labels: Sequence[str],
+        modality: str,
+        region: str | None = None,
+        info: InversionInfo | None = None,
     ) -> np.ndarray:
-        """Probabilities (N, X, Y, Z) float32 for an image already in the preprocessed grid (1, X, Y, Z)."""
+        """Probabilities (N, X, Y, Z) float32 for an image already in the preprocessed grid (1, X, Y, Z).
+
+        ``info`` (from :meth:`preprocess_input`) gives its background value and grid; without it, the
+        image's minimum and the checkpoint's spacing.
+        """
         labels = normalize_labels(labels)
         modality = canonical_modality(modality)
         groups = self.plan(labels, modality, region)
         queries = self._group_queries(labels, modality, groups)
         out = np.zeros((len(labels), *image.shape[1:]), dtype=np.float32)
-        for group, probs in self._run_groups(image, groups, queries, None):
+        for group, probs in self._run_groups(image, groups, queries, None, info):
             out[group.indices] = probs.numpy()
         return out
 
@@ -451,7 +525,7 @@ class Predictor:
         outputs = _Assembler(reference, labels, self.threshold, return_probabilities)
         routes: dict[str, str] = {}
         chunk = max(1, _INVERT_BYTES // (4 * math.prod(reference.shape)))
-        for group, probs in self._run_groups(array, groups, queries, progress):
+        for group, probs in self._run_groups(array, groups, queries, progress, info):
             for first in range(0, len(group.indices), chunk):
                 original = invert_to_original(probs[first : first + chunk].numpy(), info, mode="bilinear")
                 for index, probability in zip(group.indices[first : first + chunk], original):

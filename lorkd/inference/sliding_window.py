@@ -119,8 +119,12 @@ def sliding_window_probabilities(
     sw_batch_size: int = 2,
     device: torch.device | str = "cpu",
     stitch_device: torch.device | str = "cpu",
+    cval: float = 0.0,
 ) -> torch.Tensor:
     """Blend ``model`` over ``image`` (1, 1, X, Y, Z) -> (N, X, Y, Z) float32 on ``stitch_device``.
+
+    An image smaller than the window is padded with ``cval`` (the image's background value, so that
+    the network sees background there, not 0: the normalised scan's mean intensity).
 
     Windows are cut from ``image`` where it lives (keep it on the CPU for large volumes), run on
     ``device`` and accumulated with gaussian weights on ``stitch_device``.
@@ -138,7 +142,7 @@ def sliding_window_probabilities(
         mode="gaussian",
         sigma_scale=0.125,
         padding_mode="constant",
-        cval=0.0,
+        cval=float(cval),
         sw_device=torch.device(device),
         device=torch.device(stitch_device),
     )

@@ -8,7 +8,8 @@
    (skipped when finished, resumed from ``last.ckpt`` when interrupted);
 3. ``eval.py`` on the anterior halves: Dice and NSD per label in each file's own grid;
 4. prediction on the whole MNI152 T1 (2 mm): mask voxels lying where the image is background
-   (intensity 0) more than ``--body-margin`` voxels from the head.
+   (intensity 0) more than ``--body-margin`` voxels from the head, with SAT's behaviour (no edge
+   padding, no body mask: the crop margin alone; ``specks.py`` measures the Predictor's guards).
 
 Writes ``<out>/results.md`` (the tables printed at the end). Needs ``liver-ct-segmentation-package``
 (``pip install --no-deps``) and/or ``nilearn``.
@@ -52,14 +53,15 @@ def held_out_table(eval_dir: Path) -> str:
 
 def specks_table(checkpoint: Path, body_margin: int) -> str:
     """Predict grey/white matter on the whole MNI152 T1 (2 mm) and count mask voxels outside the head,
-    with the checkpoint's foreground-crop margin and with SAT's tight crop (margin 0) at inference."""
+    with the checkpoint's foreground-crop margin and with SAT's tight crop (margin 0) at inference,
+    without the Predictor's guards (``edge_padding=0, body_mask=False``)."""
     from lorkd.inference import Predictor
 
     arrays = mni_arrays()
     if arrays is None:
         return "nilearn not installed: no MNI152 prediction"
     t1, _, affine = arrays
-    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", edge_padding=0, body_mask=False)
     trained = predictor.preprocess.crop_margin_mm
     lines = [
         f"Whole MNI152 T1 at 2 mm ({'x'.join(map(str, t1.shape))}; the model was trained with a "
