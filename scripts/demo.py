@@ -86,7 +86,7 @@ def patch_dice_table(lorkd_dir: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher-steps", type=int, default=600)
+    parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--lorkd-steps", type=int, default=400)
     args = parser.parse_args()
     os.environ.update(THREADS)  # every stage (training, evaluation) runs in a subprocess that inherits it
