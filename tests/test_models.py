@@ -145,4 +145,5 @@ def test_demo_student_config_is_plain_and_loads_weights_only(tmp_path):
     torch.save({"config": net.config}, tmp_path / "c.pt")
     assert torch.load(tmp_path / "c.pt", weights_only=True)["config"] == net.config
     teacher = _count(_meta_net("sat_tiny", "unet_small", query_dim=64))
+    assert (_count(net), teacher) == (828_016, 1_492_336)  # the README's table
     assert _count(net) <= 0.6 * teacher  # LoRKD's deployed expert: at most 60% of its teacher
