@@ -133,3 +133,17 @@ def test_mask_head_without_final_gelu_keeps_sat_keys_and_frees_the_sign():
     for a, b in zip([sat.mask_embed_proj, *sat.mid_mask_embed_proj], [free.mask_embed_proj, *free.mid_mask_embed_proj]):
         torch.testing.assert_close(a(q), torch.nn.functional.gelu(b(q)))
         assert a(q).min() > -0.2 and b(q).min() < -0.2
+
+
+def test_demo_student_config_is_plain_and_loads_weights_only(tmp_path):
+    """The demo student gives n_convs per stage as Hydra lists; the network's config (written into every
+    checkpoint) must hold plain ints, or torch.load(weights_only=True) refuses the checkpoint
+    (omegaconf.ListConfig is not an allowed global)."""
+    net = _meta_net("sat_tiny", "unet_small_lite", query_dim=64)  # the demo's query size
+    assert net.config["n_convs"] == [2, 2, 1, 1] and type(net.config["n_convs"]) is list
+    assert net.config["n_convs_decoder"] == [2, 2, 1] and type(net.config["n_convs_decoder"]) is list
+    torch.save({"config": net.config}, tmp_path / "c.pt")
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["config"] == net.config
+    teacher = _count(_meta_net("sat_tiny", "unet_small", query_dim=64))
+    assert (_count(net), teacher) == (828_016, 1_492_336)  # the README's table
+    assert _count(net) <= 0.6 * teacher  # LoRKD's deployed expert: at most 60% of its teacher

@@ -145,6 +145,29 @@ def _spine(c: Coords, image: np.ndarray, labels: np.ndarray, y: float) -> None:
 # ----------------------------------------------------------------------------- phantoms
 
 
+def _kidney(
+    rng: np.random.Generator, w: Coords, image: np.ndarray, labels: np.ndarray, side: float, hu: float, label_id: int
+) -> None:
+    """Bean-shaped kidney on the ``side`` (-1 or +1) of x: its hilum (renal sinus fat) faces the spine,
+    so one kidney alone shows which side it is on, as in real anatomy."""
+    center = _jitter(rng, (25 * side, -24, -16), 3)
+    radii = _scale(rng, (8, 10, 17))
+    _paint(image, labels, ellipsoid(w, center, radii), hu, label_id)
+    sinus = (center[0] - side * 0.75 * radii[0], center[1], center[2])
+    _paint(image, labels, ellipsoid(w, sinus, (0.55 * radii[0], 0.45 * radii[1], 0.4 * radii[2])), -70.0, 0)
+
+
+def _lung(rng: np.random.Generator, w: Coords, side: float) -> np.ndarray:
+    """Lung on the ``side`` (-1 or +1) of x: convex towards the ribs, flat against the mediastinum (the
+    side is visible in the lung's own shape), 17 x 25 x 55 mm semi-axes before scaling."""
+    center = _jitter(rng, (23 * side, 0, 8), 2)
+    radii = _scale(rng, (17, 25, 55), 0.9, 1.05)
+    mediastinal_face = side * (w[0] - center[0]) >= -0.55 * radii[0]
+    return ellipsoid(w, center, radii) & mediastinal_face
+
+
+
+
 def abdomen_ct(rng: np.random.Generator, c: Coords) -> tuple[np.ndarray, np.ndarray]:
     """HU image and label map (1 liver, 2 spleen, 3 left kidney, 4 right kidney, 5 aorta)."""
     shape = np.broadcast_shapes(*(a.shape for a in c))
@@ -157,12 +180,8 @@ def abdomen_ct(rng: np.random.Generator, c: Coords) -> tuple[np.ndarray, np.ndar
     _paint(image, labels, liver, 60 + rng.uniform(-8, 8), 1)
     _paint(image, labels, ellipsoid(w, _jitter(rng, (-27, -14, 24), 3), _scale(rng, (9, 12, 18))), 48.0, 2)
     kidney_hu = 150 + rng.uniform(-20, 20)
-    _paint(
-        image, labels, ellipsoid(w, _jitter(rng, (-25, -24, -16), 3), _scale(rng, (8, 10, 17))), kidney_hu, 3
-    )
-    _paint(
-        image, labels, ellipsoid(w, _jitter(rng, (25, -24, -16), 3), _scale(rng, (8, 10, 17))), kidney_hu, 4
-    )
+    for label_id, side in ((3, -1.0), (4, 1.0)):
+        _kidney(rng, w, image, labels, side, kidney_hu, label_id)
     _paint(image, labels, cylinder_z(w, _jitter(rng, (-5, -13), 2), 6.5 * rng.uniform(0.85, 1.15)), 200.0, 5)
     _spine(c, image, labels, -29.0)
     return image, labels
@@ -175,21 +194,8 @@ def thorax_ct(rng: np.random.Generator, c: Coords) -> tuple[np.ndarray, np.ndarr
     labels = np.zeros(shape, dtype=np.uint8)
     _body(rng, c, image, labels, interior=40.0)  # mediastinum
     w = deform(rng, c, amplitude=4.0)
-    lung_radii = (17, 25, 55)
-    _paint(
-        image,
-        labels,
-        ellipsoid(w, _jitter(rng, (-23, 0, 8), 2), _scale(rng, lung_radii, 0.9, 1.05)),
-        -800.0,
-        1,
-    )
-    _paint(
-        image,
-        labels,
-        ellipsoid(w, _jitter(rng, (23, 0, 8), 2), _scale(rng, lung_radii, 0.9, 1.05)),
-        -800.0,
-        2,
-    )
+    for label_id, side in ((1, -1.0), (2, 1.0)):
+        _paint(image, labels, _lung(rng, w, side), -800.0, label_id)
     heart = ellipsoid(w, _jitter(rng, (-6, 10, -12), 3), _scale(rng, (19, 15, 24)))
     _paint(image, labels, heart, 130 + rng.uniform(-15, 15), 3)
     top = _jitter(rng, (-4, 4, 28), 2)

@@ -26,6 +26,14 @@ def _mlp(d_in: int, d_hidden: int, d_out: int, final_act: bool = True) -> nn.Seq
     return nn.Sequential(*layers, nn.GELU()) if final_act else nn.Sequential(*layers)
 
 
+def _plain_ints(value: int | Sequence[int] | None) -> int | list[int] | None:
+    """An int, a sequence of ints (e.g. Hydra's ListConfig) as a plain list, or None: what a checkpoint
+    loaded with ``weights_only=True`` can hold."""
+    if value is None or isinstance(value, int):
+        return value
+    return [int(v) for v in value]
+
+
 @dataclass
 class ImageFeatures:
     """What the decoder needs from one backbone pass (reused across query chunks)."""
@@ -68,8 +76,8 @@ class SAT(nn.Module):
         be negative without huge features. Same keys; a demo knob."""
         super().__init__()
         self.config: dict[str, Any] = {
-            "features": list(features), "strides": list(strides), "n_convs": n_convs,
-            "n_convs_decoder": n_convs_decoder, "in_channels": in_channels, "query_dim": query_dim,
+            "features": list(features), "strides": list(strides), "n_convs": _plain_ints(n_convs),
+            "n_convs_decoder": _plain_ints(n_convs_decoder), "in_channels": in_channels, "query_dim": query_dim,
             "proj_hidden": proj_hidden, "mask_hidden": mask_hidden, "decoder_layers": decoder_layers,
             "decoder_heads": decoder_heads, "decoder_ffn": decoder_ffn, "dropout": dropout,
             "latent_stride": latent_stride, "deep_supervision": deep_supervision, "ds_hidden": list(ds_hidden),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,26 @@ class SATModule(PromptedSegmentationModule):
         prompt_cache_dir: str | Path | None = None,
         train_text_head: bool = False,
         region_map: RegionMap | None = None,
+        spread_label_queries: bool = False,
     ) -> None:
+        """``spread_label_queries``: before a fresh run (not a resume) starts, initialise the trainable text
+        head so that the training labels' queries start apart (:meth:`TextEncoder.spread_labels`)."""
         super().__init__(text_encoder, optimizer, warmup_steps, total_steps, prompt_cache_dir, region_map)
         self.net = net
         # SAT freezes the language model and the projection; only the modality embedding trains
         text_encoder.projection_layer.requires_grad_(train_text_head)
+        if spread_label_queries and not train_text_head:
+            raise ValueError("spread_label_queries needs train_text_head=true (a frozen head keeps its weights)")
+        self.spread_label_queries = spread_label_queries
+
+    def spread_queries(self, labels: Sequence[str]) -> int:
+        """Whiten the first projection layer over ``labels``' text embeddings; returns the rows set."""
+        return self.text_encoder.spread_labels(self.prompts.text_embeddings(sorted(set(labels))))
+
+    def setup(self, stage: str) -> None:
+        # runs before Lightning restores a checkpoint, so a resumed run keeps its trained head
+        if stage == "fit" and self.spread_label_queries:
+            self.spread_queries([lab for case in self.trainer.datamodule.cases_of("train") for lab in case.labels])
 
     def forward(self, image: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         return self.net(image, queries)

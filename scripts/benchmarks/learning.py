@@ -122,6 +122,8 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     teacher = instantiate(cfg.model)
     keys = sorted({(c.modality, normalize_label(lab)) for c in data.cases_of("train") for lab in c.labels})
+    if teacher.spread_label_queries:  # what SATModule.setup does in train.py
+        teacher.spread_queries([k[1] for k in keys])
     cos_init = query_cosines(teacher, keys)
     regions = data.region_map.regions
     torch.manual_seed(cfg.seed)
