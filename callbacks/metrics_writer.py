@@ -20,22 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lorkd.evaluation.outputs import write_outputs
 from lorkd.evaluation.records import CaseRecord, save_record
+from lorkd.utils import gather_objects
 
 log = logging.getLogger(__name__)
-
-
-def gather_records(records: list[CaseRecord]) -> list[CaseRecord]:
-    """Every rank's records, on every rank (just ``records`` outside of a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(records)
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, [r.to_dict() for r in records])
-    return [CaseRecord.from_dict(d) for part in gathered for d in part]
 
 
 def _number(value: Any) -> float:
@@ -81,7 +72,7 @@ class MetricsWriter(BasePredictionWriter):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
-        records = gather_records(self.records)
+        records = gather_objects(self.records)
         if trainer.is_global_zero:
             merged = unique_records([*pl_module.previous, *records])
             summary = write_outputs(

@@ -13,23 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lorkd.inference.module import CaseOutcome, case_error
 from lorkd.inference.writer import save_prediction, write_summary
+from lorkd.utils import gather_objects
 
 log = logging.getLogger(__name__)
-
-
-def gather_rows(rows: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
-    """All ranks' (case index, row) pairs on every rank (the input itself outside distributed runs)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(rows)
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, rows)
-    return [pair for part in gathered for pair in part]
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -93,7 +83,7 @@ class PredictionWriter(BasePredictionWriter):
         self._rows.extend((outcome.index, row) for row in outcome.rows)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rows = sorted(gather_rows(self._rows), key=lambda pair: pair[0])
+        rows = sorted(gather_objects(self._rows), key=lambda pair: pair[0])
         self.summary = [row for _, row in rows]
         if trainer.is_global_zero:
             write_summary(self.output_dir / "summary.csv", self.summary)
