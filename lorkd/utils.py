@@ -1,5 +1,5 @@
-"""Small helpers shared by the entry points: Hydra resolvers, instantiation of callback/logger groups,
-gathering objects from every rank."""
+"""Small helpers shared by the entry points: Hydra resolvers, configs as plain Python, instantiation of
+callback/logger groups, gathering objects from every rank."""
 
 from __future__ import annotations
 
@@ -49,6 +49,11 @@ def single_log_stream() -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers (from Hydra) as plain Python, resolved; anything else as it is."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def gather_objects(items: list[Any]) -> list[Any]:
