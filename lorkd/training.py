@@ -6,9 +6,9 @@ import logging
 import warnings
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lorkd.utils import instantiate_group, single_log_stream
+from lorkd.utils import instantiate_group, plain, single_log_stream
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 def hyperparameters(cfg: DictConfig) -> dict:
     """The resolved run config (without Hydra's own node) for the loggers."""
     return {
-        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        k: plain(v)
         for k, v in cfg.items()
         if k != "hydra"
     }

@@ -1,4 +1,5 @@
-"""Small helpers shared by the entry points: Hydra resolvers, instantiation of callback/logger groups."""
+"""Small helpers shared by the entry points: Hydra resolvers, configs as plain Python, instantiation of
+callback/logger groups, gathering objects from every rank."""
 
 from __future__ import annotations
 
@@ -48,6 +49,23 @@ def single_log_stream() -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers (from Hydra) as plain Python, resolved; anything else as it is."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def gather_objects(items: list[Any]) -> list[Any]:
+    """Every rank's ``items`` concatenated in rank order, on every rank (``items`` itself outside a
+    process group). ``all_gather_object`` takes ragged lists, unlike ``LightningModule.all_gather`` under gloo."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

@@ -13,7 +13,7 @@ from helpers import compose_config
 
 from lorkd.cli import check_manifest
 from lorkd.data.io import CaseError, read_volume
-from lorkd.data.manifest import ManifestError, load_manifest, validate_manifest
+from lorkd.data.manifest import LineDefaults, ManifestError, load_manifest, read_manifest, validate_manifest
 
 GOOD = {"image": "ct/case1.nii.gz", "label": ["liver"], "modality": "ct", "dataset": "D", "mask": "ct/case1_seg.nii.gz"}
 
@@ -140,6 +140,34 @@ def test_predict_manifests_need_no_mask_and_forced_regions_skip_label_lookup(tmp
     problems = validate_manifest(path, require_masks=False, region_map=region_map)
     assert len(problems) == 1 and ":2: unknown region 'belly'" in problems[0]
     assert validate_manifest(path, require_masks=False) == []  # no region map: names are not checked
+
+
+def test_prediction_lines_take_the_command_line_defaults_and_leave_images_to_their_case(tmp_path, files):
+    path = write_manifest(
+        tmp_path / "p.jsonl",
+        [
+            {"image": "ct/case1.nii.gz", "mask": "ct/nowhere.nii.gz"},  # mask ignored, no dataset needed
+            {"image": "ct/gone.nii.gz", "label": "Spleen", "modality": "T2", "id": "g", "orientation": "asr"},
+            {"image": "ct/case2.nii", "region": "thorax"},
+        ],
+    )
+    defaults = LineDefaults(["liver"], "ct", "abdomen", "RAS")
+    cases, problems = read_manifest(path, require_masks=False, defaults=defaults)
+    assert problems == []
+    first, gone, third = cases
+    assert (first.labels, first.modality, first.region, first.orientation) == (["liver"], "ct", "abdomen", "RAS")
+    assert first.dataset == "" and first.mask is None and first.masks is None and first.id == "case1"
+    assert gone.image == (tmp_path / "ct/gone.nii.gz").resolve()  # read (and failed) when its case runs
+    assert (gone.labels, gone.modality, gone.orientation) == (["spleen"], "mri", "ASR") and third.region == "thorax"
+    # the same lines for training or evaluation: every missing field is a problem, one entry per line
+    problems = validate_manifest(path, require_masks=False)
+    assert [p.split(": ", 1)[0].rsplit(":", 1)[1] for p in problems] == ["1", "2", "3"]
+    assert "missing 'label' (a list of label names); missing 'modality'; missing or empty 'dataset'" in problems[0]
+    bare = write_manifest(tmp_path / "bare.jsonl", [{"image": "ct/case1.nii.gz"}])
+    assert read_manifest(bare, require_masks=False, defaults=LineDefaults())[1] == [
+        f"{bare.resolve()}:1: missing 'label' (a list of label names), and no labels=... on the command line; "
+        "missing 'modality', and no modality=... on the command line"
+    ]
 
 
 def test_missing_manifest_and_empty_manifest(tmp_path):

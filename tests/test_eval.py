@@ -19,12 +19,12 @@ import pytest
 from helpers import compose_config, run_script
 
 from lorkd.data.manifest import load_manifest
-from lorkd.evaluation.module import ShardSampler
 from lorkd.evaluation.outputs import write_outputs
 from lorkd.evaluation.pipeline import manifest_problems
 from lorkd.evaluation.records import CaseRecord, load_records, record_path, save_record
 from lorkd.evaluation.rows import case_rows, voxel_spacing
 from lorkd.evaluation.settings import MetricSettings
+from lorkd.inference.runner import ShardSampler
 from lorkd.io import UnsafePathError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def test_eval_config_composes_and_runs_in_output_dir(tmp_path):
     assert (cfg.hydra.run.dir, cfg.metrics.empty_rule, cfg.model) == (str(tmp_path), "nnunet", "experts")
     teacher = compose_config("eval", ["ckpt_path=x.ckpt", "model=teacher"])  # not configs/model/
     assert teacher.model == "teacher"
-    assert cfg.trainer.precision == "32-true" and cfg.callbacks.metrics_writer.compare is None
+    assert cfg.trainer.precision == "32-true" and cfg.compare is None
 
 
 # --------------------------------------------------------------------------- with a tiny LoRKD checkpoint

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ import numpy as np
 from lorkd.data.manifest import Case
 from lorkd.data.patches import IndexedCase, LabelIndex, index_case
 from lorkd.data.transforms import InversionInfo, PreprocessConfig, PreprocessedCase, preprocess_case
+from lorkd.io import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,6 @@ def _as_label_map(masks: np.ndarray) -> np.ndarray | None:
     return (masks.astype(dtype) * ids).max(axis=0)
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60] or "_"
-
-
 class PreprocessCache:
     """Preprocessed cases under ``root``, keyed by their sources and the preprocessing config."""
 
@@ -109,7 +105,7 @@ class PreprocessCache:
         return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
     def entry_dir(self, case: Case, cfg: PreprocessConfig | Mapping[str, Any] | None = None) -> Path:
-        return self.root / f"{_safe(case.dataset)}__{_safe(case.id)}__{self.key(case, cfg)}"
+        return self.root / f"{safe_name(case.dataset, '_', 60)}__{safe_name(case.id, '_', 60)}__{self.key(case, cfg)}"
 
     def load(self, case: Case, cfg: PreprocessConfig | Mapping[str, Any] | None = None) -> IndexedCase | None:
         """The cached entry (memory-mapped), or None when it is not there yet."""

@@ -24,19 +24,9 @@ from lorkd.data.manifest import Case, load_manifest
 from lorkd.data.sampling import RegionSampler, item_weights
 from lorkd.data.transforms import PreprocessConfig
 from lorkd.regions import RegionMap
+from lorkd.utils import plain
 
 log = logging.getLogger(__name__)
-
-
-def _to_python(value: Any) -> Any:
-    """OmegaConf containers (from Hydra) to plain Python."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra
-        return value
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 class LoRKDDataModule(L.LightningDataModule):
@@ -88,15 +78,15 @@ class LoRKDDataModule(L.LightningDataModule):
             "predict": predict_manifest,
         }
         self.cache = PreprocessCache(cache_dir) if cache_dir else None
-        self.preprocess = PreprocessConfig.coerce(_to_python(preprocess))
-        self.patch_size = tuple(int(p) for p in _to_python(patch_size))
+        self.preprocess = PreprocessConfig.coerce(plain(preprocess))
+        self.patch_size = tuple(int(p) for p in plain(patch_size))
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.max_queries = int(max_queries)
         self.samples_per_epoch = int(samples_per_epoch)
         self.region_change_interval = int(region_change_interval)
-        self.dataset_weights = dict(_to_python(dataset_weights) or {})
-        self.augment = AugmentConfig.coerce(_to_python(augment))
+        self.dataset_weights = dict(plain(dataset_weights) or {})
+        self.augment = AugmentConfig.coerce(plain(augment))
         self.label_centered_prob = float(label_centered_prob)
         self.region_map = region_map
         self.seed = int(seed)

@@ -9,7 +9,13 @@ A line::
 binary file. Optional: ``id`` (default: image basename without ``.nii.gz``/``.nii``), ``region``
 (forces the expert), ``orientation`` (axis codes such as "ASR"). Other keys (SAT-DS's
 ``patient_id``, ``official_split``...) are ignored. Relative paths resolve against the manifest's
-folder. Every problem is reported as ``<file>:<line>: <problem>``, all of them at once.
+folder. Every line with problems is reported as ``<file>:<line>: <problem>[; <problem>...]``, all of
+them at once.
+
+Prediction reads the same lines with :class:`LineDefaults` (the command line's prompts): a line may
+then leave out ``label``, ``modality``, ``region``, ``orientation`` and ``dataset``; its
+``mask``/``masks`` are not read, and its image (a file or a DICOM series folder) is read only when
+its case runs, so an unreadable image fails that case alone.
 """
 
 from __future__ import annotations
@@ -59,6 +65,17 @@ class Case:
     orientation: str | None
     line: int
     source: Path
+
+
+@dataclass(frozen=True)
+class LineDefaults:
+    """What a prediction manifest's line may leave out: the command line's labels (normalised),
+    modality (canonical), region and orientation (axis codes)."""
+
+    labels: list[str] | None = None
+    modality: str | None = None
+    region: str | None = None
+    orientation: str | None = None
 
 
 def _identity(path: Path) -> dict[str, Any] | str:
@@ -123,14 +140,22 @@ def validate_manifest(
 
 
 def read_manifest(
-    path: str | Path, require_masks: bool = True, region_map: RegionMap | None = None
+    path: str | Path,
+    require_masks: bool = True,
+    region_map: RegionMap | None = None,
+    defaults: LineDefaults | None = None,
 ) -> tuple[list[Case], list[str]]:
-    """The valid cases and the problems of the other lines, for runs that go on past bad lines (evaluation)."""
-    return _parse(Path(path), require_masks, region_map)
+    """The valid cases and the problems of the other lines, for runs that go on past bad lines
+    (evaluation); with ``defaults``, the lines of a prediction manifest (see the module docstring)."""
+    return _parse(Path(path), require_masks, region_map, defaults=defaults)
 
 
 def _parse(
-    path: Path, require_masks: bool, region_map: RegionMap | None, deep: bool = False
+    path: Path,
+    require_masks: bool,
+    region_map: RegionMap | None,
+    deep: bool = False,
+    defaults: LineDefaults | None = None,
 ) -> tuple[list[Case], list[str]]:
     if not path.is_file():
         return [], [f"{path}: manifest not found"]
@@ -142,8 +167,9 @@ def _parse(
         for number, text in enumerate(f, start=1):
             if not text.strip():
                 continue
-            case, errors = _parse_line(text, path, number, require_masks, region_map, deep)
-            problems.extend(f"{path}:{number}: {e}" for e in errors)
+            case, errors = _parse_line(text, path, number, require_masks, region_map, deep, defaults)
+            if errors:
+                problems.append(f"{path}:{number}: " + "; ".join(errors))
             if case is None:
                 continue
             key = (case.dataset, case.id)
@@ -161,7 +187,13 @@ def _parse(
 
 
 def _parse_line(
-    text: str, source: Path, number: int, require_masks: bool, region_map: RegionMap | None, deep: bool = False
+    text: str,
+    source: Path,
+    number: int,
+    require_masks: bool,
+    region_map: RegionMap | None,
+    deep: bool = False,
+    defaults: LineDefaults | None = None,
 ) -> tuple[Case | None, list[str]]:
     try:
         row = json.loads(text)
@@ -171,22 +203,26 @@ def _parse_line(
         return None, [f"expected a JSON object, got {type(row).__name__}"]
     errors: list[str] = []
     root = source.parent
+    predicting = defaults is not None
+    given = defaults or LineDefaults()
 
-    image = _path_field(row, "image", root, errors, required=True)
-    labels = _labels(row, errors)
-    modality = _modality(row, errors)
-    dataset = row.get("dataset")
-    if not isinstance(dataset, str) or not dataset.strip():
+    image = _path_field(row, "image", root, errors, required=True, exists=not predicting)
+    labels = _labels(row, errors, given.labels, predicting)
+    modality = _modality(row, errors, given.modality, predicting)
+    dataset = row.get("dataset", "" if predicting else None)
+    if not isinstance(dataset, str) or not (dataset.strip() or predicting):
         errors.append("missing or empty 'dataset'")
         dataset = ""
-    mask = _path_field(row, "mask", root, errors, required=False)
-    masks = _masks(row, labels, root, errors)
+    mask, masks = None, None
+    if not predicting:
+        mask = _path_field(row, "mask", root, errors, required=False)
+        masks = _masks(row, labels, root, errors)
     if mask is not None and masks is not None:
         errors.append("give either 'mask' (label map) or 'masks' (one file per label), not both")
     if require_masks and mask is None and masks is None and "mask" not in row and "masks" not in row:
         errors.append("missing 'mask' (or 'masks'); this manifest needs ground truth")
-    region = _region(row, region_map, errors)
-    orientation = row.get("orientation")
+    region = _region(row, region_map, errors) if "region" in row else given.region
+    orientation = row.get("orientation", given.orientation)
     if orientation is not None:
         try:
             orientation = axcodes(orientation, "'orientation'")
@@ -199,7 +235,7 @@ def _parse_line(
                 region_map.region_of(label, modality)
             except UnknownLabelError as exc:
                 errors.append(str(exc))
-    if image is not None and image.is_file():
+    if image is not None and image.is_file() and not predicting:
         _check_shapes(image, mask, masks, errors)
         if deep and not errors:
             _check_voxels(image, mask, masks, len(labels), errors)
@@ -233,7 +269,10 @@ def resolve_path(value: str, root: Path) -> Path:
     return p if p.is_absolute() else (root / p).resolve()
 
 
-def _path_field(row: dict[str, Any], key: str, root: Path, errors: list[str], required: bool) -> Path | None:
+def _path_field(
+    row: dict[str, Any], key: str, root: Path, errors: list[str], required: bool, exists: bool = True
+) -> Path | None:
+    """The line's ``key`` as an absolute path; ``exists``: it must be a file."""
     value = row.get(key)
     if value is None:
         if required:
@@ -243,16 +282,20 @@ def _path_field(row: dict[str, Any], key: str, root: Path, errors: list[str], re
         errors.append(f"'{key}' must be a path string, got {value!r}")
         return None
     path = resolve_path(value, root)
-    if not path.is_file():
+    if exists and not path.is_file():
         errors.append(f"{key} file not found: {path}")
     return path
 
 
-def _labels(row: dict[str, Any], errors: list[str]) -> list[str]:
+def _labels(row: dict[str, Any], errors: list[str], default: list[str] | None = None, cli: bool = False) -> list[str]:
     raw = row.get("label", row.get("labels"))
+    if raw is None and default is not None:
+        return list(default)
     if raw is None:
-        errors.append("missing 'label' (a list of label names)")
+        errors.append("missing 'label' (a list of label names)" + (", and no labels=... on the command line" if cli else ""))
         return []
+    if isinstance(raw, str):
+        raw = [raw]
     if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
         errors.append(f"'label' must be a list of strings, got {raw!r}")
         return []
@@ -266,10 +309,10 @@ def _labels(row: dict[str, Any], errors: list[str]) -> list[str]:
     return labels
 
 
-def _modality(row: dict[str, Any], errors: list[str]) -> str:
-    raw = row.get("modality")
+def _modality(row: dict[str, Any], errors: list[str], default: str | None = None, cli: bool = False) -> str:
+    raw = row.get("modality", default)
     if raw is None:
-        errors.append("missing 'modality'")
+        errors.append("missing 'modality'" + (", and no modality=... on the command line" if cli else ""))
         return ""
     try:
         return canonical_modality(raw)

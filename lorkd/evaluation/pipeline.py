@@ -5,12 +5,11 @@
 Steps (every rank runs them; Lightning or torchrun/SLURM starts the ranks):
 
 1. read the manifest, keeping going past bad lines (reported as failed cases);
-2. keep the records already in ``OUT/cases/`` made with the same fingerprint (resume); rank 0 reads
-   them before ``Trainer.predict`` (so before any rank writes a new one) and its list of finished
-   cases decides for every rank;
-3. ``Trainer.predict`` over the pending cases (one case per batch, each on exactly one rank) with
-   :class:`~lorkd.evaluation.module.EvaluationModule`; the ``metrics_writer`` callback stores each
-   record and writes the reports on rank 0 (see ``callbacks/metrics_writer.py``).
+2. load the Predictor and check everything else that can fail before any case runs;
+3. run the cases with the one case runner (:mod:`lorkd.inference.runner`) and
+   :class:`~lorkd.evaluation.task.EvaluationTask`: rank 0 keeps the records already in ``OUT/cases/``
+   made with the same fingerprint (resume), the other cases are evaluated (each on exactly one rank),
+   each record is stored when its case is done, and rank 0 writes the reports.
 
 :func:`compare_demo` evaluates the demo teacher and the demo experts and prints their comparison.
 """
@@ -27,26 +26,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lorkd.data.manifest import ManifestError, read_manifest
 from lorkd.evaluation.outputs import comparison_names, load_summary
-from lorkd.evaluation.records import input_digest, load_records, records_folder
+from lorkd.evaluation.records import records_folder
 from lorkd.evaluation.report import render_comparison
 from lorkd.evaluation.settings import MetricSettings, run_fingerprint
 from lorkd.exit_codes import NotStarted
 from lorkd.io import check_writable_folder
-from lorkd.utils import PROJECT_ROOT, instantiate_group, single_log_stream
+from lorkd.utils import PROJECT_ROOT, instantiate_group, plain, single_log_stream
 
 log = logging.getLogger(__name__)
 
 MODELS = ("experts", "teacher")
 DEMO_DIR = PROJECT_ROOT / "outputs" / "demo"
 _PROBLEM = re.compile(r"^(?P<file>.*):(?P<line>\d+): (?P<message>.*)$", re.S)
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def manifest_problems(manifest: Path, problems: Sequence[str]) -> list[dict[str, str]]:
@@ -76,20 +71,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
 
     single_log_stream()
     try:
-        module, trainer = _prepare(cfg)
+        runner, trainer = _prepare(cfg)
     except Exception as exc:  # bad config, manifest, checkpoint or output folder: nothing ran
         log.debug("the run could not start", exc_info=True)
         raise NotStarted(str(exc)) from exc
-    trainer.predict(module, return_predictions=False)
+    trainer.predict(runner, return_predictions=False)
     return load_summary(cfg.paths.output_dir) if trainer.is_global_zero else None
 
 
 def _prepare(cfg: DictConfig) -> tuple[Any, Any]:
-    """The evaluation module and trainer, after every check that can fail before any case runs."""
+    """The case runner and trainer, after every check that can fail before any case runs."""
     from hydra.utils import instantiate
 
-    from lorkd.evaluation.module import EvaluationModule
-    from lorkd.inference.predictor import NEUTRAL_OPTIONS, Predictor
+    from lorkd.evaluation.task import EvaluationTask, model_info
+    from lorkd.inference.predictor import NEUTRAL_OPTIONS
+    from lorkd.inference.run import load_predictor, predictor_options
+    from lorkd.inference.runner import CaseRunner
 
     out = check_writable_folder(cfg.paths.output_dir)
     records_folder(out)
@@ -100,46 +97,30 @@ def _prepare(cfg: DictConfig) -> tuple[Any, Any]:
         raise ValueError(f"model must be one of {MODELS}, got {cfg.model!r}")
     if cfg.get("compare"):
         load_summary(cfg.compare)  # fail now, not after the whole evaluation
-    settings = MetricSettings.coerce(_plain(cfg.metrics))
-    options = _plain(cfg.inference)
-    official = _plain(cfg.official)
-    identity = {k: v for k, v in options.items() if k not in NEUTRAL_OPTIONS} | {"official": official}
+    settings = MetricSettings.coerce(plain(cfg.metrics))
+    options = predictor_options(cfg)
+    identity = {k: v for k, v in options.items() if k not in NEUTRAL_OPTIONS} | {"official": plain(cfg.official)}
     fingerprint = run_fingerprint(settings, checkpoint, cfg.model, identity)
 
     manifest = Path(cfg.data.test_manifest)
     cases, problems = read_manifest(manifest, require_masks=True)
     if not cases:
         raise ManifestError(manifest, problems)
-    inputs = {(c.dataset, c.id): input_digest(c) for c in cases}
-    previous = {} if cfg.overwrite else load_records(out, fingerprint, inputs)
-    predictor = Predictor.from_checkpoint(
-        checkpoint,
-        cfg.model,
-        text_checkpoint=official["text_checkpoint"],
-        language_model_path=official["language_model_path"],
-        official_overrides=official["overrides"],
-        device="cpu",
-        **options,
-    )
-    module = EvaluationModule(
-        checkpoint,
-        cases,
+    predictor = load_predictor(cfg)
+    task = EvaluationTask(
+        out,
+        predictor,
         settings,
         fingerprint,
-        predictor,
-        model=cfg.model,
-        name=cfg.get("name"),
+        model_info(predictor, checkpoint, fingerprint, cfg.get("name")),
         region_map=instantiate(cfg.regions) if cfg.get("regions") else None,
-        previous=previous,
         problems=manifest_problems(manifest, problems),
+        compare=cfg.get("compare"),
     )
+    runner = CaseRunner(task, cases, predictor, overwrite=cfg.overwrite)
     callbacks = instantiate_group(cfg.get("callbacks"))
-    if not any(type(c).__name__ == "MetricsWriter" for c in callbacks):
-        raise ValueError(
-            "configs/eval.yaml needs the callbacks.metrics_writer callback (it writes the results)"
-        )
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, use_distributed_sampler=False)
-    return module, trainer
+    return runner, trainer
 
 
 def _run_eval(overrides: Sequence[str]) -> None:

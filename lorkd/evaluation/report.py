@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from lorkd.io import atomic_write, write_text
+from lorkd.regions import mod_label
 
 Row = dict[str, Any]
 
@@ -50,11 +51,6 @@ EMPTY_RULE_TEXT = {
 def row_key(row: Mapping[str, Any]) -> tuple[str, str, str]:
     """Identity of a row: (dataset, case, label)."""
     return str(row["dataset"]), str(row["case"]), str(row["label"])
-
-
-def mod_label(row: Mapping[str, Any]) -> str:
-    """SAT's cross-dataset label key ``f"{modality}_{label}"``."""
-    return f"{row['modality']}_{row['label']}"
 
 
 def deduplicate(rows: Iterable[Row]) -> list[Row]:
@@ -138,7 +134,7 @@ def aggregate(rows: Iterable[Row]) -> dict[str, Any]:
                 "dataset": dataset,
                 "modality": modality,
                 "label": label,
-                "mod_label": mod_label(cases[0]),
+                "mod_label": mod_label(cases[0]["modality"], cases[0]["label"]),
                 "group": _single(cases, "group", f"label {dataset}/{label}"),
                 "n_cases": len(cases),
                 **_means(cases),

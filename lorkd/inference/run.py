@@ -1,23 +1,23 @@
 """``python predict.py``: predict every case of ``input`` into ``output_dir`` through ``Trainer.predict``.
 
 One device runs the cases in order; ``trainer.devices=N`` (and ``trainer.num_nodes``) shards them,
-each case exactly once. Prompts of every case are checked before anything runs.
+each case exactly once (:mod:`lorkd.inference.runner` with :class:`~lorkd.inference.cases.PredictionTask`).
+Prompts of every case are checked before anything runs.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lorkd.data.manifest import Case
 from lorkd.exit_codes import NotStarted
 from lorkd.io import check_writable_folder, file_identity
-from lorkd.utils import single_log_stream
+from lorkd.utils import plain, single_log_stream
 
 if TYPE_CHECKING:
     from lorkd.inference.predictor import Predictor
@@ -25,8 +25,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+def predictor_options(cfg: DictConfig) -> dict[str, Any]:
+    """The Predictor's options in a predict or eval config: ``inference.*`` and ``routing.fallback``."""
+    return {**plain(cfg.inference), "fallback": plain(cfg.routing.fallback)}
+
+
+def load_predictor(cfg: DictConfig) -> Predictor:
+    """The Predictor of ``ckpt_path`` (network ``model``) with the config's options and ``official.*``."""
+    from lorkd.inference.predictor import Predictor
+
+    official = plain(cfg.official)
+    return Predictor.from_checkpoint(
+        cfg.ckpt_path,
+        model=cfg.model,
+        text_checkpoint=official["text_checkpoint"],
+        language_model_path=official["language_model_path"],
+        official_overrides=official["overrides"],
+        device="cpu",
+        **predictor_options(cfg),
+    )
 
 
 def check_prompts(predictor: Predictor, cases: Sequence[Case]) -> None:
@@ -53,28 +70,19 @@ def _prepare(cfg: DictConfig) -> tuple[list[Case], Predictor, dict[str, Any]]:
     """
     from lorkd.inference.dicom_seg import check_format
     from lorkd.inference.inputs import discover_cases
-    from lorkd.inference.predictor import NEUTRAL_OPTIONS, Predictor
+    from lorkd.inference.predictor import NEUTRAL_OPTIONS
 
-    cases = discover_cases(cfg.input, _plain(cfg.labels), cfg.modality, cfg.region, cfg.orientation)
+    cases = discover_cases(cfg.input, plain(cfg.labels), cfg.modality, cfg.region, cfg.orientation)
     check_writable_folder(cfg.output_dir)
     check_format(cfg.writer.get("format", "nifti"), [case.image for case in cases])
-    official = _plain(cfg.official)
-    options = _plain(cfg.inference)
-    predictor = Predictor.from_checkpoint(
-        cfg.ckpt_path,
-        model=cfg.model,
-        text_checkpoint=official["text_checkpoint"],
-        language_model_path=official["language_model_path"],
-        official_overrides=official["overrides"],
-        device="cpu",
-        **options,
-    )
+    predictor = load_predictor(cfg)
+    options = predictor_options(cfg)
     check_prompts(predictor, cases)
     settings = {
         "checkpoint": file_identity(cfg.ckpt_path),
         "model": cfg.model,
         "inference": {k: v for k, v in sorted(options.items()) if k not in NEUTRAL_OPTIONS},
-        "official": official,
+        "official": plain(cfg.official),
         "preview": bool(cfg.writer.preview),
         "probabilities": bool(cfg.writer.save_probabilities),
         "statistics": bool(cfg.writer.get("statistics", False)),
@@ -90,49 +98,22 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """
     import lightning.pytorch as pl
     from hydra.utils import instantiate
-    from torch.utils.data import DataLoader
 
-    from lorkd.data.datasets import CaseDataset, collate_case
-    from lorkd.inference.module import PredictionModule
+    from lorkd.inference.cases import PredictionTask
+    from lorkd.inference.runner import CaseRunner
 
     single_log_stream()
     try:
         cases, predictor, settings = _prepare(cfg)
-        writer = instantiate(cfg.writer)
-        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer])
-        if len(cases) < trainer.world_size:
-            raise ValueError(
-                f"{len(cases)} case(s) for {trainer.world_size} processes: use at most {len(cases)} devices"
-            )
+        task = PredictionTask(predictor, cfg.output_dir, settings, **plain(cfg.writer))
+        trainer: pl.Trainer = instantiate(cfg.trainer, use_distributed_sampler=False)
     except Exception as exc:  # bad config, input, checkpoint or output folder: nothing ran
         log.debug("the run could not start", exc_info=True)
         raise NotStarted(str(exc)) from exc
-    module = PredictionModule(
-        predictor,
-        cfg.output_dir,
-        cfg.overwrite,
-        cfg.writer.save_probabilities,
-        progress=cfg.progress,
-        settings=settings,
-    )
-    loader = DataLoader(CaseDataset(cases), batch_size=1, shuffle=False, collate_fn=collate_case)
+    runner = CaseRunner(task, cases, predictor, cfg.overwrite, progress=cfg.progress)
     if trainer.is_global_zero:
         log.info(
             "predicting %d case(s) with %s into %s", len(cases), cfg.ckpt_path, Path(cfg.output_dir).resolve()
         )
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
-    if trainer.is_global_zero:
-        report(writer.summary, Path(cfg.output_dir))
-    return writer.summary
-
-
-def report(rows: Sequence[dict[str, Any]], output_dir: Path) -> None:
-    cases = {row["case"]: row["status"] for row in rows}
-    counts = Counter(cases.values())
-    log.info(
-        "%d case(s): %d predicted, %d skipped (already complete), %d failed; summary: %s",
-        len(cases), counts["ok"], counts["skipped"], counts["error"], output_dir / "summary.csv",
-    )  # fmt: skip
-    for row in rows:
-        if row["status"] == "error":
-            log.warning("failed case %s: %s", row["case"], row["error"])
+    trainer.predict(runner, return_predictions=False)
+    return runner.result

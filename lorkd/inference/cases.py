@@ -1,0 +1,155 @@
+"""Prediction as a :class:`~lorkd.inference.runner.CaseTask`: a case in, its folder of files out.
+
+A case is done (kept, unless ``overwrite``) when its folder holds a complete prediction made for the
+same key: the case's identity (image path, size and mtime_ns, labels, modality, region, orientation)
+and the run's (checkpoint identity, model, options that change masks, files written), with every
+listed file present and loading. A case that fails (unreadable image, not 3-D, NaN, RGB, a link
+planted in its folder, ...) becomes an ``error`` outcome naming its file and the run goes on. At the
+end ``<output_dir>/summary.csv`` lists every case's rows in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorkd.data.manifest import Case, case_identity
+from lorkd.inference.predictor import Prediction, Predictor
+from lorkd.inference.runner import WindowProgress
+from lorkd.inference.writer import completed, safe_name, save_prediction, write_summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseOutcome:
+    """What happened to one case: ``status`` is ``ok`` (``prediction`` set until saved), ``skipped`` or
+    ``error``; ``rows`` are its summary rows."""
+
+    case: Case
+    folder: Path
+    status: str
+    prediction: Prediction | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def case_error(case: Case, exc: Exception) -> str:
+    """One line naming the case's image and the problem."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if str(case.image) in text else f"{case.image}: {type(exc).__name__}: {text}"
+
+
+def case_folder(output_dir: str | Path, case: Case) -> Path:
+    return Path(output_dir) / safe_name(case.id, "case")
+
+
+class PredictionTask:
+    """Predict each case into ``output_dir/<case>/`` (:mod:`lorkd.inference.writer`), then ``summary.csv``.
+
+    ``settings`` is the run's part of each case's resume key; ``preview``, ``save_probabilities``,
+    ``statistics`` and ``format`` (``dicom_seg``: also ``segmentation.dcm`` for DICOM series inputs)
+    choose the files written (``configs/predict.yaml``'s ``writer:``).
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        output_dir: str | Path,
+        settings: Mapping[str, Any] | None = None,
+        preview: bool = True,
+        save_probabilities: bool = False,
+        statistics: bool = False,
+        format: str = "nifti",
+    ) -> None:
+        self.predictor = predictor
+        self.output_dir = Path(output_dir)
+        self.settings = dict(settings or {})
+        self.preview = bool(preview)
+        self.save_probabilities = bool(save_probabilities)
+        self.statistics = bool(statistics)
+        self.format = format
+
+    @property
+    def source(self) -> str:
+        """The checkpoint's absolute path (recorded in each case's marker)."""
+        return str(Path(self.predictor.model.source).resolve())
+
+    def key(self, case: Case) -> dict[str, Any]:
+        """The resume key of ``case`` in this run."""
+        return {"case": case_identity(case), "run": self.settings}
+
+    def finished(self, cases: Sequence[Case]) -> dict[int, CaseOutcome]:
+        """Cases whose folder holds a complete prediction for the same key, as ``skipped`` outcomes."""
+        found = {}
+        for index, case in enumerate(cases):
+            folder = case_folder(self.output_dir, case)
+            marker = completed(folder, case.labels, self.key(case))
+            if marker is not None:
+                rows = [{**row, "status": "skipped"} for row in marker.get("rows", [])]
+                found[index] = CaseOutcome(case, folder, "skipped", rows=rows)
+        return found
+
+    def run(self, index: int, case: Case, rank: int, progress: WindowProgress) -> CaseOutcome:
+        folder = case_folder(self.output_dir, case)
+        meta = {"image": str(case.image), "checkpoint": self.source, "rank": rank, "key": self.key(case)}
+        outcome = CaseOutcome(case, folder, "ok", metadata=meta)
+        try:
+            outcome.prediction = self.predictor.predict(
+                case.image,
+                case.labels,
+                case.modality,
+                region=case.region,
+                orientation=case.orientation,
+                return_probabilities=self.save_probabilities,
+                progress=progress,
+            )
+        except Exception as exc:  # any failure of one case (CaseError names the file) must not stop the others
+            self._fail(outcome, exc)
+        return outcome
+
+    def save(self, outcome: CaseOutcome) -> CaseOutcome:
+        if outcome.status == "ok":
+            try:
+                marker = save_prediction(
+                    outcome.prediction,
+                    outcome.folder,
+                    case=outcome.folder.name,
+                    preview=self.preview,
+                    probabilities=self.save_probabilities,
+                    metadata=outcome.metadata,
+                    root=self.output_dir,
+                    statistics=self.statistics,
+                    dicom_source=Path(outcome.case.image) if self.format == "dicom_seg" else None,
+                )
+                outcome.rows = marker["rows"]
+            except Exception as exc:  # a link planted in the folder, a full disk: this case fails, not the run
+                self._fail(outcome, exc)
+            outcome.prediction = None  # free the volumes now
+        if outcome.status == "error":
+            log.error("case %s failed: %s", outcome.case.id, outcome.rows[0]["error"])
+        return outcome
+
+    @staticmethod
+    def _fail(outcome: CaseOutcome, exc: Exception) -> None:
+        outcome.status = "error"
+        outcome.rows = [{"case": outcome.folder.name, "status": "error", "error": case_error(outcome.case, exc)}]
+
+    def finish(self, outcomes: Sequence[CaseOutcome], kept: int) -> list[dict[str, Any]]:
+        """Write ``summary.csv`` and log the counts and each failure; returns the summary rows."""
+        rows = [row for outcome in outcomes for row in outcome.rows]
+        path = self.output_dir / "summary.csv"
+        write_summary(path, rows)
+        counts = Counter(outcome.status for outcome in outcomes)
+        log.info(
+            "%d case(s): %d predicted, %d skipped (already complete), %d failed; summary: %s",
+            len(outcomes), counts["ok"], counts["skipped"], counts["error"], path,
+        )  # fmt: skip
+        for row in rows:
+            if row["status"] == "error":
+                log.warning("failed case %s: %s", row["case"], row["error"])
+        return rows
