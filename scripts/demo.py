@@ -139,7 +139,7 @@ def environment_line() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-steps", type=int, default=600)
-    parser.add_argument("--lorkd-steps", type=int, default=300)
+    parser.add_argument("--lorkd-steps", type=int, default=350)
     args = parser.parse_args()
     os.environ.update(THREADS)  # every stage (training, evaluation) runs in a subprocess that inherits it
     start = time.time()
