@@ -119,7 +119,7 @@ def test_every_key_is_loaded_or_explained(released):
     assert wrapped == 8 + 6
     backbone = [k for k in state if k.startswith("model.module.backbone.")]
     assert len(backbone) == wrapped * 20 + 3 * 2 == len(aliases)  # 20 keys per wrapped conv, 3 transposed convs
-    assert loaded.experts == {
+    assert loaded.experts.arguments() == {
         "regions": list(OFFICIAL_REGIONS), "ranks": RANKS, "decoder_rank_factor": 2,
         "scaling": 2.0, "style": "lorkd", "train_base": True,
     }  # fmt: skip
@@ -259,13 +259,16 @@ def test_a_converted_checkpoint_starts_a_lorkd_fine_tuning(converted, tiny_teach
     """``student_init=checkpoint`` with ``experts.style=lorkd`` picks up the released base and experts exactly."""
     from functools import partial
 
+    from lorkd.checkpoints.schema import ExpertsSpec
+    from lorkd.checkpoints.teacher import load_teacher, read_student_state
     from lorkd.modules.lorkd_module import LoRKDModule
 
     path = converted[0]
     module = LoRKDModule(
-        teacher_checkpoint=tiny_teacher_ckpt, student=SAT(**TINY),
-        experts={"ranks": RANKS, "style": "lorkd"}, optimizer=partial(torch.optim.AdamW, lr=1e-4),
-        region_map=region_map, student_init="checkpoint", student_checkpoint=path,
+        teacher=load_teacher(tiny_teacher_ckpt), student=SAT(**TINY),
+        experts=ExpertsSpec.for_regions(region_map.regions, RANKS, style="lorkd"),
+        optimizer=partial(torch.optim.AdamW, lr=1e-4), region_map=region_map,
+        student_init="checkpoint", student_state=read_student_state(path),
     )  # fmt: skip
     stored = torch.load(path, weights_only=True)["state_dict"]
     for key, value in module.student.state_dict().items():

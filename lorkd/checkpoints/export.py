@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.adapters import plain_state, save_adapters
+from lorkd.checkpoints.build import backbone_presets, build_network
 from lorkd.checkpoints.exported import (
     ADAPTERS,
     BASE,
@@ -38,20 +38,14 @@ from lorkd.checkpoints.exported import (
     TEXT_HEAD,
     sha256_file,
 )
-from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.schema import CheckpointMeta
 from lorkd.checkpoints.teacher import read_checkpoint, sub_state
-from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts
+from lorkd.experts import base_parameter_count, expert_parameter_counts
 from lorkd.io import write_json
-from lorkd.models.sat import SAT
 from lorkd.models.text import file_fingerprint
 from lorkd.regions import RegionMap
-from lorkd.utils import CONFIG_DIR
 
 log = logging.getLogger(__name__)
-
-_PRESET_KEYS = ("features", "strides", "n_convs", "proj_hidden", "mask_hidden", "latent_stride")
-
 
 def read_lorkd_checkpoint(path: str | Path, **official: Any) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
     """(record, state dict) of our LoRKD checkpoint, or of a released one converted in memory (``official``: the
@@ -74,24 +68,6 @@ def read_lorkd_checkpoint(path: str | Path, **official: Any) -> tuple[Checkpoint
         )
     converted = lorkd_checkpoint_from_official(path, **official)
     return schema.read(converted, str(path)), converted["state_dict"]
-
-
-def build_student(meta: CheckpointMeta, state: Mapping[str, torch.Tensor], source: str) -> SAT:
-    """The student SAT with its region experts, weights loaded with strict key accounting, in eval mode."""
-    assert meta.experts is not None  # schema.read checks it for kind "lorkd"
-    net = SAT(**meta.net)
-    net.backbone = add_region_experts(net.backbone, **meta.experts.arguments())
-    load_mapped(net, sub_state(state, "student."), KeyReport(source=source))
-    return net.eval()
-
-
-def backbone_preset(config: Mapping[str, Any]) -> str | None:
-    """Name of the ``configs/backbone`` preset with this architecture (None: none matches)."""
-    for path in sorted((CONFIG_DIR / "backbone").glob("*.yaml")):
-        spec = yaml.safe_load(path.read_text())
-        if all(spec.get(k) == config.get(k) for k in _PRESET_KEYS):
-            return path.stem
-    return None
 
 
 def versions() -> dict[str, str]:
@@ -216,8 +192,7 @@ def _export_onnx(
     from lorkd.inference.predictor import SAT_WINDOW
     from lorkd.inference.sliding_window import window_size
 
-    net = SAT(**arguments)
-    load_mapped(net, dict(state), KeyReport(source=source))
+    net = build_network(arguments, state=state, report=source)
     window = window_size(meta.data.get("patch_size") or SAT_WINDOW, net.size_divisor)
     path = export_onnx(net, window, folder / ONNX_MODEL)
     log.info("exported %s as ONNX (windows of %s)", folder.name, "x".join(map(str, window)))
@@ -243,7 +218,7 @@ def export_experts(
     _check_target(out, overwrite)
     meta, state_dict = read_lorkd_checkpoint(ckpt_path, **official)
     assert meta.experts is not None
-    student = build_student(meta, state_dict, str(ckpt_path))
+    student = build_network(meta.net, meta.experts, sub_state(state_dict, "student."), str(ckpt_path)).eval()
     names = list(meta.experts.regions)
     chosen = names if regions is None else [r for r in names if r in set(regions)]
     unknown = sorted(set(regions or ()) - set(names))
@@ -251,7 +226,7 @@ def export_experts(
         raise KeyError(f"{ckpt_path}: no expert for {unknown or regions}; experts: {names}")
     base_count = base_parameter_count(student)
     expert_counts = expert_parameter_counts(student.backbone)
-    architecture = {"class": "lorkd.models.sat.SAT", "preset": backbone_preset(student.config), "arguments": student.config}
+    architecture = {"class": "lorkd.models.sat.SAT", "preset": next(iter(backbone_presets(student.config)), None), "arguments": student.config}
     common = {
         "source": _source_info(ckpt_path, meta),
         "versions": versions(),

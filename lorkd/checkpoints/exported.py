@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.build import build_network
 from lorkd.checkpoints.schema import TextHead
 from lorkd.checkpoints.teacher import build_text_encoder_from_meta
 from lorkd.models.sat import SAT
@@ -101,9 +101,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_plain_sat(path: Path, arguments: Mapping[str, Any], device: str | torch.device = "cpu") -> SAT:
     """A plain ``SAT(**arguments)`` with every tensor of ``path`` loaded (strict key accounting), in eval mode."""
-    net = SAT(**arguments)
-    load_mapped(net, _load_safetensors(path), KeyReport(source=str(path)))
-    return net.to(device).eval()
+    return build_network(arguments, state=_load_safetensors(path), report=str(path)).to(device).eval()
 
 
 def load_prompts(folder: Path, card: Mapping[str, Any]) -> PromptBank:

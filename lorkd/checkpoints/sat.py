@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lorkd.checkpoints.build import build_network
 from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport, load_mapped, read_state_dict
 from lorkd.models.sat import SAT
 from lorkd.models.text import LanguageModel, TextEncoder
@@ -122,8 +123,7 @@ def load_sat_vision(model: SAT, source: str | Path | Mapping[str, Any], allow_mi
 def sat_model_from_checkpoint(source: str | Path | Mapping[str, Any], **overrides: Any) -> tuple[SAT, KeyReport]:
     """Build a ``SAT`` whose architecture is read off an official checkpoint, then load it strictly."""
     state = read_state_dict(source)
-    config = {**infer_sat_config(state), **overrides}
-    model = SAT(**config)
+    model = build_network({**infer_sat_config(state), **overrides})
     return model, load_sat_vision(model, state)
 
 

@@ -8,7 +8,7 @@ unknown kind or a missing field is a clear error naming the file.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -50,6 +50,26 @@ class ExpertsSpec:
     scaling: float = 2.0
     style: str = "peft"
     train_base: bool = True
+
+    @classmethod
+    def for_regions(
+        cls,
+        regions: Sequence[str],
+        ranks: Mapping[str, int],
+        decoder_rank_factor: int = 2,
+        scaling: float = 2.0,
+        style: str = "peft",
+        train_base: bool = True,
+    ) -> ExpertsSpec:
+        """One expert per region of ``regions`` (the ranks of other regions are left out), in plain types
+        (Hydra's ``_target_`` for ``model.experts``)."""
+        missing = [r for r in regions if r not in ranks]
+        if missing:
+            raise KeyError(f"no expert rank configured for regions {missing}")
+        return cls(
+            list(regions), {r: int(ranks[r]) for r in regions}, int(decoder_rank_factor), float(scaling), str(style),
+            bool(train_base),
+        )  # fmt: skip
 
     def arguments(self) -> dict[str, Any]:
         return asdict(self)

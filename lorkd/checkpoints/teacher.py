@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lorkd.checkpoints import schema
+from lorkd.checkpoints.build import build_network
 from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.sat import sat_model_from_checkpoint
 from lorkd.checkpoints.schema import TextHead
@@ -62,9 +63,12 @@ def build_text_encoder_from_meta(head: TextHead, state: Mapping[str, torch.Tenso
     return encoder
 
 
-def load_teacher(path: str | Path, **overrides: Any) -> Teacher:
-    """Official SAT vision file (architecture read off its keys, ``overrides`` e.g. ``decoder_heads``)
+def load_teacher(path: str | Path | None, net_overrides: Mapping[str, Any] | None = None) -> Teacher:
+    """Official SAT vision file (architecture read off its keys, ``net_overrides`` e.g. ``decoder_heads``)
     or a SATModule checkpoint (architecture, text head and prompt bank stored inside)."""
+    if path is None:
+        raise ValueError("no teacher checkpoint: a LoRKD model is distilled from a SAT teacher (teacher.checkpoint=PATH)")
+    overrides = dict(net_overrides or {})
     raw = read_checkpoint(path)
     fingerprint = file_fingerprint([Path(path)])
     meta = schema.read(raw, str(path))
@@ -74,7 +78,19 @@ def load_teacher(path: str | Path, **overrides: Any) -> Teacher:
     if meta.kind != "sat":
         raise ValueError(f"{path} is a {meta.kind!r} checkpoint; a teacher must be a SAT model")
     state = raw["state_dict"]
-    net = SAT(**{**meta.net, **overrides})
-    report = load_mapped(net, sub_state(state, "net."), KeyReport(source=str(path)))
+    report = KeyReport(source=str(path))
+    net = build_network({**meta.net, **overrides}, state=sub_state(state, "net."), report=report)
     text = build_text_encoder_from_meta(meta.text_encoder, sub_state(state, "text_encoder."), str(path))
     return Teacher(net, text, meta.prompt_bank, meta.region_map, str(path), fingerprint, report)
+
+
+def read_student_state(path: str | Path | None) -> dict[str, torch.Tensor] | None:
+    """The student (base and experts) of our LoRKD checkpoint at ``path``, to start a training from
+    (``model.student_state.path``); None without a path."""
+    if path is None:
+        return None
+    raw = read_checkpoint(path)
+    meta = schema.read(raw, str(path))
+    if meta is None or meta.kind != "lorkd":
+        raise ValueError(f"{path} is not a LoRKD checkpoint of this project (convert a released file first)")
+    return sub_state(raw["state_dict"], "student.")

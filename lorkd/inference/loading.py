@@ -18,9 +18,8 @@ from typing import Any
 import torch
 
 from lorkd.checkpoints import schema
-from lorkd.checkpoints.export import build_student
+from lorkd.checkpoints.build import build_network
 from lorkd.checkpoints.exported import ExportedExperts, load_export
-from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.sat import build_text_encoder, sat_model_from_checkpoint
 from lorkd.checkpoints.schema import CheckpointMeta
 from lorkd.checkpoints.teacher import build_text_encoder_from_meta, load_teacher, read_checkpoint, sub_state
@@ -168,13 +167,12 @@ def load_model(
     data = dict(meta.data)
     if meta.kind == "sat" or model == "teacher":
         if meta.kind == "sat":
-            net = SAT(**meta.net)
-            load_mapped(net, sub_state(state, "net."), KeyReport(source=source))
+            net = build_network(meta.net, state=sub_state(state, "net."), report=source)
         else:
             saved = meta.teacher
             if saved is None:
                 raise ValueError(f"{path} does not record the teacher it was distilled from (model=teacher needs it)")
-            teacher = load_teacher(saved.path, **_overrides(saved.net))
+            teacher = load_teacher(saved.path, _overrides(saved.net))
             if teacher.fingerprint != saved.fingerprint:
                 raise ValueError(f"teacher file {saved.path} changed since {path} was distilled from it")
             net = teacher.net
@@ -182,7 +180,7 @@ def load_model(
                 net.eval(), prompts, "teacher", [], region_map, data, teacher.source, teacher.fingerprint, source
             )
         return LoadedModel(net.eval(), prompts, "teacher", [], region_map, data, source)
-    net = build_student(meta, state, source)
+    net = build_network(meta.net, meta.experts, sub_state(state, "student."), source).eval()
     return LoadedModel(net, prompts, "experts", list(meta.experts.regions), region_map, data, source)
 
 
