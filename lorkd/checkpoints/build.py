@@ -17,7 +17,6 @@ import yaml
 
 from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.schema import ExpertsSpec
-from lorkd.experts import add_region_experts
 from lorkd.models.sat import SAT
 from lorkd.utils import CONFIG_DIR
 
@@ -27,6 +26,8 @@ PRESET_KEYS = ("features", "strides", "n_convs", "proj_hidden", "mask_hidden", "
 
 def add_experts(net: SAT, experts: ExpertsSpec) -> SAT:
     """Put ``experts``' region experts (peft adapters) on ``net``'s backbone, in place; returns ``net``."""
+    from lorkd.experts import add_region_experts  # peft: plain networks (exports) build without it
+
     net.backbone = add_region_experts(net.backbone, **experts.arguments())
     return net
 
