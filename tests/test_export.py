@@ -21,8 +21,8 @@ from lorkd.checkpoints.exported import (
     read_card,
     sha256_file,
 )
+from lorkd.checkpoints.loading import load_model
 from lorkd.experts import route
-from lorkd.inference.loading import load_model
 from lorkd.models.sat import SAT
 from lorkd.models.unet import PlainConvUNet
 

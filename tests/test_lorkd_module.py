@@ -6,11 +6,10 @@ import pytest
 import torch
 from helpers import tiny_sat
 
-from lorkd.checkpoints.report import KeyReport
-from lorkd.checkpoints.schema import ExpertsSpec
-from lorkd.checkpoints.teacher import Teacher
+from lorkd.checkpoints.loading import LoadedModel
+from lorkd.checkpoints.schema import CheckpointMeta, ExpertsSpec, TextHead
 from lorkd.experts import expert_names
-from lorkd.models.text import TextEncoder
+from lorkd.models.text import PromptBank, TextEncoder
 from lorkd.modules.lorkd_module import LoRKDModule
 from lorkd.regions import RegionMap
 
@@ -22,11 +21,14 @@ def _region_map() -> RegionMap:
     return RegionMap(regions=REGIONS, labels={"abdomen": ["ct_liver"], "thorax": ["ct_heart"]})
 
 
-def _teacher(text: bool = True) -> Teacher:
+def _teacher(fingerprint: str = "0" * 16) -> LoadedModel:
+    """A SATModule-like teacher built in memory: network, text head, a one-prompt bank and its record."""
     torch.manual_seed(1)
-    bank = {"fingerprint": None, "labels": ["liver"], "embeddings": torch.randn(1, 16)}
-    encoder = TextEncoder(None, hidden_dim=16, query_dim=64, proj_hidden=32) if text else None
-    return Teacher(tiny_sat(), encoder, bank if text else None, None, "in-memory teacher", "0" * 16, KeyReport("memory"))
+    prompts = PromptBank(TextEncoder(None, hidden_dim=16, query_dim=64, proj_hidden=32))
+    prompts.load_state_dict({"fingerprint": None, "labels": ["liver"], "embeddings": torch.randn(1, 16)})
+    net = tiny_sat()
+    meta = CheckpointMeta("sat", TextHead.of(prompts.text_encoder), prompts.state_dict(), net=net.config)
+    return LoadedModel(net, prompts, "teacher", source="in-memory teacher", fingerprint=fingerprint, meta=meta)
 
 
 def _module(**kwargs) -> LoRKDModule:
@@ -71,7 +73,7 @@ def test_student_init_checkpoint_loads_the_given_state_and_nothing_else_starts_i
 def test_inconsistent_objects_fail_clearly():
     with pytest.raises(ValueError, match="experts are for regions"):
         _module(experts=ExpertsSpec.for_regions(["abdomen", "brain"], RANKS))
-    with pytest.raises(ValueError, match="in-memory teacher is an official SAT vision file"):
-        _module(teacher=_teacher(text=False))
+    with pytest.raises(ValueError, match="in-memory teacher has no file fingerprint"):
+        _module(teacher=_teacher(fingerprint=""))
     with pytest.raises(KeyError, match="no expert rank configured"):
         ExpertsSpec.for_regions(["spine"], RANKS)

@@ -226,7 +226,7 @@ def converted(released, tmp_path_factory):
 def test_a_converted_checkpoint_loads_for_inference_and_exports_exactly(released, converted, tmp_path):
     from lorkd.checkpoints.export import export_experts
     from lorkd.checkpoints.exported import load_export
-    from lorkd.inference.loading import load_model
+    from lorkd.checkpoints.loading import load_model
 
     path, text, lm_dir = converted
     source = load_lorkd_official(released[0], text_checkpoint=text, language_model_path=str(lm_dir), **OVERRIDES)
@@ -259,8 +259,8 @@ def test_a_converted_checkpoint_starts_a_lorkd_fine_tuning(converted, tiny_teach
     """``student_init=checkpoint`` with ``experts.style=lorkd`` picks up the released base and experts exactly."""
     from functools import partial
 
+    from lorkd.checkpoints.loading import load_teacher, read_student_state
     from lorkd.checkpoints.schema import ExpertsSpec
-    from lorkd.checkpoints.teacher import load_teacher, read_student_state
     from lorkd.modules.lorkd_module import LoRKDModule
 
     path = converted[0]
@@ -274,3 +274,20 @@ def test_a_converted_checkpoint_starts_a_lorkd_fine_tuning(converted, tiny_teach
     for key, value in module.student.state_dict().items():
         assert torch.equal(value, stored[f"student.{key}"]), key
     assert all(p.requires_grad for n, p in module.student.backbone.named_parameters() if ".lora_" in n)
+
+
+def test_the_loader_recognises_a_released_file_and_builds_what_its_conversion_holds(released, converted):
+    """``load_model`` on the released file itself (with its text encoder files) equals loading its conversion."""
+    from lorkd.checkpoints.loading import load_model
+
+    path, text, lm_dir = converted
+    with pytest.raises(ValueError, match="is a released LoRKD checkpoint: also give its paired text encoder"):
+        load_model(released[0])
+    direct = load_model(released[0], text_checkpoint=text, language_model_path=str(lm_dir), net_overrides=OVERRIDES)
+    stored = load_model(path)
+    assert direct.experts == stored.experts == list(OFFICIAL_REGIONS) and direct.source == str(released[0])
+    assert direct.meta.converted_from["path"] == str(released[0].resolve()) and direct.meta.experts.style == "lorkd"
+    state = stored.net.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in direct.net.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(direct.prompts.queries(["liver"], "ct"), stored.prompts.queries(["liver"], "ct"))

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from lorkd.checkpoints.build import build_network
+from lorkd.checkpoints.read import build_text_encoder_from_meta
 from lorkd.checkpoints.schema import TextHead
-from lorkd.checkpoints.teacher import build_text_encoder_from_meta
 from lorkd.models.sat import SAT
 from lorkd.models.text import PromptBank
 from lorkd.regions import RegionMap

@@ -120,10 +120,10 @@ def load_sat_vision(model: SAT, source: str | Path | Mapping[str, Any], allow_mi
     return load_mapped(model, tensors, report, allow if allow_missing_ds else None)
 
 
-def sat_model_from_checkpoint(source: str | Path | Mapping[str, Any], **overrides: Any) -> tuple[SAT, KeyReport]:
+def sat_model_from_checkpoint(source: str | Path | Mapping[str, Any], **net_overrides: Any) -> tuple[SAT, KeyReport]:
     """Build a ``SAT`` whose architecture is read off an official checkpoint, then load it strictly."""
     state = read_state_dict(source)
-    model = build_network({**infer_sat_config(state), **overrides})
+    model = build_network({**infer_sat_config(state), **net_overrides})
     return model, load_sat_vision(model, state)
 
 

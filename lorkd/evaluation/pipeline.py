@@ -117,7 +117,7 @@ def _prepare(cfg: DictConfig) -> tuple[Any, Any]:
         cfg.model,
         text_checkpoint=official["text_checkpoint"],
         language_model_path=official["language_model_path"],
-        official_overrides=official["overrides"],
+        net_overrides=official["net_overrides"],
         device="cpu",
         **options,
     )

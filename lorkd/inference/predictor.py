@@ -28,9 +28,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from lorkd.checkpoints.loading import LoadedModel, load_model
 from lorkd.data.io import CaseError, check_finite, read_volume, squeeze_to_3d
 from lorkd.data.transforms import InversionInfo, PreprocessConfig, invert_to_original, preprocess_image
-from lorkd.inference.loading import LoadedModel, load_model
 from lorkd.inference.routing import PromptGroup, check_fallback, plan_groups
 from lorkd.inference.sliding_window import (
     WindowModel,
@@ -163,7 +163,7 @@ class Predictor:
     """Segment images with a loaded model (see the module docstring).
 
     Args:
-        model: what :func:`~lorkd.inference.loading.load_model` returns.
+        model: what :func:`~lorkd.checkpoints.loading.load_model` returns.
         teacher: the teacher of a LoRKD model, needed only for ``fallback="teacher"``.
         device: where the network runs (default: CUDA when available, else CPU).
         window: sliding-window size in voxels of the preprocessed grid (default: the training patch
@@ -237,7 +237,7 @@ class Predictor:
         model: str = "experts",
         text_checkpoint: str | Path | None = None,
         language_model_path: str | None = None,
-        official_overrides: dict[str, Any] | None = None,
+        net_overrides: dict[str, Any] | None = None,
         runtime: str = "torch",
         **options: Any,
     ) -> Predictor:
@@ -246,9 +246,7 @@ class Predictor:
         ``runtime="onnx"``: an export's experts run with onnxruntime (their exported window).
         ``options`` are :class:`Predictor`'s arguments (device, window, fallback, ...).
         """
-        loaded = load_model(
-            path, model, text_checkpoint, language_model_path, runtime=runtime, **(official_overrides or {})
-        )
+        loaded = load_model(path, model, text_checkpoint, language_model_path, net_overrides, runtime=runtime)
         teacher = None
         if options.get("fallback") == "teacher" and loaded.experts:
             teacher = load_model(path, "teacher")

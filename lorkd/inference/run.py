@@ -65,7 +65,7 @@ def _prepare(cfg: DictConfig) -> tuple[list[Case], Predictor, dict[str, Any]]:
         model=cfg.model,
         text_checkpoint=official["text_checkpoint"],
         language_model_path=official["language_model_path"],
-        official_overrides=official["overrides"],
+        net_overrides=official["net_overrides"],
         device="cpu",
         **options,
     )

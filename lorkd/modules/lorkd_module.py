@@ -18,13 +18,12 @@ import torch.nn.functional as F
 
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.build import add_experts
+from lorkd.checkpoints.loading import LoadedModel
 from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.schema import CheckpointMeta, ExpertsSpec, TeacherSource
-from lorkd.checkpoints.teacher import Teacher
 from lorkd.experts import base_parameter_count, expert_parameter_counts, route
 from lorkd.losses import distillation_loss, segmentation_loss
 from lorkd.models.sat import SAT
-from lorkd.models.text import TextEncoder
 from lorkd.modules.base import PromptedSegmentationModule
 from lorkd.regions import RegionMap
 
@@ -42,12 +41,11 @@ class LoRKDModule(PromptedSegmentationModule):
 
     def __init__(
         self,
-        teacher: Teacher,
+        teacher: LoadedModel,
         student: SAT,
         experts: ExpertsSpec,
         optimizer: Callable[..., torch.optim.Optimizer],
         region_map: RegionMap,
-        text_encoder: TextEncoder | None = None,
         student_init: str = "auto",
         student_state: Mapping[str, torch.Tensor] | None = None,
         lambda_kd: float = 0.1,
@@ -59,21 +57,16 @@ class LoRKDModule(PromptedSegmentationModule):
         prompt_cache_dir: str | Path | None = None,
         per_sample_weights: bool | None = None,
     ) -> None:
-        """``teacher``: the loaded SAT teacher (``lorkd.checkpoints.teacher.load_teacher``); ``student``: the plain
-        student SAT, which gets ``experts`` here; ``text_encoder``: used only when the teacher carries none (an
-        official SAT vision file); ``student_state``: the student (base and experts) to start from with
-        ``student_init="checkpoint"`` (``lorkd.checkpoints.teacher.read_student_state``)."""
-        text = teacher.text_encoder or text_encoder
-        if text is None:
-            raise ValueError(
-                f"{teacher.source} is an official SAT vision file: configure its paired text encoder "
-                "(text_encoder=biolord text_encoder.checkpoint=... text_encoder.language_model_path=...)"
-            )
+        """``teacher``: the SAT teacher with its text side and file fingerprint (``lorkd.checkpoints.loading.load_teacher``);
+        ``student``: the plain student SAT, which gets ``experts`` here; ``student_state``: the student (base and
+        experts) to start from with ``student_init="checkpoint"`` (``lorkd.checkpoints.loading.read_student_state``)."""
+        if not teacher.fingerprint:
+            raise ValueError(f"teacher {teacher.source} has no file fingerprint (load it with load_teacher)")
         if list(experts.regions) != list(region_map.regions):
             raise ValueError(f"the experts are for regions {experts.regions}, the region map has {region_map.regions}")
-        super().__init__(text, optimizer, warmup_steps, total_steps, prompt_cache_dir, region_map)
-        if teacher.prompt_bank is not None:
-            self.prompts.load_state_dict(teacher.prompt_bank)
+        super().__init__(teacher.prompts.text_encoder, optimizer, warmup_steps, total_steps, prompt_cache_dir, region_map)
+        if teacher.meta is not None:  # a SATModule checkpoint's prompt bank (official files carry none)
+            self.prompts.load_state_dict(teacher.prompts.state_dict())
         self.text_encoder.requires_grad_(False)
         self.teacher = teacher.net.eval().requires_grad_(False)
         self.teacher_source = {"path": str(Path(teacher.source).resolve()), "fingerprint": teacher.fingerprint}

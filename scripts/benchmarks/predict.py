@@ -35,9 +35,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from lorkd.checkpoints.loading import LoadedModel  # noqa: E402
 from lorkd.data.transforms import PreprocessConfig, invert_to_original  # noqa: E402
 from lorkd.experts import add_region_experts, route  # noqa: E402
-from lorkd.inference.loading import LoadedModel  # noqa: E402
 from lorkd.inference.predictor import Predictor  # noqa: E402
 from lorkd.models.sat import SAT  # noqa: E402
 from lorkd.models.text import PromptBank, TextEncoder  # noqa: E402
