@@ -9,8 +9,9 @@ from helpers import tiny_sat
 from lorkd.checkpoints.loading import LoadedModel
 from lorkd.checkpoints.schema import CheckpointMeta, ExpertsSpec, TextHead
 from lorkd.experts import expert_names
-from lorkd.models.text import PromptBank, TextEncoder
+from lorkd.models.text import TextEncoder
 from lorkd.modules.lorkd_module import LoRKDModule
+from lorkd.prompts import PromptBank
 from lorkd.regions import RegionMap
 
 REGIONS = ["abdomen", "thorax"]

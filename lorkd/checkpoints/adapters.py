@@ -23,11 +23,12 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from lorkd.checkpoints.build import add_experts
-from lorkd.checkpoints.exported import BASE, load_plain_sat, read_json, sha256_file, verify_file
+from lorkd.checkpoints.exported import BASE, load_plain_sat, read_json, verify_file
 from lorkd.checkpoints.report import CheckpointMismatchError
 from lorkd.checkpoints.schema import ExpertsSpec
 from lorkd.experts import merged_unet
 from lorkd.experts.build import set_trainable
+from lorkd.io import sha256_file
 from lorkd.models.sat import SAT
 
 ADAPTERS_FORMAT = "lorkd-adapters/1"

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from lorkd.checkpoints import schema
 from lorkd.checkpoints.adapters import plain_state, save_adapters
 from lorkd.checkpoints.build import backbone_presets, build_network
 from lorkd.checkpoints.exported import (
@@ -35,13 +36,12 @@ from lorkd.checkpoints.exported import (
     MODEL,
     PROMPTS,
     TEXT_HEAD,
-    sha256_file,
 )
 from lorkd.checkpoints.loading import load_model
 from lorkd.checkpoints.schema import CheckpointMeta
 from lorkd.experts import base_parameter_count, expert_parameter_counts
-from lorkd.io import write_json
-from lorkd.models.text import file_fingerprint
+from lorkd.io import file_fingerprint, sha256_file, write_json
+from lorkd.models.sat import window_size
 from lorkd.regions import RegionMap
 
 log = logging.getLogger(__name__)
@@ -162,11 +162,9 @@ def _export_onnx(
 ) -> dict[str, Any]:
     """``folder/model.onnx`` of one merged expert for windows of the training patch size."""
     from lorkd.checkpoints.onnx import ONNX_MODEL, export_onnx, onnx_entry
-    from lorkd.inference.predictor import SAT_WINDOW
-    from lorkd.inference.sliding_window import window_size
 
     net = build_network(arguments, state=state, report=source)
-    window = window_size(meta.data.get("patch_size") or SAT_WINDOW, net.size_divisor)
+    window = window_size(schema.patch_size(meta.data), net.size_divisor)
     path = export_onnx(net, window, folder / ONNX_MODEL)
     log.info("exported %s as ONNX (windows of %s)", folder.name, "x".join(map(str, window)))
     return onnx_entry(path, window)

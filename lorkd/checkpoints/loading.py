@@ -32,8 +32,10 @@ from lorkd.checkpoints.lorkd_official import is_lorkd_official, lorkd_checkpoint
 from lorkd.checkpoints.read import build_text_encoder_from_meta, read_checkpoint, sub_state
 from lorkd.checkpoints.sat import build_text_encoder, sat_model_from_checkpoint
 from lorkd.checkpoints.schema import CheckpointMeta
+from lorkd.io import file_fingerprint
 from lorkd.models.sat import SAT
-from lorkd.models.text import PromptBank, TextEncoder, file_fingerprint
+from lorkd.models.text import TextEncoder
+from lorkd.prompts import PromptBank
 from lorkd.regions import RegionMap
 
 RUNTIMES = ("torch", "onnx")

@@ -35,14 +35,14 @@ from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport, read_st
 from lorkd.checkpoints.sat import infer_sat_config, load_sat_text_encoder, sat_vision_to_model_keys
 from lorkd.checkpoints.schema import CheckpointMeta, ExpertsSpec, TeacherSource, TextHead
 from lorkd.experts import base_parameter_count, expert_parameter_counts
-from lorkd.io import atomic_write
+from lorkd.io import atomic_write, file_fingerprint
 from lorkd.models.sat import SAT
-from lorkd.models.text import PromptBank, TextEncoder, file_fingerprint
+from lorkd.models.text import TextEncoder
+from lorkd.prompts import PromptBank
 from lorkd.regions import RegionMap
 
 OFFICIAL_REGIONS = ("abdomen", "brain", "head_and_neck", "lower_limb", "pelvis", "spine", "thorax", "upper_limb")
 OFFICIAL_SCALING = 2.0
-OFFICIAL_PATCH_SIZE = (288, 288, 96)
 STUDENT_PRESETS = {"nano": "unet_student_nano", "pro": "unet_nano"}  # released file -> student backbone config
 _MODEL_PREFIX = "model."  # the wrapper's ``model`` (a DDP-wrapped Maskformer: ``model.module.*``)
 _ALIAS_PREFIX = "unet."
@@ -237,7 +237,7 @@ def lorkd_checkpoint_from_official(
         text_encoder=replace(TextHead.of(text), language_model_path=None),
         prompt_bank=bank.state_dict(),
         region_map=region_map.to_dict(),
-        data={"preprocess": PreprocessConfig().to_dict(), "patch_size": list(OFFICIAL_PATCH_SIZE)},
+        data={"preprocess": PreprocessConfig().to_dict(), "patch_size": list(schema.SAT_PATCH_SIZE)},
         teacher=teacher,
         parameter_counts=counts,
         converted_from={

@@ -12,7 +12,8 @@ import torch
 
 from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.schema import TextHead
-from lorkd.models.text import LanguageModel, TextEncoder
+from lorkd.models.text import TextEncoder
+from lorkd.prompts import LanguageModel
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -18,7 +18,8 @@ import torch
 from lorkd.checkpoints.build import build_network
 from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport, load_mapped, read_state_dict
 from lorkd.models.sat import SAT
-from lorkd.models.text import LanguageModel, TextEncoder
+from lorkd.models.text import TextEncoder
+from lorkd.prompts import LanguageModel
 
 _ALIAS = re.compile(r"^(.*\.convs\.\d+)\.all_modules\.([01])\.(weight|bias)$")
 _IN_PROJ = re.compile(r"^(.*\.multihead_attn)\.in_proj_(weight|bias)$")

@@ -15,6 +15,8 @@ from typing import Any
 KEY = "lorkd"
 VERSION = 1
 KINDS = ("sat", "lorkd")
+# SAT's training crop: the patch size recorded for released files and used for files that record none
+SAT_PATCH_SIZE = (288, 288, 96)
 
 
 @dataclass(frozen=True)
@@ -140,3 +142,8 @@ def read(checkpoint: Any, source: str) -> CheckpointMeta | None:
     if meta.kind == "lorkd" and meta.experts is None:
         raise ValueError(f"{source}: a LoRKD checkpoint without its experts spec")
     return meta
+
+
+def patch_size(data: Mapping[str, Any]) -> tuple[int, ...]:
+    """The training patch size a data description (``CheckpointMeta.data``, an export's ``data``) records, else SAT's."""
+    return tuple(int(s) for s in data.get("patch_size") or SAT_PATCH_SIZE)

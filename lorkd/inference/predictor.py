@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from lorkd.checkpoints import schema
 from lorkd.checkpoints.loading import LoadedModel, load_model
 from lorkd.data.io import CaseError, check_finite, read_volume, squeeze_to_3d
 from lorkd.data.transforms import InversionInfo, PreprocessConfig, invert_to_original, preprocess_image
@@ -36,15 +37,14 @@ from lorkd.inference.sliding_window import (
     WindowModel,
     count_windows,
     sliding_window_probabilities,
-    window_size,
 )
 from lorkd.labels import HINT as LABELS_HINT
-from lorkd.models.text import PromptBank
+from lorkd.models.sat import window_size
+from lorkd.prompts import PromptBank
 from lorkd.regions import UnknownLabelError, canonical_modality, normalize_label, normalize_labels
 
 log = logging.getLogger(__name__)
 
-SAT_WINDOW = (288, 288, 96)  # SAT's crop, for files that do not record their training patch size
 STITCH_DEVICES = ("auto", "cpu", "device")
 # options that change no result (masks do not depend on them): left out of resume keys
 NEUTRAL_OPTIONS = frozenset({"sw_batch_size", "max_queries", "stitch_device"})
@@ -223,7 +223,7 @@ class Predictor:
         if fixed is not None and window is not None and window_size(window, divisor) != fixed:
             log.warning("ONNX experts of %s run windows of %s, not the %s asked for", model.source, fixed, window)
         if window is None:
-            window = model.data.get("patch_size") or SAT_WINDOW
+            window = schema.patch_size(model.data)
         self.window = fixed or window_size(window, divisor)
         self._sw_batch_size = int(sw_batch_size)
         self._amp = amp
