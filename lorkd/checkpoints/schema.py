@@ -54,24 +54,13 @@ class ExpertsSpec:
     train_base: bool = True
 
     @classmethod
-    def for_regions(
-        cls,
-        regions: Sequence[str],
-        ranks: Mapping[str, int],
-        decoder_rank_factor: int = 2,
-        scaling: float = 2.0,
-        style: str = "peft",
-        train_base: bool = True,
-    ) -> ExpertsSpec:
-        """One expert per region of ``regions`` (the ranks of other regions are left out), in plain types
-        (Hydra's ``_target_`` for ``model.experts``)."""
+    def for_regions(cls, regions: Sequence[str], ranks: Mapping[str, int], **options: Any) -> ExpertsSpec:
+        """One expert per region of ``regions`` with its rank in ``ranks`` (other regions' ranks are left out);
+        ``options``: the other fields (Hydra's ``_target_`` for ``model.experts``)."""
         missing = [r for r in regions if r not in ranks]
         if missing:
             raise KeyError(f"no expert rank configured for regions {missing}")
-        return cls(
-            list(regions), {r: int(ranks[r]) for r in regions}, int(decoder_rank_factor), float(scaling), str(style),
-            bool(train_base),
-        )  # fmt: skip
+        return cls(list(regions), {r: int(ranks[r]) for r in regions}, **options)
 
     def arguments(self) -> dict[str, Any]:
         return asdict(self)
