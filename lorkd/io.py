@@ -3,11 +3,12 @@ writes confined to a root folder (no symbolic link followed out of it), file ide
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,29 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, data: Any, **kwargs: Any) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically (``kwargs`` go to :func:`json.dumps`)."""
     return write_text(path, json.dumps(data, indent=2, **kwargs) + "\n")
+
+
+def _hash_file(digest: Any, path: str | os.PathLike) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), as recorded for every file of an export."""
+    digest = hashlib.sha256()
+    _hash_file(digest, path)
+    return digest.hexdigest()
+
+
+def file_fingerprint(paths: Sequence[Path]) -> str:
+    """The identity of a file (or a set of files): the first 16 hex digits of the sha256 of each file's
+    name and bytes, in name order (what checkpoints record of their teacher and language model)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        _hash_file(digest, path)
+    return digest.hexdigest()[:16]
 
 
 def safe_name(name: str, fallback: str = "label", max_length: int = 120) -> str:

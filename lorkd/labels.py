@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 from lorkd.regions import MODALITY_CODES, canonical_modality
 
 if TYPE_CHECKING:
-    from lorkd.inference.loading import LoadedModel
+    from lorkd.checkpoints.loading import LoadedModel
 
 HINT = "list the labels a model knows with `lorkd-labels ckpt_path=...`"
 
 
 def expert_parameters(model: LoadedModel) -> dict[str, int]:
     """Each expert's own parameters (its low-rank factors), from the network or the export's cards."""
-    from lorkd.inference.loading import ExportedModel
+    from lorkd.checkpoints.loading import ExportedModel
 
     if isinstance(model, ExportedModel):
         return {r: int(model.exported.card(r)["expert"]["parameters"]) for r in model.experts}
@@ -94,7 +94,7 @@ def run(cfg: Any) -> None:
     from lorkd.checkpoints.commands import run_command
 
     def job() -> str:
-        from lorkd.inference.loading import load_model
+        from lorkd.checkpoints.loading import load_model
 
         entry = catalogue(load_model(cfg.ckpt_path, cfg.model), cfg.modality)
         return json.dumps(entry, indent=2) if cfg.json else format_catalogue(entry)

@@ -6,7 +6,7 @@ python scripts/convert_lorkd_official.py ckpt_path=lorkd-imbalance-pro.pth outpu
 
 The result works with predict.py / eval.py (ckpt_path=...), lorkd-export, and fine-tuning
 (``python train.py experiment=pro model.experts.style=lorkd model.student_init=checkpoint
-model.student_checkpoint=lorkd-pro.ckpt``).
+model.student_state.path=lorkd-pro.ckpt``).
 """
 
 from lorkd.cli import convert

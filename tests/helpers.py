@@ -57,7 +57,7 @@ def official_text_layout(folder: Path, query_dim: int, layers: int = 1) -> tuple
     Returns (state, tower folder, tower)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from lorkd.models.text import default_language_model_path
+    from lorkd.prompts import default_language_model_path
 
     lm_dir = folder / "tower"
     AutoTokenizer.from_pretrained(default_language_model_path()).save_pretrained(lm_dir)

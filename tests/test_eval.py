@@ -292,8 +292,8 @@ def test_eval_reports_resumes_and_survives_a_corrupt_case(tiny_lorkd_ckpt, tiny_
 def test_teacher_report_names_the_teacher_not_the_lorkd_checkpoint(
     tiny_lorkd_ckpt, tiny_teacher_ckpt, tiny_cases, tmp_path
 ):
-    from lorkd.inference.loading import load_model
-    from lorkd.models.text import file_fingerprint
+    from lorkd.checkpoints.loading import load_model
+    from lorkd.io import file_fingerprint
 
     out = tmp_path / "teacher"
     summary = run_eval(

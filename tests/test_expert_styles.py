@@ -39,7 +39,7 @@ def test_a_few_optimisation_steps_reduce_the_loss_and_move_only_the_used_experts
 def test_a_lorkd_style_fit_checkpoints_the_released_shapes_and_exports(tiny_demo_data, tiny_teacher_ckpt, tmp_path):
     from lorkd.checkpoints.export import export_experts
     from lorkd.checkpoints.exported import load_export
-    from lorkd.inference.loading import load_model
+    from lorkd.checkpoints.loading import load_model
 
     run_training(
         ["experiment=demo", f"teacher.checkpoint={tiny_teacher_ckpt}", "model.experts.style=lorkd",

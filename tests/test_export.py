@@ -12,17 +12,10 @@ import torch
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.adapters import load_adapters
 from lorkd.checkpoints.export import export_experts
-from lorkd.checkpoints.exported import (
-    CARD,
-    MODEL,
-    PROMPTS,
-    ExportIntegrityError,
-    load_export,
-    read_card,
-    sha256_file,
-)
+from lorkd.checkpoints.exported import CARD, MODEL, PROMPTS, ExportIntegrityError, load_export, read_card
+from lorkd.checkpoints.loading import load_model
 from lorkd.experts import route
-from lorkd.inference.loading import load_model
+from lorkd.io import sha256_file
 from lorkd.models.sat import SAT
 from lorkd.models.unet import PlainConvUNet
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from lorkd.checkpoints.loading import load_model
 from lorkd.experts import base_parameter_count, expert_parameter_counts
-from lorkd.inference.loading import load_model
 from lorkd.inference.predictor import Predictor
 from lorkd.regions import RegionMap, UnknownLabelError
 from lorkd.utils import PROJECT_ROOT

@@ -119,7 +119,7 @@ def test_every_key_is_loaded_or_explained(released):
     assert wrapped == 8 + 6
     backbone = [k for k in state if k.startswith("model.module.backbone.")]
     assert len(backbone) == wrapped * 20 + 3 * 2 == len(aliases)  # 20 keys per wrapped conv, 3 transposed convs
-    assert loaded.experts == {
+    assert loaded.experts.arguments() == {
         "regions": list(OFFICIAL_REGIONS), "ranks": RANKS, "decoder_rank_factor": 2,
         "scaling": 2.0, "style": "lorkd", "train_base": True,
     }  # fmt: skip
@@ -226,7 +226,7 @@ def converted(released, tmp_path_factory):
 def test_a_converted_checkpoint_loads_for_inference_and_exports_exactly(released, converted, tmp_path):
     from lorkd.checkpoints.export import export_experts
     from lorkd.checkpoints.exported import load_export
-    from lorkd.inference.loading import load_model
+    from lorkd.checkpoints.loading import load_model
 
     path, text, lm_dir = converted
     source = load_lorkd_official(released[0], text_checkpoint=text, language_model_path=str(lm_dir), **OVERRIDES)
@@ -259,15 +259,35 @@ def test_a_converted_checkpoint_starts_a_lorkd_fine_tuning(converted, tiny_teach
     """``student_init=checkpoint`` with ``experts.style=lorkd`` picks up the released base and experts exactly."""
     from functools import partial
 
+    from lorkd.checkpoints.loading import load_teacher, read_student_state
+    from lorkd.checkpoints.schema import ExpertsSpec
     from lorkd.modules.lorkd_module import LoRKDModule
 
     path = converted[0]
     module = LoRKDModule(
-        teacher_checkpoint=tiny_teacher_ckpt, student=SAT(**TINY),
-        experts={"ranks": RANKS, "style": "lorkd"}, optimizer=partial(torch.optim.AdamW, lr=1e-4),
-        region_map=region_map, student_init="checkpoint", student_checkpoint=path,
+        teacher=load_teacher(tiny_teacher_ckpt), student=SAT(**TINY),
+        experts=ExpertsSpec.for_regions(region_map.regions, RANKS, style="lorkd"),
+        optimizer=partial(torch.optim.AdamW, lr=1e-4), region_map=region_map,
+        student_init="checkpoint", student_state=read_student_state(path),
     )  # fmt: skip
     stored = torch.load(path, weights_only=True)["state_dict"]
     for key, value in module.student.state_dict().items():
         assert torch.equal(value, stored[f"student.{key}"]), key
     assert all(p.requires_grad for n, p in module.student.backbone.named_parameters() if ".lora_" in n)
+
+
+def test_the_loader_recognises_a_released_file_and_builds_what_its_conversion_holds(released, converted):
+    """``load_model`` on the released file itself (with its text encoder files) equals loading its conversion."""
+    from lorkd.checkpoints.loading import load_model
+
+    path, text, lm_dir = converted
+    with pytest.raises(ValueError, match="is a released LoRKD checkpoint: also give its paired text encoder"):
+        load_model(released[0])
+    direct = load_model(released[0], text_checkpoint=text, language_model_path=str(lm_dir), net_overrides=OVERRIDES)
+    stored = load_model(path)
+    assert direct.experts == stored.experts == list(OFFICIAL_REGIONS) and direct.source == str(released[0])
+    assert direct.meta.converted_from["path"] == str(released[0].resolve()) and direct.meta.experts.style == "lorkd"
+    state = stored.net.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in direct.net.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(direct.prompts.queries(["liver"], "ct"), stored.prompts.queries(["liver"], "ct"))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from lorkd.checkpoints.loading import LoadedModel
 from lorkd.inference import sliding_window
-from lorkd.inference.loading import LoadedModel
 from lorkd.inference.predictor import Predictor
 from lorkd.models.sat import ImageFeatures
 from lorkd.regions import UnknownLabelError, normalize_label

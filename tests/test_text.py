@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lorkd.models.text import LanguageModel, PromptBank, TextEncoder
+from lorkd.models.text import TextEncoder
+from lorkd.prompts import LanguageModel, PromptBank
 
 
 @pytest.fixture(scope="module")

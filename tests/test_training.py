@@ -3,8 +3,8 @@ import torch
 from helpers import demo_overrides, run_training
 
 from lorkd.checkpoints import schema
+from lorkd.checkpoints.loading import load_model
 from lorkd.experts.build import expert_layers
-from lorkd.inference.loading import load_model
 from lorkd.losses import distillation_loss, hard_dice, segmentation_loss
 
 

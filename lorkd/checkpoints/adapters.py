@@ -22,10 +22,13 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from lorkd.checkpoints.exported import BASE, load_plain_sat, read_json, sha256_file, verify_file
+from lorkd.checkpoints.build import add_experts
+from lorkd.checkpoints.exported import BASE, load_plain_sat, read_json, verify_file
 from lorkd.checkpoints.report import CheckpointMismatchError
-from lorkd.experts import add_region_experts, merged_unet
+from lorkd.checkpoints.schema import ExpertsSpec
+from lorkd.experts import merged_unet
 from lorkd.experts.build import set_trainable
+from lorkd.io import sha256_file
 from lorkd.models.sat import SAT
 
 ADAPTERS_FORMAT = "lorkd-adapters/1"
@@ -75,9 +78,9 @@ def load_adapters(folder: str | Path, verify: bool = True) -> SAT:
         for name, entry in spec["files"].items():
             verify_file(folder / name, entry["sha256"])
     net = load_plain_sat(folder / BASE, spec["architecture"]["arguments"]).train()
-    experts = spec["experts"]
-    net.backbone = add_region_experts(net.backbone, **experts)
-    for region in experts["regions"]:
+    experts = ExpertsSpec(**spec["experts"])
+    add_experts(net, experts)
+    for region in experts.regions:
         path = folder / region / ADAPTER_FILE
         state = load_file(str(path))
         result = set_peft_model_state_dict(net.backbone, state, adapter_name=region)
@@ -86,5 +89,5 @@ def load_adapters(folder: str | Path, verify: bool = True) -> SAT:
             raise CheckpointMismatchError(
                 f"{path}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]} (adapter does not fit the base)"
             )
-    set_trainable(net.backbone, experts["train_base"])
+    set_trainable(net.backbone, experts.train_base)
     return net

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.adapters import plain_state, save_adapters
+from lorkd.checkpoints.build import backbone_presets, build_network
 from lorkd.checkpoints.exported import (
     ADAPTERS,
     BASE,
@@ -36,63 +36,15 @@ from lorkd.checkpoints.exported import (
     MODEL,
     PROMPTS,
     TEXT_HEAD,
-    sha256_file,
 )
-from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.loading import load_model
 from lorkd.checkpoints.schema import CheckpointMeta
-from lorkd.checkpoints.teacher import read_checkpoint, sub_state
-from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts
-from lorkd.io import write_json
-from lorkd.models.sat import SAT
-from lorkd.models.text import file_fingerprint
+from lorkd.experts import base_parameter_count, expert_parameter_counts
+from lorkd.io import file_fingerprint, sha256_file, write_json
+from lorkd.models.sat import window_size
 from lorkd.regions import RegionMap
-from lorkd.utils import CONFIG_DIR
 
 log = logging.getLogger(__name__)
-
-_PRESET_KEYS = ("features", "strides", "n_convs", "proj_hidden", "mask_hidden", "latent_stride")
-
-
-def read_lorkd_checkpoint(path: str | Path, **official: Any) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
-    """(record, state dict) of our LoRKD checkpoint, or of a released one converted in memory (``official``: the
-    arguments of ``lorkd_checkpoint_from_official``: text_checkpoint, language_model_path, student_preset, ...)."""
-    from lorkd.checkpoints.lorkd_official import is_lorkd_official, lorkd_checkpoint_from_official
-
-    raw = read_checkpoint(path)
-    meta = schema.read(raw, str(path))
-    if meta is not None:
-        if meta.kind != "lorkd":
-            raise ValueError(f"{path} is a {meta.kind!r} checkpoint; export needs a LoRKD checkpoint with experts")
-        return meta, raw["state_dict"]
-    if not is_lorkd_official(raw.get("model_state_dict", raw)):
-        raise ValueError(f"{path} is neither a LoRKD checkpoint (no 'lorkd' metadata) nor a released LoRKD file")
-    del raw
-    if not (official.get("text_checkpoint") and official.get("language_model_path")):
-        raise ValueError(
-            f"{path} is a released LoRKD checkpoint: also give its paired text encoder (text_checkpoint=...) "
-            "and a local BioLORD-2023-C folder (language_model_path=...)"
-        )
-    converted = lorkd_checkpoint_from_official(path, **official)
-    return schema.read(converted, str(path)), converted["state_dict"]
-
-
-def build_student(meta: CheckpointMeta, state: Mapping[str, torch.Tensor], source: str) -> SAT:
-    """The student SAT with its region experts, weights loaded with strict key accounting, in eval mode."""
-    assert meta.experts is not None  # schema.read checks it for kind "lorkd"
-    net = SAT(**meta.net)
-    net.backbone = add_region_experts(net.backbone, **meta.experts.arguments())
-    load_mapped(net, sub_state(state, "student."), KeyReport(source=source))
-    return net.eval()
-
-
-def backbone_preset(config: Mapping[str, Any]) -> str | None:
-    """Name of the ``configs/backbone`` preset with this architecture (None: none matches)."""
-    for path in sorted((CONFIG_DIR / "backbone").glob("*.yaml")):
-        spec = yaml.safe_load(path.read_text())
-        if all(spec.get(k) == config.get(k) for k in _PRESET_KEYS):
-            return path.stem
-    return None
-
 
 def versions() -> dict[str, str]:
     import peft
@@ -112,13 +64,10 @@ def _file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def _write_text_files(folder: Path, meta: CheckpointMeta, state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+def _write_text_files(folder: Path, meta: CheckpointMeta, text_head: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """The text head and the prompt bank (label -> pooled embedding) as safetensors; returns their file entries."""
     bank = meta.prompt_bank
-    save_file(
-        {k: v.contiguous() for k, v in sub_state(state, "text_encoder.").items()},
-        str(folder / TEXT_HEAD),
-    )
+    save_file({k: v.detach().contiguous() for k, v in text_head.state_dict().items()}, str(folder / TEXT_HEAD))
     embeddings = {label: emb.contiguous() for label, emb in zip(bank["labels"], bank["embeddings"])}
     info = {"fingerprint": bank["fingerprint"]} if bank.get("fingerprint") else None
     save_file(embeddings, str(folder / PROMPTS), metadata=info)
@@ -213,12 +162,9 @@ def _export_onnx(
 ) -> dict[str, Any]:
     """``folder/model.onnx`` of one merged expert for windows of the training patch size."""
     from lorkd.checkpoints.onnx import ONNX_MODEL, export_onnx, onnx_entry
-    from lorkd.inference.predictor import SAT_WINDOW
-    from lorkd.inference.sliding_window import window_size
 
-    net = SAT(**arguments)
-    load_mapped(net, dict(state), KeyReport(source=source))
-    window = window_size(meta.data.get("patch_size") or SAT_WINDOW, net.size_divisor)
+    net = build_network(arguments, state=state, report=source)
+    window = window_size(schema.patch_size(meta.data), net.size_divisor)
     path = export_onnx(net, window, folder / ONNX_MODEL)
     log.info("exported %s as ONNX (windows of %s)", folder.name, "x".join(map(str, window)))
     return onnx_entry(path, window)
@@ -237,13 +183,16 @@ def export_experts(
     ``onnx``: also ``out/<region>/model.onnx`` (:mod:`lorkd.checkpoints.onnx`), recorded in ``index.json``.
 
     ``official``: for a released LoRKD file, ``text_checkpoint``, ``language_model_path`` and optionally
-    ``student_preset``, ``teacher_checkpoint`` (see ``lorkd_checkpoint_from_official``).
+    ``student_preset``, ``teacher_checkpoint``, ``net_overrides`` (see :func:`~lorkd.checkpoints.loading.load_model`).
     """
     out = Path(out)
     _check_target(out, overwrite)
-    meta, state_dict = read_lorkd_checkpoint(ckpt_path, **official)
-    assert meta.experts is not None
-    student = build_student(meta, state_dict, str(ckpt_path))
+    loaded = load_model(ckpt_path, "experts", **official)
+    meta = loaded.meta
+    if meta is None or meta.experts is None:
+        what = "an export directory" if Path(ckpt_path).is_dir() else f"a {meta.kind!r} checkpoint" if meta else "an official SAT file"
+        raise ValueError(f"{ckpt_path} is {what}; export needs a LoRKD checkpoint with experts")
+    student = loaded.net
     names = list(meta.experts.regions)
     chosen = names if regions is None else [r for r in names if r in set(regions)]
     unknown = sorted(set(regions or ()) - set(names))
@@ -251,7 +200,7 @@ def export_experts(
         raise KeyError(f"{ckpt_path}: no expert for {unknown or regions}; experts: {names}")
     base_count = base_parameter_count(student)
     expert_counts = expert_parameter_counts(student.backbone)
-    architecture = {"class": "lorkd.models.sat.SAT", "preset": backbone_preset(student.config), "arguments": student.config}
+    architecture = {"class": "lorkd.models.sat.SAT", "preset": next(iter(backbone_presets(student.config)), None), "arguments": student.config}
     common = {
         "source": _source_info(ckpt_path, meta),
         "versions": versions(),
@@ -260,7 +209,7 @@ def export_experts(
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        shared = _write_text_files(stage, meta, state_dict)
+        shared = _write_text_files(stage, meta, loaded.prompts.text_encoder)
         cards: dict[str, str] = {}
         onnx_files: dict[str, dict[str, Any]] = {}
         for region in chosen:

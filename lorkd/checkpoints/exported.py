@@ -20,7 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,11 +28,12 @@ from typing import Any
 
 import torch
 
-from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.build import build_network
+from lorkd.checkpoints.read import build_text_encoder_from_meta
 from lorkd.checkpoints.schema import TextHead
-from lorkd.checkpoints.teacher import build_text_encoder_from_meta
+from lorkd.io import sha256_file
 from lorkd.models.sat import SAT
-from lorkd.models.text import PromptBank
+from lorkd.prompts import PromptBank
 from lorkd.regions import RegionMap
 
 EXPORT_FORMAT = "lorkd-export/1"
@@ -49,14 +49,6 @@ BASE = "base.safetensors"
 
 class ExportIntegrityError(RuntimeError):
     """A file of an export does not match the sha256 recorded for it (modified or corrupted)."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_file(path: Path, expected: str) -> None:
@@ -101,9 +93,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_plain_sat(path: Path, arguments: Mapping[str, Any], device: str | torch.device = "cpu") -> SAT:
     """A plain ``SAT(**arguments)`` with every tensor of ``path`` loaded (strict key accounting), in eval mode."""
-    net = SAT(**arguments)
-    load_mapped(net, _load_safetensors(path), KeyReport(source=str(path)))
-    return net.to(device).eval()
+    return build_network(arguments, state=_load_safetensors(path), report=str(path)).to(device).eval()
 
 
 def load_prompts(folder: Path, card: Mapping[str, Any]) -> PromptBank:

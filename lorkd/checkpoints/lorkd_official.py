@@ -28,24 +28,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from lorkd.checkpoints import schema
-from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport, load_mapped, read_state_dict
+from lorkd.checkpoints.build import backbone_presets, build_network, preset_differences
+from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport, read_state_dict
 from lorkd.checkpoints.sat import infer_sat_config, load_sat_text_encoder, sat_vision_to_model_keys
 from lorkd.checkpoints.schema import CheckpointMeta, ExpertsSpec, TeacherSource, TextHead
-from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts
-from lorkd.io import atomic_write
+from lorkd.io import atomic_write, file_fingerprint
 from lorkd.models.sat import SAT
-from lorkd.models.text import PromptBank, TextEncoder, file_fingerprint
+from lorkd.models.text import TextEncoder
+from lorkd.prompts import PromptBank
 from lorkd.regions import RegionMap
-from lorkd.utils import CONFIG_DIR
 
 OFFICIAL_REGIONS = ("abdomen", "brain", "head_and_neck", "lower_limb", "pelvis", "spine", "thorax", "upper_limb")
 OFFICIAL_SCALING = 2.0
-OFFICIAL_PATCH_SIZE = (288, 288, 96)
 STUDENT_PRESETS = {"nano": "unet_student_nano", "pro": "unet_nano"}  # released file -> student backbone config
-_PRESET_KEYS = ("features", "strides", "n_convs", "proj_hidden", "mask_hidden")
 _MODEL_PREFIX = "model."  # the wrapper's ``model`` (a DDP-wrapped Maskformer: ``model.module.*``)
 _ALIAS_PREFIX = "unet."
 _UNIT = re.compile(r"^(backbone\.(?:encoder\.stages\.\d+\.0|decoder\.stages\.\d+))\.stages\.(\d+)\.(conv|norm)\.(.+)$")
@@ -58,7 +55,7 @@ class OfficialLoRKD:
     """A released LoRKD student loaded into our model: ``net.backbone`` is a peft model with 8 lorkd-style experts."""
 
     net: SAT
-    experts: dict[str, Any]  # add_region_experts arguments: regions, ranks, decoder_rank_factor, scaling, style, train_base
+    experts: ExpertsSpec
     preset: str | None  # "nano" | "pro" | None (another architecture)
     text_encoder: TextEncoder | None
     report: KeyReport
@@ -125,18 +122,13 @@ def _expert_ranks(lora: Mapping[str, Mapping[tuple[str, int], torch.Tensor]], re
     return {regions[t]: r for t, r in sorted(ranks["encoder"].items())}, int(factors.pop())
 
 
-def _preset_spec(preset: str) -> dict[str, Any]:
-    if preset not in STUDENT_PRESETS:
-        raise ValueError(f"student_preset must be one of {sorted(STUDENT_PRESETS)} or None, got {preset!r}")
-    return yaml.safe_load((CONFIG_DIR / "backbone" / f"{STUDENT_PRESETS[preset]}.yaml").read_text())
-
-
 def _match_preset(config: Mapping[str, Any], wanted: str | None, source: str) -> str | None:
     """The released student preset this architecture is; with ``wanted``, raise unless it is that one."""
-    found = [p for p in STUDENT_PRESETS if all(_preset_spec(p)[k] == config[k] for k in _PRESET_KEYS)]
+    if wanted is not None and wanted not in STUDENT_PRESETS:
+        raise ValueError(f"student_preset must be one of {sorted(STUDENT_PRESETS)} or None, got {wanted!r}")
+    found = [p for p, backbone in STUDENT_PRESETS.items() if backbone in backbone_presets(config)]
     if wanted is not None and wanted not in found:
-        spec = _preset_spec(wanted)
-        diffs = "; ".join(f"{k}: checkpoint {config[k]} vs {wanted} {spec[k]}" for k in _PRESET_KEYS if spec[k] != config[k])
+        diffs = "; ".join(preset_differences(config, STUDENT_PRESETS[wanted]))
         raise CheckpointMismatchError(f"{source}: not a LoRKD-{wanted} student ({diffs})")
     return found[0] if found else None
 
@@ -179,16 +171,10 @@ def load_lorkd_official(
     report = KeyReport(source=source)
     plain, lora = _split(state, report)
     report.raise_if_unexplained()
-    config = {**infer_sat_config(plain), **net_overrides}
-    preset = _match_preset(config, student_preset, source)
     ranks, factor = _expert_ranks(lora, regions, source)
-    experts = {
-        "regions": list(regions), "ranks": ranks, "decoder_rank_factor": factor,
-        "scaling": OFFICIAL_SCALING, "style": "lorkd", "train_base": True,
-    }  # fmt: skip
-    net = SAT(**config)
-    net.backbone = add_region_experts(net.backbone, **experts)
-    load_mapped(net, _student_state(plain, lora, regions), report)
+    experts = ExpertsSpec(list(regions), ranks, factor, OFFICIAL_SCALING, style="lorkd", train_base=True)
+    net = build_network({**infer_sat_config(plain), **net_overrides}, experts, _student_state(plain, lora, regions), report)
+    preset = _match_preset(net.config, student_preset, source)
     text = None
     if text_checkpoint is not None:
         if not language_model_path:
@@ -203,7 +189,7 @@ def _teacher_meta(teacher_checkpoint: str | Path) -> tuple[TeacherSource, int]:
     """What our checkpoints record about the teacher, and its parameter count (built on the meta device)."""
     config = infer_sat_config(read_state_dict(teacher_checkpoint))
     with torch.device("meta"):
-        count = sum(p.numel() for p in SAT(**config).parameters())
+        count = sum(p.numel() for p in build_network(config).parameters())
     path = Path(teacher_checkpoint)
     return TeacherSource(path=str(path.resolve()), fingerprint=file_fingerprint([path]), net=config), count
 
@@ -226,6 +212,7 @@ def lorkd_checkpoint_from_official(
     :func:`load_lorkd_official` (the released files use SAT's defaults).
     """
     from lorkd.data.transforms import PreprocessConfig
+    from lorkd.experts import base_parameter_count, expert_parameter_counts  # peft: only when converting
 
     official = load_lorkd_official(path, student_preset, text_checkpoint, language_model_path, **dict(net_overrides or {}))
     region_map = region_map or RegionMap.from_config("sat49")  # the released experts' routing
@@ -245,12 +232,12 @@ def lorkd_checkpoint_from_official(
     meta = CheckpointMeta(
         kind="lorkd",
         net=dict(official.net.config),
-        experts=ExpertsSpec(**official.experts),
+        experts=official.experts,
         # the bank holds every prompt; the official tower is not a plain folder
         text_encoder=replace(TextHead.of(text), language_model_path=None),
         prompt_bank=bank.state_dict(),
         region_map=region_map.to_dict(),
-        data={"preprocess": PreprocessConfig().to_dict(), "patch_size": list(OFFICIAL_PATCH_SIZE)},
+        data={"preprocess": PreprocessConfig().to_dict(), "patch_size": list(schema.SAT_PATCH_SIZE)},
         teacher=teacher,
         parameter_counts=counts,
         converted_from={

@@ -91,6 +91,6 @@ class OnnxExpert(torch.nn.Module):
 
 def onnx_entry(path: Path, window: Sequence[int]) -> dict[str, Any]:
     """What ``index.json`` records of one ONNX file."""
-    from lorkd.checkpoints.exported import sha256_file
+    from lorkd.io import sha256_file
 
     return {"file": path.name, "sha256": sha256_file(path), "window": [int(w) for w in window], "opset": OPSET}

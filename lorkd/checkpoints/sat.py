@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
+from lorkd.checkpoints.build import build_network
 from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport, load_mapped, read_state_dict
 from lorkd.models.sat import SAT
-from lorkd.models.text import LanguageModel, TextEncoder
+from lorkd.models.text import TextEncoder
+from lorkd.prompts import LanguageModel
 
 _ALIAS = re.compile(r"^(.*\.convs\.\d+)\.all_modules\.([01])\.(weight|bias)$")
 _IN_PROJ = re.compile(r"^(.*\.multihead_attn)\.in_proj_(weight|bias)$")
@@ -119,11 +121,10 @@ def load_sat_vision(model: SAT, source: str | Path | Mapping[str, Any], allow_mi
     return load_mapped(model, tensors, report, allow if allow_missing_ds else None)
 
 
-def sat_model_from_checkpoint(source: str | Path | Mapping[str, Any], **overrides: Any) -> tuple[SAT, KeyReport]:
+def sat_model_from_checkpoint(source: str | Path | Mapping[str, Any], **net_overrides: Any) -> tuple[SAT, KeyReport]:
     """Build a ``SAT`` whose architecture is read off an official checkpoint, then load it strictly."""
     state = read_state_dict(source)
-    config = {**infer_sat_config(state), **overrides}
-    model = SAT(**config)
+    model = build_network({**infer_sat_config(state), **net_overrides})
     return model, load_sat_vision(model, state)
 
 

@@ -8,13 +8,15 @@ unknown kind or a missing field is a clear error naming the file.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 KEY = "lorkd"
 VERSION = 1
 KINDS = ("sat", "lorkd")
+# SAT's training crop: the patch size recorded for released files and used for files that record none
+SAT_PATCH_SIZE = (288, 288, 96)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,15 @@ class ExpertsSpec:
     scaling: float = 2.0
     style: str = "peft"
     train_base: bool = True
+
+    @classmethod
+    def for_regions(cls, regions: Sequence[str], ranks: Mapping[str, int], **options: Any) -> ExpertsSpec:
+        """One expert per region of ``regions`` with its rank in ``ranks`` (other regions' ranks are left out);
+        ``options``: the other fields (Hydra's ``_target_`` for ``model.experts``)."""
+        missing = [r for r in regions if r not in ranks]
+        if missing:
+            raise KeyError(f"no expert rank configured for regions {missing}")
+        return cls(list(regions), {r: int(ranks[r]) for r in regions}, **options)
 
     def arguments(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,3 +131,8 @@ def read(checkpoint: Any, source: str) -> CheckpointMeta | None:
     if meta.kind == "lorkd" and meta.experts is None:
         raise ValueError(f"{source}: a LoRKD checkpoint without its experts spec")
     return meta
+
+
+def patch_size(data: Mapping[str, Any]) -> tuple[int, ...]:
+    """The training patch size a data description (``CheckpointMeta.data``, an export's ``data``) records, else SAT's."""
+    return tuple(int(s) for s in data.get("patch_size") or SAT_PATCH_SIZE)

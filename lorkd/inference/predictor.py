@@ -35,6 +35,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from lorkd.checkpoints import schema
+from lorkd.checkpoints.loading import LoadedModel, load_model
 from lorkd.data.body import body_mask
 from lorkd.data.io import CaseError, check_finite, read_volume, squeeze_to_3d
 from lorkd.data.transforms import (
@@ -44,21 +46,19 @@ from lorkd.data.transforms import (
     margin_voxels,
     preprocess_image,
 )
-from lorkd.inference.loading import LoadedModel, load_model
 from lorkd.inference.routing import PromptGroup, check_fallback, plan_groups
 from lorkd.inference.sliding_window import (
     WindowModel,
     count_windows,
     sliding_window_probabilities,
-    window_size,
 )
 from lorkd.labels import HINT as LABELS_HINT
-from lorkd.models.text import PromptBank
+from lorkd.models.sat import window_size
+from lorkd.prompts import PromptBank
 from lorkd.regions import UnknownLabelError, canonical_modality, normalize_label, normalize_labels
 
 log = logging.getLogger(__name__)
 
-SAT_WINDOW = (288, 288, 96)  # SAT's crop, for files that do not record their training patch size
 STITCH_DEVICES = ("auto", "cpu", "device")
 # options that change no result (masks do not depend on them): left out of resume keys
 NEUTRAL_OPTIONS = frozenset({"sw_batch_size", "max_queries", "stitch_device"})
@@ -177,7 +177,7 @@ class Predictor:
     """Segment images with a loaded model (see the module docstring).
 
     Args:
-        model: what :func:`~lorkd.inference.loading.load_model` returns.
+        model: what :func:`~lorkd.checkpoints.loading.load_model` returns.
         teacher: the teacher of a LoRKD model, needed only for ``fallback="teacher"``.
         device: where the network runs (default: CUDA when available, else CPU).
         window: sliding-window size in voxels of the preprocessed grid (default: the training patch
@@ -254,7 +254,7 @@ class Predictor:
         if fixed is not None and window is not None and window_size(window, divisor) != fixed:
             log.warning("ONNX experts of %s run windows of %s, not the %s asked for", model.source, fixed, window)
         if window is None:
-            window = model.data.get("patch_size") or SAT_WINDOW
+            window = schema.patch_size(model.data)
         self.window = fixed or window_size(window, divisor)
         self._sw_batch_size = int(sw_batch_size)
         self._amp = amp
@@ -268,7 +268,7 @@ class Predictor:
         model: str = "experts",
         text_checkpoint: str | Path | None = None,
         language_model_path: str | None = None,
-        official_overrides: dict[str, Any] | None = None,
+        net_overrides: dict[str, Any] | None = None,
         runtime: str = "torch",
         **options: Any,
     ) -> Predictor:
@@ -277,9 +277,7 @@ class Predictor:
         ``runtime="onnx"``: an export's experts run with onnxruntime (their exported window).
         ``options`` are :class:`Predictor`'s arguments (device, window, fallback, ...).
         """
-        loaded = load_model(
-            path, model, text_checkpoint, language_model_path, runtime=runtime, **(official_overrides or {})
-        )
+        loaded = load_model(path, model, text_checkpoint, language_model_path, net_overrides, runtime=runtime)
         teacher = None
         if options.get("fallback") == "teacher" and loaded.experts:
             teacher = load_model(path, "teacher")

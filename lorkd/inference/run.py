@@ -40,7 +40,7 @@ def load_predictor(cfg: DictConfig) -> Predictor:
         model=cfg.model,
         text_checkpoint=official["text_checkpoint"],
         language_model_path=official["language_model_path"],
-        official_overrides=official["overrides"],
+        net_overrides=official["net_overrides"],
         device="cpu",
         **predictor_options(cfg),
     )

@@ -19,13 +19,6 @@ import torch
 ProgressFn = Callable[[int], None]  # called with the number of windows just processed
 
 
-def window_size(window: Sequence[int], divisor: int) -> tuple[int, int, int]:
-    """``window`` rounded up, per axis, to a multiple of the network's ``size_divisor``."""
-    if len(window) != 3 or min(int(w) for w in window) <= 0:
-        raise ValueError(f"window must be 3 positive sizes, got {list(window)}")
-    return tuple(int(math.ceil(int(w) / divisor) * divisor) for w in window)  # type: ignore[return-value]
-
-
 def count_windows(shape: Sequence[int], window: Sequence[int], overlap: float) -> int:
     """Number of windows MONAI's ``sliding_window_inference`` visits on an image of ``shape``."""
     total = 1

@@ -7,6 +7,7 @@ Attribute names follow SAT's checkpoints: ``backbone``, ``projection_layer``, ``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,13 @@ from torch import nn
 from lorkd.models.decoder import QueryDecoder
 from lorkd.models.positional import positional_encoding_3d
 from lorkd.models.unet import PlainConvUNet
+
+
+def window_size(window: Sequence[int], divisor: int) -> tuple[int, int, int]:
+    """``window`` rounded up, per axis, to a multiple of the network's ``size_divisor``."""
+    if len(window) != 3 or min(int(w) for w in window) <= 0:
+        raise ValueError(f"window must be 3 positive sizes, got {list(window)}")
+    return tuple(int(math.ceil(int(w) / divisor) * divisor) for w in window)  # type: ignore[return-value]
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int, final_act: bool = True) -> nn.Sequential:

@@ -17,7 +17,8 @@ from torch import nn
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.schema import CheckpointMeta, TextHead
 from lorkd.losses import hard_dice
-from lorkd.models.text import PromptBank, TextEncoder
+from lorkd.models.text import TextEncoder
+from lorkd.prompts import PromptBank
 from lorkd.regions import RegionMap
 
 RNG_KEY = "rng_states"

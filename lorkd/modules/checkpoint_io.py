@@ -9,7 +9,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
-from lorkd.checkpoints.teacher import read_checkpoint
+from lorkd.checkpoints.read import read_checkpoint
 from lorkd.io import atomic_write
 
 

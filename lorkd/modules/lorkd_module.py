@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from lorkd.checkpoints import schema
+from lorkd.checkpoints.build import add_experts
+from lorkd.checkpoints.loading import LoadedModel
 from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.schema import CheckpointMeta, ExpertsSpec, TeacherSource
-from lorkd.checkpoints.teacher import load_teacher, read_checkpoint, sub_state
-from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts, route
+from lorkd.experts import base_parameter_count, expert_parameter_counts, route
 from lorkd.losses import distillation_loss, segmentation_loss
 from lorkd.models.sat import SAT
-from lorkd.models.text import TextEncoder
 from lorkd.modules.base import PromptedSegmentationModule
 from lorkd.regions import RegionMap
 
@@ -41,15 +41,13 @@ class LoRKDModule(PromptedSegmentationModule):
 
     def __init__(
         self,
-        teacher_checkpoint: str | Path,
+        teacher: LoadedModel,
         student: SAT,
-        experts: Mapping[str, Any],
+        experts: ExpertsSpec,
         optimizer: Callable[..., torch.optim.Optimizer],
         region_map: RegionMap,
-        text_encoder: TextEncoder | None = None,
-        teacher_overrides: Mapping[str, Any] | None = None,
         student_init: str = "auto",
-        student_checkpoint: str | Path | None = None,
+        student_state: Mapping[str, torch.Tensor] | None = None,
         lambda_kd: float = 0.1,
         temperature: float = 1.0,
         kd_mode: str = "sigmoid",
@@ -59,16 +57,16 @@ class LoRKDModule(PromptedSegmentationModule):
         prompt_cache_dir: str | Path | None = None,
         per_sample_weights: bool | None = None,
     ) -> None:
-        teacher = load_teacher(teacher_checkpoint, **dict(teacher_overrides or {}))
-        text = teacher.text_encoder or text_encoder
-        if text is None:
-            raise ValueError(
-                f"{teacher_checkpoint} is an official SAT vision file: configure its paired text encoder "
-                "(text_encoder=biolord text_encoder.checkpoint=... text_encoder.language_model_path=...)"
-            )
-        super().__init__(text, optimizer, warmup_steps, total_steps, prompt_cache_dir, region_map)
-        if teacher.prompt_bank is not None:
-            self.prompts.load_state_dict(teacher.prompt_bank)
+        """``teacher``: the SAT teacher with its text side and file fingerprint (``lorkd.checkpoints.loading.load_teacher``);
+        ``student``: the plain student SAT, which gets ``experts`` here; ``student_state``: the student (base and
+        experts) to start from with ``student_init="checkpoint"`` (``lorkd.checkpoints.loading.read_student_state``)."""
+        if not teacher.fingerprint:
+            raise ValueError(f"teacher {teacher.source} has no file fingerprint (load it with load_teacher)")
+        if list(experts.regions) != list(region_map.regions):
+            raise ValueError(f"the experts are for regions {experts.regions}, the region map has {region_map.regions}")
+        super().__init__(teacher.prompts.text_encoder, optimizer, warmup_steps, total_steps, prompt_cache_dir, region_map)
+        if teacher.meta is not None:  # a SATModule checkpoint's prompt bank (official files carry none)
+            self.prompts.load_state_dict(teacher.prompts.state_dict())
         self.text_encoder.requires_grad_(False)
         self.teacher = teacher.net.eval().requires_grad_(False)
         self.teacher_source = {"path": str(Path(teacher.source).resolve()), "fingerprint": teacher.fingerprint}
@@ -76,18 +74,11 @@ class LoRKDModule(PromptedSegmentationModule):
             raise ValueError(f"student query dim {student.query_dim} != teacher query dim {self.teacher.query_dim}")
         self.student = student
         self.student_config = dict(student.config)
-        self._init_student(student_init, student_checkpoint)
-        self.experts_config = {
-            "regions": list(region_map.regions),
-            "ranks": {r: int(experts["ranks"][r]) for r in region_map.regions},
-            "decoder_rank_factor": int(experts.get("decoder_rank_factor", 2)),
-            "scaling": float(experts.get("scaling", 2.0)),
-            "style": str(experts.get("style", "peft")),
-            "train_base": bool(experts.get("train_base", True)),
-        }
-        student.backbone = add_region_experts(student.backbone, **self.experts_config)
-        if student_init == "checkpoint":
-            self._load_student_experts(student_checkpoint)
+        self._init_student(student_init, student_state)
+        self.experts_spec = experts
+        add_experts(student, experts)
+        if student_state is not None:
+            load_mapped(self.student, student_state, KeyReport(source="the student_state checkpoint"))
         self.lambda_kd = float(lambda_kd)
         self.temperature = float(temperature)
         self.kd_mode = kd_mode
@@ -95,12 +86,17 @@ class LoRKDModule(PromptedSegmentationModule):
         self.per_sample_weights = per_sample_weights
 
     # ---- construction ------------------------------------------------------------------------------
-    def _init_student(self, how: str, checkpoint: str | Path | None) -> None:
+    def _init_student(self, how: str, state: Mapping[str, torch.Tensor] | None) -> None:
+        """Copy the teacher's tensors into the plain student (``auto``, ``teacher``), or leave it (``scratch``,
+        ``checkpoint``: ``state`` is loaded once the experts are on)."""
         if how not in STUDENT_INITS:
             raise ValueError(f"student_init must be one of {STUDENT_INITS}, got {how!r}")
+        if (how == "checkpoint") != (state is not None):
+            raise ValueError(
+                "student_init=checkpoint needs the checkpoint to start from (model.student_state.path=PATH)" if state is None
+                else f"a student_state is given but student_init={how}; use student_init=checkpoint to start from it"
+            )  # fmt: skip
         if how == "scratch" or how == "checkpoint":
-            if how == "checkpoint" and not checkpoint:
-                raise ValueError("student_init=checkpoint needs student_checkpoint=PATH")
             return
         source = self.teacher.state_dict()
         target = self.student.state_dict()
@@ -112,12 +108,6 @@ class LoRKDModule(PromptedSegmentationModule):
             for k, v in same.items():
                 target[k].copy_(v)
         log.info("student initialised from the teacher for %d/%d tensors (matching name and shape)", len(same), len(target))
-
-    def _load_student_experts(self, checkpoint: str | Path | None) -> None:
-        """Start from a previous LoRKD checkpoint's student (base and experts)."""
-        raw = read_checkpoint(checkpoint)
-        state = sub_state(raw["state_dict"], "student.")
-        load_mapped(self.student, state, KeyReport(source=str(checkpoint)))
 
     # ---- modes and forward -------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -184,7 +174,7 @@ class LoRKDModule(PromptedSegmentationModule):
             super().checkpoint_metadata(),
             teacher=TeacherSource(**self.teacher_source, net=dict(self.teacher.config)),
             net=self.student_config,
-            experts=ExpertsSpec(**self.experts_config),
+            experts=self.experts_spec,
             parameter_counts=self.parameter_counts(),
         )
 

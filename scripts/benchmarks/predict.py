@@ -35,12 +35,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from lorkd.checkpoints.loading import LoadedModel  # noqa: E402
 from lorkd.data.transforms import PreprocessConfig, invert_to_original  # noqa: E402
 from lorkd.experts import add_region_experts, route  # noqa: E402
-from lorkd.inference.loading import LoadedModel  # noqa: E402
 from lorkd.inference.predictor import Predictor  # noqa: E402
 from lorkd.models.sat import SAT  # noqa: E402
-from lorkd.models.text import PromptBank, TextEncoder  # noqa: E402
+from lorkd.models.text import TextEncoder  # noqa: E402
+from lorkd.prompts import PromptBank  # noqa: E402
 from lorkd.regions import RegionMap  # noqa: E402
 from lorkd.utils import CONFIG_DIR  # noqa: E402
 

@@ -1,33 +1,19 @@
-"""Load a SAT teacher from an official SAT checkpoint or from a SATModule (Lightning) checkpoint."""
+"""Read checkpoint files safely (``weights_only=True``), take sub-states, rebuild a stored text head."""
 
 from __future__ import annotations
 
 import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorkd.checkpoints import schema
 from lorkd.checkpoints.report import KeyReport, load_mapped
-from lorkd.checkpoints.sat import sat_model_from_checkpoint
 from lorkd.checkpoints.schema import TextHead
-from lorkd.models.sat import SAT
-from lorkd.models.text import LanguageModel, TextEncoder, file_fingerprint
-
-
-@dataclass
-class Teacher:
-    net: SAT
-    text_encoder: TextEncoder | None  # None for official vision files (the text encoder is a separate file)
-    prompt_bank: dict[str, Any] | None
-    region_map: dict[str, Any] | None
-    source: str
-    fingerprint: str
-    report: KeyReport
+from lorkd.models.text import TextEncoder
+from lorkd.prompts import LanguageModel
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -60,21 +46,3 @@ def build_text_encoder_from_meta(head: TextHead, state: Mapping[str, torch.Tenso
     encoder = TextEncoder(lm, hidden_dim=head.hidden_dim, query_dim=head.query_dim, proj_hidden=head.proj_hidden)
     load_mapped(encoder, state, KeyReport(source=f"{source} (text encoder)"))
     return encoder
-
-
-def load_teacher(path: str | Path, **overrides: Any) -> Teacher:
-    """Official SAT vision file (architecture read off its keys, ``overrides`` e.g. ``decoder_heads``)
-    or a SATModule checkpoint (architecture, text head and prompt bank stored inside)."""
-    raw = read_checkpoint(path)
-    fingerprint = file_fingerprint([Path(path)])
-    meta = schema.read(raw, str(path))
-    if meta is None:
-        net, report = sat_model_from_checkpoint(raw, **overrides)
-        return Teacher(net, None, None, None, str(path), fingerprint, report)
-    if meta.kind != "sat":
-        raise ValueError(f"{path} is a {meta.kind!r} checkpoint; a teacher must be a SAT model")
-    state = raw["state_dict"]
-    net = SAT(**{**meta.net, **overrides})
-    report = load_mapped(net, sub_state(state, "net."), KeyReport(source=str(path)))
-    text = build_text_encoder_from_meta(meta.text_encoder, sub_state(state, "text_encoder."), str(path))
-    return Teacher(net, text, meta.prompt_bank, meta.region_map, str(path), fingerprint, report)

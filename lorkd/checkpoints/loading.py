@@ -1,30 +1,41 @@
-"""Load a segmentation model for inference from any supported source.
+"""The one loader: what a file is and how its network is built, for prediction, evaluation, export and training.
+
+:func:`load_model` recognises every supported source and returns a :class:`LoadedModel`:
 
 * a LoRKD checkpoint (``kind: lorkd``): the student with its region experts (``model="experts"``) or its
   teacher (``model="teacher"``, read from the path recorded in the checkpoint, fingerprint checked);
 * a SATModule checkpoint (``kind: sat``): the teacher alone;
-* an official SAT vision file + its paired text encoder (``text_checkpoint`` and ``language_model_path``);
+* an official SAT vision file + its paired text encoder (files: ``text_checkpoint`` and
+  ``language_model_path``; or a built ``text_encoder``);
+* a released LoRKD file (``lorkd-imbalance-{nano,pro}.pth``), converted in memory
+  (:mod:`lorkd.checkpoints.lorkd_official`; needs its paired text encoder files);
 * an export directory (``lorkd-export``): one merged standalone model per region, no peft involved
   (with ``runtime="onnx"``: its ONNX experts in onnxruntime).
+
+Training reads its teacher with :func:`load_teacher` and a student to start from with
+:func:`read_student_state` (Hydra ``_target_``s of ``configs/model/lorkd_*.yaml``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorkd.checkpoints import schema
+from lorkd.checkpoints.build import build_network
 from lorkd.checkpoints.exported import ExportedExperts, load_export
-from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.lorkd_official import is_lorkd_official, lorkd_checkpoint_from_official
+from lorkd.checkpoints.read import build_text_encoder_from_meta, read_checkpoint, sub_state
 from lorkd.checkpoints.sat import build_text_encoder, sat_model_from_checkpoint
 from lorkd.checkpoints.schema import CheckpointMeta
-from lorkd.checkpoints.teacher import build_text_encoder_from_meta, load_teacher, read_checkpoint, sub_state
+from lorkd.io import file_fingerprint
 from lorkd.models.sat import SAT
-from lorkd.models.text import PromptBank
+from lorkd.models.text import TextEncoder
+from lorkd.prompts import PromptBank
 from lorkd.regions import RegionMap
 
 RUNTIMES = ("torch", "onnx")
@@ -41,6 +52,7 @@ class LoadedModel:
     source: str = ""  # the file whose weights these are (a LoRKD checkpoint's teacher: the teacher's file)
     fingerprint: str = ""  # sha256 prefix of ``source`` where it was hashed on loading
     loaded_from: str = ""  # the checkpoint given to the loader, when it is not ``source`` itself
+    meta: CheckpointMeta | None = None  # the record of the checkpoint ``net`` was built from (None: official SAT, export)
 
     @property
     def parameter_count(self) -> int:
@@ -132,11 +144,18 @@ def load_model(
     model: str = "experts",
     text_checkpoint: str | Path | None = None,
     language_model_path: str | None = None,
+    net_overrides: Mapping[str, Any] | None = None,
+    text_encoder: TextEncoder | None = None,
+    student_preset: str | None = None,
+    teacher_checkpoint: str | Path | None = None,
     runtime: str = "torch",
-    **official_overrides: Any,
 ) -> LoadedModel:
     """Build the network and prompt bank stored at ``path`` (see module docstring), in eval mode.
 
+    Official files record no text encoder and not all of their architecture: ``text_checkpoint`` and
+    ``language_model_path`` (or, for an official SAT file, a built ``text_encoder``) give it, ``net_overrides``
+    the architecture arguments their keys do not hold (e.g. ``decoder_heads``); ``student_preset`` and
+    ``teacher_checkpoint`` as in :func:`~lorkd.checkpoints.lorkd_official.lorkd_checkpoint_from_official`.
     ``runtime="onnx"``: an export's experts run their ``model.onnx`` with onnxruntime (``lorkd-export ... onnx=true``).
     """
     if model not in ("experts", "teacher"):
@@ -151,43 +170,73 @@ def load_model(
         raise ValueError(f"runtime={runtime!r} needs an export directory written with `lorkd-export ... onnx=true`, not {path}")
     raw = _read(path)
     source = str(path)
+    overrides = dict(net_overrides or {})
     meta = schema.read(raw, source)
-    if meta is None:  # official SAT vision file
+    if meta is None and is_lorkd_official(raw.get("model_state_dict", raw)):
         if not (text_checkpoint and language_model_path):
+            raise ValueError(
+                f"{path} is a released LoRKD checkpoint: also give its paired text encoder (text_checkpoint=...) "
+                "and a local BioLORD-2023-C folder (language_model_path=...)"
+            )
+        del raw
+        raw = lorkd_checkpoint_from_official(
+            path, text_checkpoint, language_model_path, student_preset, teacher_checkpoint=teacher_checkpoint,
+            net_overrides=overrides,
+        )  # fmt: skip
+        meta = schema.read(raw, source)
+    if meta is None:  # official SAT vision file
+        if text_encoder is None and not (text_checkpoint and language_model_path):
             raise ValueError(
                 f"{path} is an official SAT vision checkpoint: also give its paired text encoder "
                 "(text_checkpoint=...) and a local language model folder (language_model_path=...)"
             )
-        net, _ = sat_model_from_checkpoint(raw, **official_overrides)
-        text = build_text_encoder(language_model_path, str(text_checkpoint), query_dim=net.query_dim)
+        net, _ = sat_model_from_checkpoint(raw, **overrides)
+        text = text_encoder or build_text_encoder(language_model_path, str(text_checkpoint), query_dim=net.query_dim)
         return LoadedModel(net.eval(), PromptBank(text), "teacher", source=source)
     state = raw["state_dict"]
     prompts = _prompts(meta, state, source)
     region_map = RegionMap(**meta.region_map) if meta.region_map else None
     data = dict(meta.data)
-    if meta.kind == "sat" or model == "teacher":
-        if meta.kind == "sat":
-            net = SAT(**meta.net)
-            load_mapped(net, sub_state(state, "net."), KeyReport(source=source))
-        else:
-            saved = meta.teacher
-            if saved is None:
-                raise ValueError(f"{path} does not record the teacher it was distilled from (model=teacher needs it)")
-            teacher = load_teacher(saved.path, **_overrides(saved.net))
-            if teacher.fingerprint != saved.fingerprint:
-                raise ValueError(f"teacher file {saved.path} changed since {path} was distilled from it")
-            net = teacher.net
-            return LoadedModel(
-                net.eval(), prompts, "teacher", [], region_map, data, teacher.source, teacher.fingerprint, source
-            )
-        return LoadedModel(net.eval(), prompts, "teacher", [], region_map, data, source)
-    # imported here: peft (and its transformers) only for a student with experts
-    from lorkd.checkpoints.export import build_student
-
-    net = build_student(meta, state, source)
-    return LoadedModel(net, prompts, "experts", list(meta.experts.regions), region_map, data, source)
+    if meta.kind == "sat":
+        net = build_network({**meta.net, **overrides}, state=sub_state(state, "net."), report=source)
+        return LoadedModel(net.eval(), prompts, "teacher", [], region_map, data, source, meta=meta)
+    if model == "teacher":
+        saved = meta.teacher
+        if saved is None:
+            raise ValueError(f"{path} does not record the teacher it was distilled from (model=teacher needs it)")
+        teacher = load_teacher(saved.path, _overrides(saved.net), prompts.text_encoder)
+        if teacher.fingerprint != saved.fingerprint:
+            raise ValueError(f"teacher file {saved.path} changed since {path} was distilled from it")
+        return replace(teacher, prompts=prompts, region_map=region_map, data=data, loaded_from=source)
+    net = build_network(meta.net, meta.experts, sub_state(state, "student."), source).eval()
+    return LoadedModel(net, prompts, "experts", list(meta.experts.regions), region_map, data, source, meta=meta)
 
 
 def _overrides(net_config: Mapping[str, Any]) -> dict[str, Any]:
     """Arguments an official file does not record (its architecture is read off the keys)."""
     return {k: net_config[k] for k in ("decoder_heads", "dropout", "latent_stride") if k in net_config}
+
+
+def load_teacher(
+    path: str | Path | None, net_overrides: Mapping[str, Any] | None = None, text_encoder: TextEncoder | None = None
+) -> LoadedModel:
+    """A SAT teacher (SATModule checkpoint, or an official SAT vision file with the built ``text_encoder``: a
+    SATModule checkpoint carries its own) with the fingerprint of its file, for distillation."""
+    if path is None:
+        raise ValueError("no teacher checkpoint: a LoRKD model is distilled from a SAT teacher (teacher.checkpoint=PATH)")
+    loaded = load_model(path, "teacher", net_overrides=net_overrides, text_encoder=text_encoder)
+    if loaded.meta is not None and loaded.meta.kind != "sat":
+        raise ValueError(f"{path} is a {loaded.meta.kind!r} checkpoint; a teacher must be a SAT model")
+    return replace(loaded, fingerprint=file_fingerprint([Path(path)]))
+
+
+def read_student_state(path: str | Path | None) -> dict[str, torch.Tensor] | None:
+    """The student (base and experts) of our LoRKD checkpoint at ``path``, to start a training from
+    (``model.student_state.path``); None without a path."""
+    if path is None:
+        return None
+    raw = _read(path)
+    meta = schema.read(raw, str(path))
+    if meta is None or meta.kind != "lorkd":
+        raise ValueError(f"{path} is not a LoRKD checkpoint of this project (convert a released file first)")
+    return sub_state(raw["state_dict"], "student.")

@@ -1,0 +1,69 @@
+"""How a network is built: a network spec (``SAT`` arguments) and, for a LoRKD student, its experts spec.
+
+Training (:class:`~lorkd.modules.lorkd_module.LoRKDModule`), loading (:mod:`lorkd.checkpoints.loading`),
+export, the adapters reader and the released-LoRKD importer all build through :func:`build_network` (or
+:func:`add_experts` on a network they already hold); :func:`backbone_presets` names the
+``configs/backbone`` preset an architecture is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+import torch
+import yaml
+
+from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.schema import ExpertsSpec
+from lorkd.models.sat import SAT
+from lorkd.utils import CONFIG_DIR
+
+# what tells backbone presets apart (the heads' widths included; decoder sizes are set per model config)
+PRESET_KEYS = ("features", "strides", "n_convs", "proj_hidden", "mask_hidden", "latent_stride")
+
+
+def add_experts(net: SAT, experts: ExpertsSpec) -> SAT:
+    """Put ``experts``' region experts (peft adapters) on ``net``'s backbone, in place; returns ``net``."""
+    from lorkd.experts import add_region_experts  # peft: plain networks (exports) build without it
+
+    net.backbone = add_region_experts(net.backbone, **experts.arguments())
+    return net
+
+
+def build_network(
+    net: Mapping[str, Any],
+    experts: ExpertsSpec | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
+    report: KeyReport | str = "state",
+) -> SAT:
+    """``SAT(**net)`` with ``experts`` on its backbone (None: a plain SAT); with ``state`` (the network's own
+    keys), every tensor loaded with strict key accounting into ``report`` (a :class:`KeyReport` or its source)."""
+    model = SAT(**net)
+    if experts is not None:
+        add_experts(model, experts)
+    if state is not None:
+        load_mapped(model, state, report if isinstance(report, KeyReport) else KeyReport(source=report))
+    return model
+
+
+@cache
+def preset_spec(name: str) -> dict[str, Any]:
+    """The arguments of ``configs/backbone/<name>.yaml``."""
+    path = CONFIG_DIR / "backbone" / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no backbone preset {name!r} ({path} does not exist)")
+    return yaml.safe_load(path.read_text())
+
+
+def preset_differences(config: Mapping[str, Any], name: str) -> list[str]:
+    """``"key: checkpoint X vs <name> Y"`` for every :data:`PRESET_KEYS` entry where ``config`` and the preset differ."""
+    spec = preset_spec(name)
+    return [f"{k}: checkpoint {config.get(k)} vs {name} {spec.get(k)}" for k in PRESET_KEYS if spec.get(k) != config.get(k)]
+
+
+def backbone_presets(config: Mapping[str, Any]) -> list[str]:
+    """Names of the ``configs/backbone`` presets whose architecture ``config`` (``SAT`` arguments) has."""
+    names = sorted(path.stem for path in (CONFIG_DIR / "backbone").glob("*.yaml"))
+    return [name for name in names if not preset_differences(config, name)]

@@ -1,0 +1,80 @@
+"""LoRKDModule is built from objects (a loaded teacher, a plain student, an experts spec): no file is read."""
+
+from functools import partial
+
+import pytest
+import torch
+from helpers import tiny_sat
+
+from lorkd.checkpoints.loading import LoadedModel
+from lorkd.checkpoints.schema import CheckpointMeta, ExpertsSpec, TextHead
+from lorkd.experts import expert_names
+from lorkd.models.text import TextEncoder
+from lorkd.modules.lorkd_module import LoRKDModule
+from lorkd.prompts import PromptBank
+from lorkd.regions import RegionMap
+
+REGIONS = ["abdomen", "thorax"]
+RANKS = {"abdomen": 2, "thorax": 4, "brain": 8}
+
+
+def _region_map() -> RegionMap:
+    return RegionMap(regions=REGIONS, labels={"abdomen": ["ct_liver"], "thorax": ["ct_heart"]})
+
+
+def _teacher(fingerprint: str = "0" * 16) -> LoadedModel:
+    """A SATModule-like teacher built in memory: network, text head, a one-prompt bank and its record."""
+    torch.manual_seed(1)
+    prompts = PromptBank(TextEncoder(None, hidden_dim=16, query_dim=64, proj_hidden=32))
+    prompts.load_state_dict({"fingerprint": None, "labels": ["liver"], "embeddings": torch.randn(1, 16)})
+    net = tiny_sat()
+    meta = CheckpointMeta("sat", TextHead.of(prompts.text_encoder), prompts.state_dict(), net=net.config)
+    return LoadedModel(net, prompts, "teacher", source="in-memory teacher", fingerprint=fingerprint, meta=meta)
+
+
+def _module(**kwargs) -> LoRKDModule:
+    arguments = dict(
+        teacher=_teacher(), student=tiny_sat(n_convs=1), experts=ExpertsSpec.for_regions(REGIONS, RANKS),
+        optimizer=partial(torch.optim.AdamW, lr=1e-3), region_map=_region_map(),
+    )  # fmt: skip
+    return LoRKDModule(**{**arguments, **kwargs})
+
+
+def test_a_module_from_objects_starts_from_the_teacher_and_records_its_spec():
+    module = _module()
+    assert expert_names(module.student.backbone) == REGIONS
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    teacher = module.teacher.state_dict()
+    student = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in module.student.state_dict().items()}
+    shared = [k for k, v in student.items() if k in teacher and teacher[k].shape == v.shape]
+    assert shared and all(torch.equal(student[k], teacher[k]) for k in shared)
+    meta = module.checkpoint_metadata()
+    assert meta.kind == "lorkd" and meta.experts == ExpertsSpec(REGIONS, {"abdomen": 2, "thorax": 4})
+    assert meta.teacher.fingerprint == "0" * 16 and meta.net == module.student_config and meta.net["n_convs"] == 1
+    assert module.prompts.embeddings.keys() == {"liver"}
+    queries = module.prompts.queries(["liver"], "ct")[None].expand(2, -1, -1)
+    with torch.no_grad():
+        assert module(torch.randn(2, 1, 16, 16, 16), queries, torch.tensor([0, 1])).shape == (2, 1, 16, 16, 16)
+
+
+def test_student_init_checkpoint_loads_the_given_state_and_nothing_else_starts_it():
+    source = _module(student_init="scratch")
+    with torch.no_grad():
+        for p in source.student.parameters():
+            p.add_(torch.randn_like(p))
+    state = source.student.state_dict()
+    module = _module(student_init="checkpoint", student_state=state)
+    assert all(torch.equal(v, state[k]) for k, v in module.student.state_dict().items())
+    with pytest.raises(ValueError, match="student_init=checkpoint needs"):
+        _module(student_init="checkpoint")
+    with pytest.raises(ValueError, match="student_init=auto"):
+        _module(student_state=state)
+
+
+def test_inconsistent_objects_fail_clearly():
+    with pytest.raises(ValueError, match="experts are for regions"):
+        _module(experts=ExpertsSpec.for_regions(["abdomen", "brain"], RANKS))
+    with pytest.raises(ValueError, match="in-memory teacher has no file fingerprint"):
+        _module(teacher=_teacher(fingerprint=""))
+    with pytest.raises(KeyError, match="no expert rank configured"):
+        ExpertsSpec.for_regions(["spine"], RANKS)
