@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lorkd.exit_codes import NOT_STARTED, NotStarted, for_failures
-from lorkd.utils import CONFIG_DIR, offline_environment, register_resolvers
+from lorkd.utils import CONFIG_DIR, close_process_group, offline_environment, register_resolvers
 
 offline_environment()
 register_resolvers()
@@ -27,16 +27,19 @@ def train(cfg: DictConfig) -> float | None:
     from lorkd.training import train as run
 
     metrics = run(cfg)
+    close_process_group()
     return metrics.get("val/dice")
 
 
 def _batch(run: Callable[[], int]) -> int:
     """Run a batch job, turning :class:`NotStarted` into one line and exit code 2."""
     try:
-        return run()
+        code = run()
     except NotStarted as exc:
         log.error("%s", exc)
         return NOT_STARTED
+    close_process_group()
+    return code
 
 
 def _exit(code: int) -> None:

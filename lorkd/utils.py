@@ -68,6 +68,18 @@ def gather_objects(items: list[Any]) -> list[Any]:
     return [item for part in gathered for item in part]
 
 
+def close_process_group() -> None:
+    """Wait for every rank, then destroy the default process group (a no-op outside one).
+
+    Left to interpreter shutdown, gloo's worker threads can outlive the interpreter and abort the
+    process (``terminate called without an active exception``, exit -6) after a job that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` entry of a config group (callbacks, loggers); None -> []."""
     from hydra.utils import instantiate
