@@ -1,13 +1,18 @@
-"""The one case runner of predict and eval: skip/resume decided once, cases run, saved and finished in order."""
+"""The one case runner of predict and eval: skip/resume decided once, cases run, saved and finished in order,
+the same through ``Trainer.predict`` and through the plain one-process loop."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
+import torch
 
 from lorkd.data.manifest import Case
-from lorkd.inference.runner import CaseRunner
+from lorkd.inference.lightning_runner import CaseRunner
+from lorkd.inference.runner import run_cases as run_plain
+from lorkd.inference.runner import single_device
 
 
 def make_case(name: str) -> Case:
@@ -49,9 +54,14 @@ class RecordingTask:
         return list(outcomes)
 
 
-def run_cases(task: RecordingTask, overwrite: bool) -> CaseRunner:
+def run_cases(task: RecordingTask, overwrite: bool, lightning: bool) -> list[str]:
+    """The run's result through ``Trainer.predict`` or the plain loop."""
     cases = [make_case(f"c{i}") for i in range(4)]
     predictor = Device()
+    if not lightning:
+        result = run_plain(task, cases, predictor, "cpu", overwrite=overwrite)
+        assert predictor.device == torch.device("cpu")
+        return result
     runner = CaseRunner(task, cases, predictor, overwrite=overwrite)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -59,20 +69,44 @@ def run_cases(task: RecordingTask, overwrite: bool) -> CaseRunner:
     )  # fmt: skip
     trainer.predict(runner, return_predictions=False)
     assert predictor.device is not None
-    return runner
+    return runner.result
 
 
-def test_kept_cases_are_not_run_and_the_outcomes_come_back_in_input_order():
+@pytest.mark.parametrize("lightning", [True, False])
+def test_kept_cases_are_not_run_and_the_outcomes_come_back_in_input_order(lightning):
     task = RecordingTask({1: "old c1", 3: "old c3"})
-    runner = run_cases(task, overwrite=False)
+    result = run_cases(task, overwrite=False, lightning=lightning)
     assert task.calls == [
         "finished 4", "run 0 c0 rank 0", "save new c0", "run 2 c2 rank 0", "save new c2", "finish 2",
     ]  # fmt: skip
-    assert runner.result == ["new c0 saved", "old c1", "new c2 saved", "old c3"]
+    assert result == ["new c0 saved", "old c1", "new c2 saved", "old c3"]
 
 
-def test_overwrite_runs_every_case_without_asking_for_earlier_outcomes():
+@pytest.mark.parametrize("lightning", [True, False])
+def test_overwrite_runs_every_case_without_asking_for_earlier_outcomes(lightning):
     task = RecordingTask({1: "old c1"})
-    runner = run_cases(task, overwrite=True)
+    result = run_cases(task, overwrite=True, lightning=lightning)
     assert [c for c in task.calls if not c.startswith(("run", "save"))] == ["finish 0"]
-    assert runner.result == [f"new c{i} saved" for i in range(4)]
+    assert result == [f"new c{i} saved" for i in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("trainer", "device"),
+    [
+        ({"accelerator": "cpu", "devices": 1, "num_nodes": 1}, torch.device("cpu")),
+        ({"accelerator": "cpu", "devices": "auto"}, torch.device("cpu")),
+        ({"accelerator": "cpu", "devices": [0], "precision": "32-true"}, torch.device("cpu")),
+        ({"accelerator": "cpu", "devices": 2}, None),
+        ({"accelerator": "cpu", "devices": 1, "num_nodes": 2}, None),
+        ({"accelerator": "cpu", "devices": 1, "precision": "bf16-mixed"}, None),
+        ({"accelerator": "tpu", "devices": 1}, None),
+    ],
+)
+def test_one_process_is_told_from_the_trainer_config(trainer, device, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert single_device(trainer) == device
+
+
+def test_a_launcher_with_several_ranks_goes_through_lightning(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert single_device({"accelerator": "cpu", "devices": 1}) is None

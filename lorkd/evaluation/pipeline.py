@@ -1,8 +1,9 @@
-"""``python eval.py``: evaluate a checkpoint on a test manifest through ``Trainer.predict``, then report.
+"""``python eval.py``: evaluate a checkpoint on a test manifest, then report.
 
     python eval.py ckpt_path=CKPT data.test_manifest=M output_dir=OUT [model=teacher] [compare=OTHER_OUT]
 
-Steps (every rank runs them; Lightning or torchrun/SLURM starts the ranks):
+Steps (one process runs them without Lightning; with several, every rank runs them through
+``Trainer.predict``: Lightning or torchrun/SLURM starts the ranks):
 
 1. read the manifest, keeping going past bad lines (reported as failed cases);
 2. load the Predictor and check everything else that can fail before any case runs;
@@ -35,7 +36,7 @@ from lorkd.evaluation.report import render_comparison
 from lorkd.evaluation.settings import MetricSettings, run_fingerprint
 from lorkd.exit_codes import NotStarted
 from lorkd.io import check_writable_folder
-from lorkd.utils import PROJECT_ROOT, instantiate_group, plain, single_log_stream
+from lorkd.utils import PROJECT_ROOT, instantiate_group, plain
 
 log = logging.getLogger(__name__)
 
@@ -67,26 +68,54 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
 
     Raises :class:`~lorkd.exit_codes.NotStarted` (one line) when the run cannot start.
     """
-    import lightning.pytorch  # noqa: F401  (its console handler, dropped next)
+    from lorkd.inference.runner import run_cases
 
-    single_log_stream()
     try:
-        runner, trainer = _prepare(cfg)
+        device = _single_device(cfg)
+        task, cases, predictor = _prepare(cfg)
+        trainer = None if device is not None else _trainer(cfg)
     except Exception as exc:  # bad config, manifest, checkpoint or output folder: nothing ran
         log.debug("the run could not start", exc_info=True)
         raise NotStarted(str(exc)) from exc
-    trainer.predict(runner, return_predictions=False)
+    if trainer is None:
+        run_cases(task, cases, predictor, device, cfg.overwrite, progress=_progress_bar(cfg))
+        return load_summary(cfg.paths.output_dir)
+    from lorkd.inference.lightning_runner import CaseRunner
+
+    trainer.predict(CaseRunner(task, cases, predictor, overwrite=cfg.overwrite), return_predictions=False)
     return load_summary(cfg.paths.output_dir) if trainer.is_global_zero else None
 
 
-def _prepare(cfg: DictConfig) -> tuple[Any, Any]:
-    """The case runner and trainer, after every check that can fail before any case runs."""
+def _progress_bar(cfg: DictConfig) -> bool:
+    """Whether the config asks for a progress bar (``callbacks.progress_bar``, ``trainer.enable_progress_bar``)."""
+    callbacks = cfg.get("callbacks") or {}
+    return "progress_bar" in callbacks and bool(cfg.trainer.get("enable_progress_bar", True))
+
+
+def _single_device(cfg: DictConfig) -> Any:
+    """The device of a one-process run (:func:`~lorkd.inference.runner.single_device`) whose only
+    callback is the progress bar (the plain loop shows its own), else None (``Trainer.predict``)."""
+    from lorkd.inference.runner import single_device
+
+    if set(cfg.get("callbacks") or {}) - {"progress_bar"}:
+        return None
+    return single_device(plain(cfg.trainer))
+
+
+def _trainer(cfg: DictConfig) -> Any:
+    from lorkd.inference.lightning_runner import make_trainer
+
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    return make_trainer(cfg.trainer, callbacks=callbacks, logger=False, use_distributed_sampler=False)
+
+
+def _prepare(cfg: DictConfig) -> tuple[Any, list[Any], Any]:
+    """The task, cases and predictor, after every check that can fail before any case runs."""
     from hydra.utils import instantiate
 
     from lorkd.evaluation.task import EvaluationTask, model_info
     from lorkd.inference.predictor import NEUTRAL_OPTIONS
     from lorkd.inference.run import load_predictor, predictor_options
-    from lorkd.inference.runner import CaseRunner
 
     out = check_writable_folder(cfg.paths.output_dir)
     records_folder(out)
@@ -117,10 +146,7 @@ def _prepare(cfg: DictConfig) -> tuple[Any, Any]:
         problems=manifest_problems(manifest, problems),
         compare=cfg.get("compare"),
     )
-    runner = CaseRunner(task, cases, predictor, overwrite=cfg.overwrite)
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, use_distributed_sampler=False)
-    return runner, trainer
+    return task, cases, predictor
 
 
 def _run_eval(overrides: Sequence[str]) -> None:

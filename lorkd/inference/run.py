@@ -1,7 +1,8 @@
-"""``python predict.py``: predict every case of ``input`` into ``output_dir`` through ``Trainer.predict``.
+"""``python predict.py``: predict every case of ``input`` into ``output_dir``.
 
-One device runs the cases in order; ``trainer.devices=N`` (and ``trainer.num_nodes``) shards them,
-each case exactly once (:mod:`lorkd.inference.runner` with :class:`~lorkd.inference.cases.PredictionTask`).
+One device runs the cases in order in this process, without Lightning; ``trainer.devices=N`` (and
+``trainer.num_nodes``) shards them through ``Trainer.predict``, each case exactly once
+(:mod:`lorkd.inference.runner` with :class:`~lorkd.inference.cases.PredictionTask`).
 Prompts of every case are checked before anything runs.
 """
 
@@ -17,7 +18,7 @@ from omegaconf import DictConfig
 from lorkd.data.manifest import Case
 from lorkd.exit_codes import NotStarted
 from lorkd.io import check_writable_folder, file_identity
-from lorkd.utils import plain, single_log_stream
+from lorkd.utils import plain
 
 if TYPE_CHECKING:
     from lorkd.inference.predictor import Predictor
@@ -91,29 +92,36 @@ def _prepare(cfg: DictConfig) -> tuple[list[Case], Predictor, dict[str, Any]]:
     return cases, predictor, settings
 
 
+def _trainer(cfg: DictConfig) -> Any:
+    from lorkd.inference.lightning_runner import make_trainer
+
+    return make_trainer(cfg.trainer, use_distributed_sampler=False)
+
+
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run the prediction described by ``configs/predict.yaml``; returns the summary rows.
 
     Raises :class:`~lorkd.exit_codes.NotStarted` (one line) when the run cannot start.
     """
-    import lightning.pytorch as pl
-    from hydra.utils import instantiate
-
     from lorkd.inference.cases import PredictionTask
-    from lorkd.inference.runner import CaseRunner
+    from lorkd.inference.runner import run_cases, single_device
 
-    single_log_stream()
     try:
+        device = single_device(plain(cfg.trainer))  # one process: no Lightning
         cases, predictor, settings = _prepare(cfg)
         task = PredictionTask(predictor, cfg.output_dir, settings, **plain(cfg.writer))
-        trainer: pl.Trainer = instantiate(cfg.trainer, use_distributed_sampler=False)
+        trainer = None if device is not None else _trainer(cfg)
     except Exception as exc:  # bad config, input, checkpoint or output folder: nothing ran
         log.debug("the run could not start", exc_info=True)
         raise NotStarted(str(exc)) from exc
-    runner = CaseRunner(task, cases, predictor, cfg.overwrite, progress=cfg.progress)
-    if trainer.is_global_zero:
+    if trainer is None or trainer.is_global_zero:
         log.info(
             "predicting %d case(s) with %s into %s", len(cases), cfg.ckpt_path, Path(cfg.output_dir).resolve()
         )
+    if trainer is None:
+        return run_cases(task, cases, predictor, device, cfg.overwrite, progress=cfg.progress)
+    from lorkd.inference.lightning_runner import CaseRunner
+
+    runner = CaseRunner(task, cases, predictor, cfg.overwrite, progress=cfg.progress)
     trainer.predict(runner, return_predictions=False)
     return runner.result

@@ -1,31 +1,35 @@
-"""The one case runner of ``predict.py`` and ``eval.py``: ``Trainer.predict`` over cases, one case a batch.
+"""The one case runner of ``predict.py`` and ``eval.py``: a plain loop in one process, ``Trainer.predict`` over several.
 
 A case goes along one path, whatever the task (:class:`~lorkd.inference.cases.PredictionTask`,
-:class:`~lorkd.evaluation.task.EvaluationTask`):
+:class:`~lorkd.evaluation.task.EvaluationTask`) and however many processes run it
+(:class:`CaseLoop` holds the steps; :func:`run_cases` drives them in this process without Lightning,
+:class:`~lorkd.inference.lightning_runner.CaseRunner` through ``Trainer.predict`` on every rank):
 
-1. **skip or run** (decided here only): unless ``overwrite``, rank 0 asks the task which cases an
-   earlier run finished (:meth:`CaseTask.finished`) before any rank writes, and broadcasts the answer,
-   so every rank derives the same pending list even when ranks see different files;
+1. **skip or run**: unless ``overwrite``, rank 0 asks the task which cases an earlier run finished
+   (:meth:`CaseTask.finished`) before any rank writes, and broadcasts the answer, so every rank
+   derives the same pending list even when ranks see different files;
 2. **run**: the pending cases are sharded ``rank, rank + world, ...`` (:class:`ShardSampler`; a rank
    may get none, which Lightning's own predict sampler refuses); :meth:`CaseTask.run` turns a case
    into an outcome and never raises (a failed case is an outcome naming its file);
 3. **files of the case**: :meth:`CaseTask.save` writes them on the rank that ran it, at once;
-4. **files of the run**: in ``teardown`` (which Lightning calls on every rank, also on one without a
-   case) the outcomes of all ranks are gathered, rank 0 merges them with the kept ones in input order
-   and :meth:`CaseTask.finish` writes the run's files; every rank then gets its result
-   (:attr:`CaseRunner.result`) and returns only once those files exist.
+4. **files of the run**: at the end (on every rank, also on one without a case) the outcomes of all
+   ranks are gathered, rank 0 merges them with the kept ones in input order and :meth:`CaseTask.finish`
+   writes the run's files; every rank then gets the result and returns only once those files exist.
+
+:func:`single_device` tells from a ``trainer`` config, without importing Lightning, whether a run is one
+process (and on which device).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-import lightning.pytorch as pl
-from torch.utils.data import DataLoader, Sampler
+import torch
+from torch.utils.data import Sampler
 
-from lorkd.data.datasets import CaseDataset, collate_case
 from lorkd.data.manifest import Case
 from lorkd.inference.progress import CaseProgress
 from lorkd.utils import gather_objects
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 
 Outcome = TypeVar("Outcome")
 WindowProgress = Callable[[int, int], None] | None
+Broadcast = Callable[[Any], Any]  # rank 0's object on every rank
 
 
 class CaseTask(Protocol[Outcome]):
@@ -68,26 +73,21 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-class CaseRunner(pl.LightningModule, Generic[Outcome]):
-    """Runs ``cases`` with ``task`` (module docstring); ``predictor`` is moved to the rank's device.
+def _same(value: Any) -> Any:
+    """The broadcast of a single process."""
+    return value
+
+
+class CaseLoop(Generic[Outcome]):
+    """The steps of the module docstring for ``cases`` with ``task`` on one rank.
 
     ``overwrite``: run every case again, keeping nothing of an earlier run. ``progress``: rich bars
     over cases and the current case's windows on rank 0.
     """
 
-    def __init__(
-        self,
-        task: CaseTask[Outcome],
-        cases: Sequence[Case],
-        predictor: Any,
-        overwrite: bool = False,
-        progress: bool = False,
-    ) -> None:
-        super().__init__()
-        self.allow_zero_length_dataloader_with_multiple_devices = True
+    def __init__(self, task: CaseTask[Outcome], cases: Sequence[Case], overwrite: bool = False, progress: bool = False) -> None:
         self.task = task
         self.cases = list(cases)
-        self.predictor = predictor  # a plain attribute: moved in setup, never DDP-wrapped
         self.overwrite = bool(overwrite)
         self.show_progress = bool(progress)
         self.pending: list[int] = []
@@ -96,46 +96,96 @@ class CaseRunner(pl.LightningModule, Generic[Outcome]):
         self.result: Any = None
         self.progress = CaseProgress(0, enabled=False)
 
-    def setup(self, stage: str) -> None:
-        found = {} if self.overwrite or not self.trainer.is_global_zero else dict(self.task.finished(self.cases))
-        done = set(self.trainer.strategy.broadcast(sorted(found), src=0))
+    def plan(self, rank: int, world: int, broadcast: Broadcast = _same) -> None:
+        """Step 1: the cases an earlier run finished (kept) and the pending ones, the same on every rank."""
+        found = {} if self.overwrite or rank != 0 else dict(self.task.finished(self.cases))
+        done = set(broadcast(sorted(found)))
         self.kept = found
         self.pending = [i for i in range(len(self.cases)) if i not in done]
         self.outcomes = []
-        if self.trainer.is_global_zero:
+        if rank == 0:
             log.info(
                 "%d case(s): %d done by an earlier run, %d to run on %d process(es)",
-                len(self.cases), len(done), len(self.pending), self.trainer.world_size,
+                len(self.cases), len(done), len(self.pending), world,
             )  # fmt: skip
-        self.predictor.to(self.trainer.strategy.root_device)
 
-    def predict_dataloader(self) -> DataLoader:
-        sampler = ShardSampler(len(self.pending), self.trainer.global_rank, self.trainer.world_size)
-        pending = [self.cases[i] for i in self.pending]
-        return DataLoader(CaseDataset(pending), batch_size=1, sampler=sampler, collate_fn=collate_case)
-
-    def on_predict_start(self) -> None:
-        total = int(sum(self.trainer.num_predict_batches))
-        self.progress = CaseProgress(total, enabled=self.show_progress and self.trainer.is_global_zero)
+    def start(self, total: int, rank: int) -> None:
+        """Show the bars (rank 0, when asked) over the ``total`` cases this rank runs."""
+        self.progress = CaseProgress(total, enabled=self.show_progress and rank == 0)
         self.progress.start()
 
-    def on_predict_end(self) -> None:
-        self.progress.stop()
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Outcome:
-        index = self.pending[int(batch["index"])]
-        case: Case = batch["case"]
-        outcome = self.task.save(self.task.run(index, case, self.global_rank, self.progress.case(case.id)))
+    def step(self, index: int, rank: int) -> Outcome:
+        """Steps 2 and 3 for case ``index``: run it and write its files."""
+        case = self.cases[index]
+        outcome = self.task.save(self.task.run(index, case, rank, self.progress.case(case.id)))
         self.outcomes.append((index, outcome))
         self.progress.advance()
         return outcome
 
-    def teardown(self, stage: str) -> None:
-        if stage != "predict":
-            return
+    def finish(self, rank: int, broadcast: Broadcast = _same) -> Any:
+        """Step 4: gather every rank's outcomes, rank 0 writes the run's files; the result on every rank."""
+        self.progress.stop()
         gathered = gather_objects(self.outcomes)
         result = None
-        if self.trainer.is_global_zero:
+        if rank == 0:
             merged = sorted([*self.kept.items(), *gathered], key=lambda pair: pair[0])
             result = self.task.finish([outcome for _, outcome in merged], len(self.kept))
-        self.result = self.trainer.strategy.broadcast(result, src=0)
+        self.result = broadcast(result)
+        return self.result
+
+
+def run_cases(
+    task: CaseTask[Outcome],
+    cases: Sequence[Case],
+    predictor: Any,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Any:
+    """Every case in this process, in input order, with ``predictor`` moved to ``device``; the run's result."""
+    loop = CaseLoop(task, cases, overwrite, progress)
+    loop.plan(0, 1)
+    predictor.to(torch.device(device))
+    loop.start(len(loop.pending), 0)
+    try:
+        for index in loop.pending:
+            loop.step(index, 0)
+    finally:
+        loop.progress.stop()
+    return loop.finish(0)
+
+
+def _one(value: Any) -> bool:
+    return value in (1, "1") or (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 1)
+
+
+def single_device(trainer: Mapping[str, Any]) -> torch.device | None:
+    """The device of a run that ``trainer`` (a ``Trainer`` config) makes one process, None for more.
+
+    One process: ``devices`` 1 (or one device index, or ``auto`` on the CPU), ``num_nodes`` 1, full
+    precision, and no launcher (torchrun, SLURM) that started several ranks. Accelerators ``cpu``,
+    ``gpu``/``cuda``, ``mps`` and ``auto`` (as Lightning resolves it: CUDA, else MPS, else the CPU).
+    """
+    accelerator = str(trainer.get("accelerator", "auto") or "auto")
+    devices = trainer.get("devices", "auto")
+    if accelerator == "auto":
+        if torch.cuda.is_available():
+            accelerator = "cuda"
+        elif torch.backends.mps.is_available():
+            accelerator = "mps"
+        else:
+            accelerator = "cpu"
+    if accelerator == "gpu":
+        accelerator = "cuda"
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={trainer.get('accelerator')}: CUDA is not available on this machine")
+    if accelerator not in ("cpu", "cuda", "mps") or int(trainer.get("num_nodes", 1) or 1) != 1:
+        return None
+    if str(trainer.get("precision", "32-true")) not in ("32", "32-true") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    if not (_one(devices) or (devices == "auto" and accelerator == "cpu")):
+        return None
+    if accelerator == "cuda":
+        index = devices[0] if isinstance(devices, Sequence) and not isinstance(devices, str) else 0
+        return torch.device("cuda", int(index))
+    return torch.device(accelerator)
