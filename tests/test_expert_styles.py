@@ -7,7 +7,7 @@ from helpers import demo_overrides, run_training, tiny_sat
 
 from lorkd.checkpoints import schema
 from lorkd.experts import add_region_experts, route
-from lorkd.experts.build import expert_layers
+from lorkd.experts.routed import expert_layers
 
 REGIONS = ["abdomen", "brain", "thorax"]
 

@@ -5,7 +5,7 @@ import torch
 from helpers import tiny_sat
 
 from lorkd.experts import add_region_experts, expert_names, expert_parameter_counts, merged_unet, route
-from lorkd.experts.build import base_parameter_count, expert_layers
+from lorkd.experts.routed import base_parameter_count, expert_layers
 
 REGIONS = ["abdomen", "brain", "thorax"]
 RANKS = {"abdomen": 2, "brain": 3, "thorax": 1}

@@ -4,7 +4,7 @@ from helpers import demo_overrides, run_training
 
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.loading import load_model
-from lorkd.experts.build import expert_layers
+from lorkd.experts.routed import expert_layers
 from lorkd.losses import distillation_loss, hard_dice, segmentation_loss
 
 

@@ -24,11 +24,18 @@ from lorkd.utils import CONFIG_DIR
 PRESET_KEYS = ("features", "strides", "n_convs", "proj_hidden", "mask_hidden", "latent_stride")
 
 
-def add_experts(net: SAT, experts: ExpertsSpec) -> SAT:
-    """Put ``experts``' region experts (peft adapters) on ``net``'s backbone, in place; returns ``net``."""
-    from lorkd.experts import add_region_experts  # peft: plain networks (exports) build without it
+def add_experts(net: SAT, experts: ExpertsSpec, peft: bool = True) -> SAT:
+    """Put ``experts``' region experts on ``net``'s backbone, in place; returns ``net``. ``peft``: as peft
+    adapters (training, export); False: the peft-free layers of :mod:`lorkd.experts.plain` (inference:
+    the same keys and outputs, without importing peft)."""
+    if peft:
+        from lorkd.experts import add_region_experts  # peft: plain networks (exports) build without it
 
-    net.backbone = add_region_experts(net.backbone, **experts.arguments())
+        net.backbone = add_region_experts(net.backbone, **experts.arguments())
+    else:
+        from lorkd.experts.plain import add_plain_experts
+
+        net.backbone = add_plain_experts(net.backbone, **experts.arguments())
     return net
 
 
@@ -37,12 +44,14 @@ def build_network(
     experts: ExpertsSpec | None = None,
     state: Mapping[str, torch.Tensor] | None = None,
     report: KeyReport | str = "state",
+    peft: bool = True,
 ) -> SAT:
-    """``SAT(**net)`` with ``experts`` on its backbone (None: a plain SAT); with ``state`` (the network's own
-    keys), every tensor loaded with strict key accounting into ``report`` (a :class:`KeyReport` or its source)."""
+    """``SAT(**net)`` with ``experts`` on its backbone (None: a plain SAT; ``peft``: see :func:`add_experts`);
+    with ``state`` (the network's own keys), every tensor loaded with strict key accounting into ``report``
+    (a :class:`KeyReport` or its source)."""
     model = SAT(**net)
     if experts is not None:
-        add_experts(model, experts)
+        add_experts(model, experts, peft)
     if state is not None:
         load_mapped(model, state, report if isinstance(report, KeyReport) else KeyReport(source=report))
     return model

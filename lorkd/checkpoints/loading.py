@@ -149,6 +149,7 @@ def load_model(
     student_preset: str | None = None,
     teacher_checkpoint: str | Path | None = None,
     runtime: str = "torch",
+    peft: bool = True,
 ) -> LoadedModel:
     """Build the network and prompt bank stored at ``path`` (see module docstring), in eval mode.
 
@@ -157,6 +158,8 @@ def load_model(
     the architecture arguments their keys do not hold (e.g. ``decoder_heads``); ``student_preset`` and
     ``teacher_checkpoint`` as in :func:`~lorkd.checkpoints.lorkd_official.lorkd_checkpoint_from_official`.
     ``runtime="onnx"``: an export's experts run their ``model.onnx`` with onnxruntime (``lorkd-export ... onnx=true``).
+    ``peft=False``: a LoRKD student's experts are the peft-free layers of :mod:`lorkd.experts.plain` (same
+    outputs; for inference, which then does not import peft); True (training, export): peft adapters.
     """
     if model not in ("experts", "teacher"):
         raise ValueError(f"model must be 'experts' or 'teacher', got {model!r}")
@@ -208,7 +211,7 @@ def load_model(
         if teacher.fingerprint != saved.fingerprint:
             raise ValueError(f"teacher file {saved.path} changed since {path} was distilled from it")
         return replace(teacher, prompts=prompts, region_map=region_map, data=data, loaded_from=source)
-    net = build_network(meta.net, meta.experts, sub_state(state, "student."), source).eval()
+    net = build_network(meta.net, meta.experts, sub_state(state, "student."), source, peft=peft).eval()
     return LoadedModel(net, prompts, "experts", list(meta.experts.regions), region_map, data, source, meta=meta)
 
 

@@ -1,4 +1,4 @@
-"""Build, route, count and merge region experts on a student U-Net with peft.
+"""Build and merge region experts on a student U-Net with peft (routing and counts: :mod:`lorkd.experts.routed`).
 
 One LoRA adapter per region on every 3×3×3 ``Conv3d`` of the encoder and decoder (transposed convs are
 not adapted); decoder rank = ``decoder_rank_factor`` × encoder rank; scaling ``s`` for every expert and
@@ -8,21 +8,13 @@ layer (``lora_alpha = s·r``). The shared base weights ``W0`` train too unless `
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from lorkd.experts.layers import EXPERT_LAYERS, RoutedLoraConv3d, Routing
-
-DECODER_PATTERN = r"decoder\..*"
-
-
-def conv3d_targets(unet: nn.Module) -> list[str]:
-    """Names of the plain ``nn.Conv3d`` modules (exact type: transposed convs and LoRA convs excluded)."""
-    return [name for name, m in unet.named_modules() if type(m) is nn.Conv3d]
+from lorkd.experts.layers import EXPERT_LAYERS
+from lorkd.experts.routed import DECODER_PATTERN, conv3d_targets, expert_names
 
 
 def _lora_config(rank: int, factor: int, scaling: float, targets: list[str], style: str) -> LoraConfig:
@@ -71,80 +63,6 @@ def set_trainable(model: PeftModel, train_base: bool) -> None:
     """Every expert trains; the shared base (incl. norms and transposed convs) trains iff ``train_base``."""
     for name, p in model.named_parameters():
         p.requires_grad_(train_base or ".lora_" in name)
-
-
-def expert_layers(model: nn.Module) -> list[RoutedLoraConv3d]:
-    return [m for m in model.modules() if isinstance(m, RoutedLoraConv3d)]
-
-
-def expert_names(model: nn.Module) -> list[str]:
-    layers = expert_layers(model)
-    return list(layers[0].lora_A.keys()) if layers else []
-
-
-def make_routing(region_index: torch.Tensor, names: Sequence[str], per_sample_weights: bool | None = None) -> Routing:
-    """Group samples by expert index (``-1`` = shared base only).
-
-    ``per_sample_weights`` (mixed batches only): None picks the faster form for the tensor's device
-    (one grouped conv with per-sample weights on CUDA, one conv per expert group elsewhere).
-    """
-    index = region_index.detach().to("cpu", torch.long)
-    if index.ndim != 1:
-        raise ValueError(f"region index must be 1-D (one expert per sample), got shape {tuple(index.shape)}")
-    bad = [int(i) for i in index.unique() if not -1 <= int(i) < len(names)]
-    if bad:
-        raise IndexError(f"expert index {bad} out of range for {len(names)} experts {list(names)}")
-    uniques, inverse = index.unique(return_inverse=True)
-    device = region_index.device
-    if len(uniques) == 1:
-        u = int(uniques[0])
-        return Routing(groups=(((names[u],) if u >= 0 else (), None),), batch_size=len(index))
-    groups = tuple(
-        (((names[u],) if u >= 0 else ()), torch.nonzero(index == u).flatten().to(device)) for u in uniques.tolist()
-    )
-    if per_sample_weights is None:
-        per_sample_weights = device.type == "cuda"
-    return Routing(groups, len(index), inverse.to(device), per_sample_weights, _contiguous_runs(index, names))
-
-
-def _contiguous_runs(index: torch.Tensor, names: Sequence[str]) -> tuple[tuple[tuple[str, ...], int, int], ...] | None:
-    """(adapters, start, stop) per expert when each expert's samples form one block of the batch."""
-    change = torch.nonzero(index[1:] != index[:-1]).flatten() + 1
-    bounds = [0, *change.tolist(), len(index)]
-    runs = [(int(index[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    if len({u for u, _, _ in runs}) != len(runs):
-        return None
-    return tuple((((names[u],) if u >= 0 else ()), a, b) for u, a, b in runs)
-
-
-@contextmanager
-def route(model: nn.Module, region_index: torch.Tensor, per_sample_weights: bool | None = None) -> Iterator[None]:
-    """Within the block, sample ``b`` of every forward through ``model`` uses expert ``region_index[b]``."""
-    layers = expert_layers(model)
-    if not layers:
-        raise RuntimeError("the model has no region experts to route to")
-    routing = make_routing(region_index, list(layers[0].lora_A.keys()), per_sample_weights)
-    for layer in layers:
-        layer.routing = routing
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.routing = None
-
-
-def expert_parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Parameters of each expert (its A and B tensors over all layers)."""
-    counts: dict[str, int] = {}
-    for layer in expert_layers(model):
-        for name in layer.lora_A:
-            n = layer.lora_A[name].weight.numel() + layer.lora_B[name].weight.numel()
-            counts[name] = counts.get(name, 0) + n
-    return counts
-
-
-def base_parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
 
 
 def merged_unet(model: PeftModel, region: str | None) -> nn.Module:

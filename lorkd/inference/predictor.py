@@ -274,10 +274,11 @@ class Predictor:
     ) -> Predictor:
         """Load a LoRKD, SATModule or official SAT checkpoint (see :func:`load_model`) once.
 
-        ``runtime="onnx"``: an export's experts run with onnxruntime (their exported window).
+        ``runtime="onnx"``: an export's experts run with onnxruntime (their exported window). A LoRKD
+        student's experts are built without peft (:mod:`lorkd.experts.plain`: the same outputs).
         ``options`` are :class:`Predictor`'s arguments (device, window, fallback, ...).
         """
-        loaded = load_model(path, model, text_checkpoint, language_model_path, net_overrides, runtime=runtime)
+        loaded = load_model(path, model, text_checkpoint, language_model_path, net_overrides, runtime=runtime, peft=False)
         teacher = None
         if options.get("fallback") == "teacher" and loaded.experts:
             teacher = load_model(path, "teacher")

@@ -26,7 +26,7 @@ import yaml
 
 from lorkd.checkpoints.adapters import plain_state
 from lorkd.experts import add_region_experts, base_parameter_count, expert_parameter_counts, route
-from lorkd.experts.build import expert_layers
+from lorkd.experts.routed import expert_layers
 from lorkd.models.sat import SAT
 from lorkd.utils import CONFIG_DIR
 

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from lorkd.experts import add_region_experts, route  # noqa: E402
-from lorkd.experts.build import expert_layers  # noqa: E402
+from lorkd.experts.routed import expert_layers  # noqa: E402
 from lorkd.losses import distillation_loss, segmentation_loss  # noqa: E402
 from lorkd.models.sat import SAT  # noqa: E402
 from lorkd.utils import CONFIG_DIR  # noqa: E402

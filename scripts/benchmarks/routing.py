@@ -23,8 +23,8 @@ import torch.nn.functional as F
 import yaml
 
 from lorkd.experts import add_region_experts, route
-from lorkd.experts.build import expert_layers
 from lorkd.experts.layers import RoutedLoraConv3d
+from lorkd.experts.routed import expert_layers
 from lorkd.models.unet import PlainConvUNet
 from lorkd.utils import CONFIG_DIR
 
