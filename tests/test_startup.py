@@ -1,7 +1,7 @@
-"""Start-up: predicting with an export imports neither peft nor W&B (peft is only for students with experts).
+"""Start-up: predicting imports neither peft nor W&B, nor (one process) Lightning.
 
 Checked structurally in a fresh interpreter (``scripts/benchmarks/startup.py`` measures the seconds).
-transformers is not checked: MONAI imports it at ``import monai`` (``monai.networks.nets.transchex``).
+transformers: only MONAI may import it (``import monai`` loads ``monai.networks.nets.transchex``).
 """
 
 import json
@@ -32,3 +32,48 @@ def test_predicting_with_an_export_imports_neither_peft_nor_wandb(tiny_export):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["routes"] == {"liver": "abdomen"}  # the abdomen expert ran
     assert report["before"] == [] and report["after"] == [], report
+
+
+CLI_PROBE = """
+import json, runpy, sys
+found = {}
+
+
+class Watch:  # who imports transformers: the top-level packages on the stack at its first import
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers" and name not in found:
+            frame, names = sys._getframe(1), set()
+            while frame is not None:
+                names.add(str(frame.f_globals.get("__name__", "")).split(".")[0])
+                frame = frame.f_back
+            found[name] = sorted(names)
+        return None
+
+
+sys.meta_path.insert(0, Watch())
+sys.argv = ["predict.py", *sys.argv[1:]]
+try:
+    runpy.run_path("predict.py", run_name="__main__")
+except SystemExit as exc:
+    assert not exc.code, exc.code
+heavy = ("peft", "lightning", "wandb", "torchmetrics")
+print(json.dumps({"imported": sorted(m for m in heavy if m in sys.modules), "transformers": found.get("transformers")}))
+"""
+
+
+def test_predict_py_with_a_lorkd_checkpoint_imports_neither_peft_nor_lightning(distinct_lorkd_ckpt, tmp_path, write_nifti):
+    import numpy as np
+
+    root = Path(__file__).resolve().parents[1]
+    image = write_nifti("ct.nii.gz", (np.arange(24 * 24 * 12).reshape(24, 24, 12) % 200).astype(np.int16))
+    args = [f"ckpt_path={distinct_lorkd_ckpt}", f"input={image}", "labels=[liver]", "modality=ct",
+            f"output_dir={tmp_path / 'out'}", "progress=false", "writer.preview=false"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-c", CLI_PROBE, *args], capture_output=True, text=True, env=env, cwd=root, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (tmp_path / "out" / "summary.csv").is_file()
+    assert report["imported"] == [], report  # peft (the student's experts), lightning (one process), W&B
+    assert report["transformers"] is None or "monai" in report["transformers"], report  # only through MONAI
