@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from lorkd.experts.layers import EXPERT_LAYERS
-from lorkd.experts.routed import DECODER_PATTERN, conv3d_targets, expert_names
+from lorkd.experts.routed import DECODER_PATTERN, conv3d_targets, expert_names, require_ranks
 
 
 def _lora_config(rank: int, factor: int, scaling: float, targets: list[str], style: str) -> LoraConfig:
@@ -43,9 +43,7 @@ def add_region_experts(
     train_base: bool = True,
 ) -> PeftModel:
     """Wrap ``unet`` in a ``PeftModel`` holding one expert adapter per region (names = region names)."""
-    missing = [r for r in regions if r not in ranks]
-    if missing:
-        raise KeyError(f"no expert rank configured for regions {missing}")
+    require_ranks(regions, ranks)
     targets = conv3d_targets(unet)
     model: PeftModel | None = None
     for region in regions:

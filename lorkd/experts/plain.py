@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorkd.experts.routed import DECODER_PATTERN, RoutedConv, conv3d_targets, lorkd_delta
+from lorkd.experts.routed import DECODER_PATTERN, RoutedConv, conv3d_targets, lorkd_delta, require_ranks
 
 STYLES = ("peft", "lorkd")
 
@@ -116,9 +116,7 @@ def add_plain_experts(
     """The arguments of :func:`~lorkd.experts.build.add_region_experts`, without peft (``train_base``
     is a training option: ignored). Ranks and ``lora_alpha`` per layer as that function's peft config:
     ``r`` (decoder: ``decoder_rank_factor``·``r``), ``alpha = scaling·r``, layer scaling ``alpha / r``."""
-    missing = [r for r in regions if r not in ranks]
-    if missing:
-        raise KeyError(f"no expert rank configured for regions {missing}")
+    require_ranks(regions, ranks)
     for name in conv3d_targets(unet):
         factor = decoder_rank_factor if re.match(rf"(.*\.)?({DECODER_PATTERN})$", name) else 1
         layer_ranks = {region: factor * int(ranks[region]) for region in regions}

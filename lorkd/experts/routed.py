@@ -9,7 +9,7 @@ in the graph, so they get no gradient. :class:`RoutedConv` holds that forward fo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -121,6 +121,13 @@ class RoutedConv:
             order.append(index)
         inverse = torch.argsort(torch.cat(order))
         return torch.cat(outputs).index_select(0, inverse)
+
+
+def require_ranks(regions: Sequence[str], ranks: Mapping[str, int]) -> None:
+    """Every region of ``regions`` has a rank in ``ranks`` (KeyError naming the others)."""
+    missing = [r for r in regions if r not in ranks]
+    if missing:
+        raise KeyError(f"no expert rank configured for regions {missing}")
 
 
 def conv3d_targets(unet: nn.Module) -> list[str]:
