@@ -415,7 +415,8 @@ def test_command_line_exit_codes_and_one_clean_line_per_failed_case(tiny_lorkd_c
     assert "Traceback" not in log
     assert len([line for line in log.splitlines() if "Tiny/case1" in line and "failed" in line]) == 1
     assert re.search(r"Dice \d\.\d{4}, NSD \d\.\d{4} ->", log), log[-2000:]
-    assert log.count("GPU available") == 1
+    assert log.count("2 case(s): 0 done by an earlier run") == 1  # one log line per event
+    assert "GPU available" not in log  # one process: the plain loop, no Lightning
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "eval.log").is_file()  # as the README says
     missing = eval_cli(tmp_path, f"ckpt_path={tmp_path / 'missing.ckpt'}", f"data.test_manifest={manifest}",
                        f"output_dir={tmp_path / 'e2'}")  # fmt: skip
