@@ -1,7 +1,7 @@
-"""Start-up: predicting with an export imports neither peft nor W&B (peft is only for students with experts).
+"""Start-up: predicting with an export imports neither peft, W&B nor MONAI (peft is only for students with
+experts; MONAI only for training's augmentations: grids, resampling and blending are ``lorkd``'s own).
 
 Checked structurally in a fresh interpreter (``scripts/benchmarks/startup.py`` measures the seconds).
-transformers is not checked: MONAI imports it at ``import monai`` (``monai.networks.nets.transchex``).
 """
 
 import json
@@ -14,15 +14,15 @@ PROBE = """
 import json, sys
 import numpy as np
 from lorkd.inference.predictor import Predictor
-before = sorted(m for m in ("peft", "wandb") if m in sys.modules)
+before = sorted(m for m in ("peft", "wandb", "monai") if m in sys.modules)
 predictor = Predictor.from_checkpoint(sys.argv[1], device="cpu")
 result = predictor.predict(np.zeros((24, 24, 12), np.float32) + np.arange(12), ["liver"], "ct", affine=np.eye(4))
-after = sorted(m for m in ("peft", "wandb") if m in sys.modules)
+after = sorted(m for m in ("peft", "wandb", "monai") if m in sys.modules)
 print(json.dumps({"before": before, "after": after, "routes": result.routes}))
 """
 
 
-def test_predicting_with_an_export_imports_neither_peft_nor_wandb(tiny_export):
+def test_predicting_with_an_export_imports_neither_peft_wandb_nor_monai(tiny_export):
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(
