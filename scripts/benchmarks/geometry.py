@@ -1,0 +1,136 @@
+"""Our grid resampling and sliding window (``lorkd.data.grid``, ``lorkd.inference.sliding_window``) vs MONAI's.
+
+    python scripts/benchmarks/geometry.py [--size 512 512 120] [--sw-size 256 256 96] [--window 64 64 32]
+        [--overlap 0.5] [--sw-batch 2] [--rounds 1] [--threads N]
+
+One process, MONAI's call right after ours on the same input, each under :class:`PeakMemory` (sampled RSS
+above the level at entry). Resampling: the synthetic CT of ``predict.py``'s benchmark (``--size`` voxels
+at 0.8x0.8x2.5 mm, LPS-free diagonal affine) to SAT's RAS 1x1x3 mm grid and back, nearest and bilinear
+(MONAI: ``SpatialResample(padding_mode="border")``). Sliding window: a random (1, 1, ``--sw-size``) image
+through a small random conv net (1 -> 4 channels, sigmoid), gaussian blending (MONAI:
+``sliding_window_inference(mode="gaussian", sigma_scale=0.125)``). Seconds are the best of ``--rounds``;
+"max |diff|" compares the two outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from lorkd.data import grid  # noqa: E402
+from lorkd.inference.sliding_window import count_windows, sliding_window_probabilities  # noqa: E402
+from scripts.benchmarks.predict import PeakMemory, ct_volume  # noqa: E402
+
+
+def monai_resample(array, src_affine, dst_affine, dst_shape, mode):
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    src = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
+        affine=torch.as_tensor(src_affine, dtype=torch.float64),
+    )
+    out = SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)(
+        src, dst_affine=torch.as_tensor(dst_affine, dtype=torch.float64), spatial_size=tuple(dst_shape)
+    )
+    return np.asarray(out.as_tensor() if isinstance(out, MetaTensor) else out, dtype=np.float32)
+
+
+def monai_sliding_window(image, model, window, overlap, batch):
+    from monai.inferers import sliding_window_inference
+
+    return sliding_window_inference(
+        image, tuple(window), batch, model, overlap, mode="gaussian", sigma_scale=0.125,
+        padding_mode="constant", cval=0.0, sw_device="cpu", device="cpu",
+    )[0]
+
+
+def measure(fn: Callable[[], object], rounds: int) -> tuple[object, float, float]:
+    """Result, best seconds and largest peak MiB of ``rounds`` calls (in inference mode, as the Predictor)."""
+    best, peak, result = float("inf"), 0.0, None
+    for _ in range(rounds):
+        result = None
+        with PeakMemory(torch.device("cpu")) as memory:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                result = fn()
+            best = min(best, time.perf_counter() - start)
+        peak = max(peak, memory.peak_mb)
+    return result, best, peak
+
+
+def max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, nargs=3, default=[512, 512, 120])
+    parser.add_argument("--sw-size", type=int, nargs=3, default=[256, 256, 96])
+    parser.add_argument("--window", type=int, nargs=3, default=[64, 64, 32])
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--sw-batch", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import monai  # noqa: F401  (imported before any timing, so no row pays for it)
+
+    rows = []
+    volume, affine = ct_volume()
+    volume = volume[: args.size[0], : args.size[1], : args.size[2]]
+    image = np.round(volume)[None]  # int16-like HU values, channel-first
+    dst_affine, dst_shape = grid.target_grid(image.shape[1:], affine, "RAS", (1.0, 1.0, 3.0))
+    for mode in ("nearest", "bilinear"):
+        ours, t_ours, m_ours = measure(lambda: grid.resample(image, affine, dst_affine, dst_shape, mode), args.rounds)
+        theirs, t_monai, m_monai = measure(
+            lambda: monai_resample(image, affine, dst_affine, dst_shape, mode), args.rounds
+        )
+        shape = "x".join(map(str, image.shape[1:])) + " -> " + "x".join(map(str, dst_shape))
+        rows.append((f"resample {mode}, {shape}", t_ours, t_monai, m_ours, m_monai, max_diff(ours, theirs)))
+        back, t_ours, m_ours = measure(lambda: grid.resample(ours, dst_affine, affine, image.shape[1:], mode), args.rounds)
+        back_monai, t_monai, m_monai = measure(
+            lambda: monai_resample(theirs, dst_affine, affine, image.shape[1:], mode), args.rounds
+        )
+        rows.append((f"resample {mode}, back", t_ours, t_monai, m_ours, m_monai, max_diff(back, back_monai)))
+        del ours, theirs, back, back_monai
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 4, 3, padding=1).eval()
+
+    def model(windows: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(net(windows))
+
+    sw_image = torch.randn(1, 1, *args.sw_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(torch.zeros(args.sw_batch, 1, *args.window))  # warm-up: the first conv call is not timed
+    ours, t_ours, m_ours = measure(
+        lambda: sliding_window_probabilities(sw_image, model, args.window, args.overlap, args.sw_batch), args.rounds
+    )
+    theirs, t_monai, m_monai = measure(
+        lambda: monai_sliding_window(sw_image, model, args.window, args.overlap, args.sw_batch), args.rounds
+    )
+    windows = count_windows(args.sw_size, args.window, args.overlap)
+    name = f"sliding window {'x'.join(map(str, args.sw_size))}, window {'x'.join(map(str, args.window))}, {windows} windows"
+    rows.append((name, t_ours, t_monai, m_ours, m_monai, max_diff(ours, theirs)))
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.rounds}\n")
+    print("| operation | ours (s) | MONAI (s) | time vs MONAI | ours peak (MiB) | MONAI peak (MiB) | memory vs MONAI | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, t_o, t_m, m_o, m_m, diff in rows:
+        memory_ratio = f"{m_o / m_m:.2f}x" if m_m > 0 else "-"
+        print(f"| {name} | {t_o:.2f} | {t_m:.2f} | {t_o / t_m:.2f}x | {m_o:.0f} | {m_m:.0f} | {memory_ratio} | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
