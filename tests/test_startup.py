@@ -32,3 +32,25 @@ def test_predicting_with_an_export_imports_neither_peft_wandb_nor_monai(tiny_exp
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["routes"] == {"liver": "abdomen"}  # the abdomen expert ran
     assert report["before"] == [] and report["after"] == [], report
+
+
+IMPORT_ALL = """
+import importlib, json, pkgutil, sys
+import lorkd.evaluation, lorkd.inference
+first = None  # the first module after whose import MONAI is loaded
+for pkg in (lorkd.inference, lorkd.evaluation):
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+        if first is None and "monai" in sys.modules:
+            first = f"{pkg.__name__}.{info.name}"
+print(json.dumps(first))
+"""
+
+
+def test_no_prediction_or_evaluation_module_imports_monai():
+    """A guard for the eval path too: MONAI stays lazy (training's augmentations import it on first use)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", IMPORT_ALL], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) is None  # else: the module that loaded MONAI

@@ -54,15 +54,16 @@ def monai_sliding_window(image, model, window, overlap, batch):
     )[0]
 
 
-def measure(fn: Callable[[], object], rounds: int) -> tuple[object, float, float]:
-    """Result, best seconds and largest peak MiB of ``rounds`` calls (in inference mode, as the Predictor)."""
+def measure(rounds: int, fn: Callable, *args: object) -> tuple[object, float, float]:
+    """Result, best seconds and largest peak MiB of ``rounds`` calls ``fn(*args)`` (in inference mode, as
+    the Predictor)."""
     best, peak, result = float("inf"), 0.0, None
     for _ in range(rounds):
         result = None
         with PeakMemory(torch.device("cpu")) as memory:
             start = time.perf_counter()
             with torch.inference_mode():
-                result = fn()
+                result = fn(*args)
             best = min(best, time.perf_counter() - start)
         peak = max(peak, memory.peak_mb)
     return result, best, peak
@@ -92,15 +93,14 @@ def main() -> None:
     image = np.round(volume)[None]  # int16-like HU values, channel-first
     dst_affine, dst_shape = grid.target_grid(image.shape[1:], affine, "RAS", (1.0, 1.0, 3.0))
     for mode in ("nearest", "bilinear"):
-        ours, t_ours, m_ours = measure(lambda: grid.resample(image, affine, dst_affine, dst_shape, mode), args.rounds)
-        theirs, t_monai, m_monai = measure(
-            lambda: monai_resample(image, affine, dst_affine, dst_shape, mode), args.rounds
-        )
+        forward = (image, affine, dst_affine, dst_shape, mode)
+        ours, t_ours, m_ours = measure(args.rounds, grid.resample, *forward)
+        theirs, t_monai, m_monai = measure(args.rounds, monai_resample, *forward)
         shape = "x".join(map(str, image.shape[1:])) + " -> " + "x".join(map(str, dst_shape))
         rows.append((f"resample {mode}, {shape}", t_ours, t_monai, m_ours, m_monai, max_diff(ours, theirs)))
-        back, t_ours, m_ours = measure(lambda: grid.resample(ours, dst_affine, affine, image.shape[1:], mode), args.rounds)
+        back, t_ours, m_ours = measure(args.rounds, grid.resample, ours, dst_affine, affine, image.shape[1:], mode)
         back_monai, t_monai, m_monai = measure(
-            lambda: monai_resample(theirs, dst_affine, affine, image.shape[1:], mode), args.rounds
+            args.rounds, monai_resample, theirs, dst_affine, affine, image.shape[1:], mode
         )
         rows.append((f"resample {mode}, back", t_ours, t_monai, m_ours, m_monai, max_diff(back, back_monai)))
         del ours, theirs, back, back_monai
@@ -114,12 +114,9 @@ def main() -> None:
     sw_image = torch.randn(1, 1, *args.sw_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         model(torch.zeros(args.sw_batch, 1, *args.window))  # warm-up: the first conv call is not timed
-    ours, t_ours, m_ours = measure(
-        lambda: sliding_window_probabilities(sw_image, model, args.window, args.overlap, args.sw_batch), args.rounds
-    )
-    theirs, t_monai, m_monai = measure(
-        lambda: monai_sliding_window(sw_image, model, args.window, args.overlap, args.sw_batch), args.rounds
-    )
+    blend = (sw_image, model, args.window, args.overlap, args.sw_batch)
+    ours, t_ours, m_ours = measure(args.rounds, sliding_window_probabilities, *blend)
+    theirs, t_monai, m_monai = measure(args.rounds, monai_sliding_window, *blend)
     windows = count_windows(args.sw_size, args.window, args.overlap)
     name = f"sliding window {'x'.join(map(str, args.sw_size))}, window {'x'.join(map(str, args.window))}, {windows} windows"
     rows.append((name, t_ours, t_monai, m_ours, m_monai, max_diff(ours, theirs)))
