@@ -125,17 +125,16 @@ def _sample_slabs(img: torch.Tensor, theta: torch.Tensor, dst_shape: Sequence[in
     src = img[None].contiguous()
     xs, ys, zs = _base_axis(nx), _base_axis(ny), _base_axis(nz)
     theta_t = theta.transpose(1, 2)
-    step = max(1, SLAB_VOXELS // max(ny * nz, 1))
+    step = min(nx, max(1, SLAB_VOXELS // max(ny * nz, 1)))
+    base = torch.empty((1, step, ny, nz, 4), dtype=torch.float32)  # homogeneous (z, y, x, 1) of one slab
+    base[..., 0] = zs
+    base[..., 1] = ys[:, None]
+    base[..., 3] = 1.0
     for start in range(0, nx, step):
-        stop = min(start + step, nx)
-        base = torch.empty((1, stop - start, ny, nz, 4), dtype=torch.float32)
-        base[..., 0] = zs
-        base[..., 1] = ys[:, None]
-        base[..., 2] = xs[start:stop, None, None]
-        base[..., 3] = 1.0
-        grid = base.view(1, -1, 4).bmm(theta_t).view(1, stop - start, ny, nz, 3)
-        del base
-        out[:, start:stop] = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=False)[0]
+        rows = min(step, nx - start)
+        base[:, :rows, ..., 2] = xs[start : start + rows, None, None]
+        grid = base[:, :rows].view(1, -1, 4).bmm(theta_t).view(1, rows, ny, nz, 3)
+        out[:, start : start + rows] = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=False)[0]
     return out
 
 

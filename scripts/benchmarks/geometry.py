@@ -3,8 +3,9 @@
     python scripts/benchmarks/geometry.py [--size 512 512 120] [--sw-size 256 256 96] [--window 64 64 32]
         [--overlap 0.5] [--sw-batch 2] [--rounds 1] [--threads N]
 
-One process, MONAI's call right after ours on the same input, each under :class:`PeakMemory` (sampled RSS
-above the level at entry). Resampling: the synthetic CT of ``predict.py``'s benchmark (``--size`` voxels
+Each measurement runs in a fresh (spawned) process that builds the same inputs, then times one call under
+:class:`PeakMemory` (sampled RSS above the level at entry), so neither implementation inherits the other's
+freed memory; ours and MONAI's alternate per operation. Resampling: the synthetic CT of ``predict.py``'s benchmark (``--size`` voxels
 at 0.8x0.8x2.5 mm, LPS-free diagonal affine) to SAT's RAS 1x1x3 mm grid and back, nearest and bilinear
 (MONAI: ``SpatialResample(padding_mode="border")``). Sliding window: a random (1, 1, ``--sw-size``) image
 through a small random conv net (1 -> 4 channels, sigmoid), gaussian blending (MONAI:
@@ -15,9 +16,11 @@ through a small random conv net (1 -> 4 channels, sigmoid), gaussian blending (M
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +76,39 @@ def max_diff(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
 
+def task(op: str, implementation: str, args: argparse.Namespace) -> tuple[np.ndarray, float, float]:
+    """One measurement in a fresh process: build the inputs, then time ``implementation`` ("ours" or
+    "monai") on ``op`` ("nearest"/"bilinear" forward or "<mode> back" resampling, or "sliding window")."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import monai  # noqa: F401  (both implementations start from the same imports)
+
+    ours = implementation == "ours"
+    if op == "sliding window":
+        torch.manual_seed(0)
+        net = torch.nn.Conv3d(1, 4, 3, padding=1).eval()
+
+        def model(windows: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(net(windows))
+
+        image = torch.randn(1, 1, *args.sw_size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            model(torch.zeros(args.sw_batch, 1, *args.window))  # warm-up: the first conv call is not timed
+        blend = sliding_window_probabilities if ours else monai_sliding_window
+        out, seconds, peak = measure(args.rounds, blend, image, model, args.window, args.overlap, args.sw_batch)
+        return np.asarray(out), seconds, peak
+    volume, affine = ct_volume()
+    image = np.round(volume[: args.size[0], : args.size[1], : args.size[2]])[None]  # int16-like HU values
+    dst_affine, dst_shape = grid.target_grid(image.shape[1:], affine, "RAS", (1.0, 1.0, 3.0))
+    mode = op.split()[0]
+    call = (image, affine, dst_affine, dst_shape, mode)
+    if op.endswith("back"):  # the forward result (identical for both) back to the input grid
+        call = (grid.resample(*call), dst_affine, affine, image.shape[1:], mode)
+    del volume
+    out, seconds, peak = measure(args.rounds, grid.resample if ours else monai_resample, *call)
+    return np.asarray(out), seconds, peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, nargs=3, default=[512, 512, 120])
@@ -83,45 +119,33 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import monai  # noqa: F401  (imported before any timing, so no row pays for it)
 
-    rows = []
     volume, affine = ct_volume()
-    volume = volume[: args.size[0], : args.size[1], : args.size[2]]
-    image = np.round(volume)[None]  # int16-like HU values, channel-first
-    dst_affine, dst_shape = grid.target_grid(image.shape[1:], affine, "RAS", (1.0, 1.0, 3.0))
-    for mode in ("nearest", "bilinear"):
-        forward = (image, affine, dst_affine, dst_shape, mode)
-        ours, t_ours, m_ours = measure(args.rounds, grid.resample, *forward)
-        theirs, t_monai, m_monai = measure(args.rounds, monai_resample, *forward)
-        shape = "x".join(map(str, image.shape[1:])) + " -> " + "x".join(map(str, dst_shape))
-        rows.append((f"resample {mode}, {shape}", t_ours, t_monai, m_ours, m_monai, max_diff(ours, theirs)))
-        back, t_ours, m_ours = measure(args.rounds, grid.resample, ours, dst_affine, affine, image.shape[1:], mode)
-        back_monai, t_monai, m_monai = measure(
-            args.rounds, monai_resample, theirs, dst_affine, affine, image.shape[1:], mode
-        )
-        rows.append((f"resample {mode}, back", t_ours, t_monai, m_ours, m_monai, max_diff(back, back_monai)))
-        del ours, theirs, back, back_monai
-
-    torch.manual_seed(0)
-    net = torch.nn.Conv3d(1, 4, 3, padding=1).eval()
-
-    def model(windows: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(net(windows))
-
-    sw_image = torch.randn(1, 1, *args.sw_size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        model(torch.zeros(args.sw_batch, 1, *args.window))  # warm-up: the first conv call is not timed
-    blend = (sw_image, model, args.window, args.overlap, args.sw_batch)
-    ours, t_ours, m_ours = measure(args.rounds, sliding_window_probabilities, *blend)
-    theirs, t_monai, m_monai = measure(args.rounds, monai_sliding_window, *blend)
+    size = volume[: args.size[0], : args.size[1], : args.size[2]].shape
+    dst_shape = grid.target_grid(size, affine, "RAS", (1.0, 1.0, 3.0))[1]
+    del volume
+    shapes = f"{'x'.join(map(str, size))} -> {'x'.join(map(str, dst_shape))}"
     windows = count_windows(args.sw_size, args.window, args.overlap)
-    name = f"sliding window {'x'.join(map(str, args.sw_size))}, window {'x'.join(map(str, args.window))}, {windows} windows"
-    rows.append((name, t_ours, t_monai, m_ours, m_monai, max_diff(ours, theirs)))
+    names = {
+        "nearest": f"resample nearest, {shapes}",
+        "nearest back": "resample nearest, back",
+        "bilinear": f"resample bilinear, {shapes}",
+        "bilinear back": "resample bilinear, back",
+        "sliding window": f"sliding window {'x'.join(map(str, args.sw_size))}, window "
+        f"{'x'.join(map(str, args.window))}, {windows} windows",
+    }
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    for op, name in names.items():
+        results = {}
+        for implementation in ("ours", "monai"):
+            with ProcessPoolExecutor(1, mp_context=context) as pool:  # a fresh process per measurement
+                results[implementation] = pool.submit(task, op, implementation, args).result()
+        (a, t_o, m_o), (b, t_m, m_m) = results["ours"], results["monai"]
+        rows.append((name, t_o, t_m, m_o, m_m, max_diff(a, b)))
+        del results, a, b
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.rounds}\n")
+    print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, best of {args.rounds}\n")
     print("| operation | ours (s) | MONAI (s) | time vs MONAI | ours peak (MiB) | MONAI peak (MiB) | memory vs MONAI | max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
     for name, t_o, t_m, m_o, m_m, diff in rows:
