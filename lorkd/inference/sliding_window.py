@@ -110,11 +110,12 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
 def gaussian_weights(window: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
     """Window importance map: a separable gaussian of sigma ``sigma_scale`` x the window size per axis,
     clamped below at max(min, 1e-3) (MONAI's ``compute_importance_map(mode="gaussian")``), float32."""
-    weights = torch.ones(())
+    weights: torch.Tensor | None = None
     for i, size in enumerate(window):
         x = torch.arange(start=-(size - 1) / 2.0, end=(size - 1) / 2.0 + 1, dtype=torch.float)
         x = torch.exp(x**2 / (-2 * (size * sigma_scale) ** 2))
-        weights = weights.unsqueeze(-1) * x[(None,) * i] if i > 0 else x
+        weights = x if weights is None else weights.unsqueeze(-1) * x[(None,) * i]
+    assert weights is not None, "a window has at least one axis"
     return torch.clamp_(weights, min=max(torch.min(weights).item(), 1e-3))
 
 
