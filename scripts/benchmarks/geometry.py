@@ -10,13 +10,16 @@ at 0.8x0.8x2.5 mm, LPS-free diagonal affine) to SAT's RAS 1x1x3 mm grid and back
 (MONAI: ``SpatialResample(padding_mode="border")``). Sliding window: a random (1, 1, ``--sw-size``) image
 through a small random conv net (1 -> 4 channels, sigmoid), gaussian blending (MONAI:
 ``sliding_window_inference(mode="gaussian", sigma_scale=0.125)``). Seconds are the best of ``--rounds``;
-"max |diff|" compares the two outputs.
+"max |diff|" compares the two outputs. The first row is the import the prediction path no longer pays:
+a fresh interpreter (numpy, torch, nibabel already loaded) importing our two modules vs MONAI's.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -109,6 +112,32 @@ def task(op: str, implementation: str, args: argparse.Namespace) -> tuple[np.nda
     return np.asarray(out), seconds, peak
 
 
+IMPORTS = {  # what the prediction path imports for grids, resampling and blending
+    "ours": "import lorkd.data.grid, lorkd.inference.sliding_window",
+    "monai": "import monai.data, monai.transforms, monai.inferers",
+}
+IMPORT_PROBE = """
+import resource, sys, time
+import numpy, torch, nibabel
+rss, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+exec(sys.argv[1])
+print(time.perf_counter() - start, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024)
+"""
+
+
+def import_cost(statement: str, rounds: int) -> tuple[float, float]:
+    """Best seconds and the ru_maxrss growth (MiB) of ``statement`` in a fresh interpreter that has
+    already imported numpy, torch and nibabel."""
+    runs = []
+    for _ in range(rounds):
+        done = subprocess.run(
+            [sys.executable, "-c", IMPORT_PROBE, statement], capture_output=True, text=True, check=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        runs.append(tuple(float(v) for v in done.stdout.split()[-2:]))
+    return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, nargs=3, default=[512, 512, 120])
@@ -134,7 +163,8 @@ def main() -> None:
         "sliding window": f"sliding window {'x'.join(map(str, args.sw_size))}, window "
         f"{'x'.join(map(str, args.window))}, {windows} windows",
     }
-    rows = []
+    (t_o, m_o), (t_m, m_m) = (import_cost(IMPORTS[k], args.rounds) for k in ("ours", "monai"))
+    rows = [("import (a fresh interpreter with torch: our modules vs MONAI's)", t_o, t_m, m_o, m_m, 0.0)]
     context = multiprocessing.get_context("spawn")
     for op, name in names.items():
         results = {}
