@@ -117,25 +117,24 @@ IMPORTS = {  # what the prediction path imports for grids, resampling and blendi
     "monai": "import monai.data, monai.transforms, monai.inferers",
 }
 IMPORT_PROBE = """
-import resource, sys, time
+import sys, time
 import numpy, torch, nibabel
-rss, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+start = time.perf_counter()
 exec(sys.argv[1])
-print(time.perf_counter() - start, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024)
+print(time.perf_counter() - start)
 """
 
 
-def import_cost(statement: str, rounds: int) -> tuple[float, float]:
-    """Best seconds and the ru_maxrss growth (MiB) of ``statement`` in a fresh interpreter that has
-    already imported numpy, torch and nibabel."""
+def import_seconds(statement: str, rounds: int) -> float:
+    """Best seconds of ``statement`` in a fresh interpreter that has already imported numpy, torch, nibabel."""
     runs = []
     for _ in range(rounds):
         done = subprocess.run(
             [sys.executable, "-c", IMPORT_PROBE, statement], capture_output=True, text=True, check=True,
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
         )
-        runs.append(tuple(float(v) for v in done.stdout.split()[-2:]))
-    return min(r[0] for r in runs), max(r[1] for r in runs)
+        runs.append(float(done.stdout.split()[-1]))
+    return min(runs)
 
 
 def main() -> None:
@@ -163,8 +162,8 @@ def main() -> None:
         "sliding window": f"sliding window {'x'.join(map(str, args.sw_size))}, window "
         f"{'x'.join(map(str, args.window))}, {windows} windows",
     }
-    (t_o, m_o), (t_m, m_m) = (import_cost(IMPORTS[k], args.rounds) for k in ("ours", "monai"))
-    rows = [("import (a fresh interpreter with torch: our modules vs MONAI's)", t_o, t_m, m_o, m_m, 0.0)]
+    t_o, t_m = (import_seconds(IMPORTS[k], args.rounds) for k in ("ours", "monai"))
+    rows: list[tuple] = [("import (a fresh interpreter with torch: our modules vs MONAI's)", t_o, t_m, None, None, None)]
     context = multiprocessing.get_context("spawn")
     for op, name in names.items():
         results = {}
@@ -179,8 +178,9 @@ def main() -> None:
     print("| operation | ours (s) | MONAI (s) | time vs MONAI | ours peak (MiB) | MONAI peak (MiB) | memory vs MONAI | max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
     for name, t_o, t_m, m_o, m_m, diff in rows:
-        memory_ratio = f"{m_o / m_m:.2f}x" if m_m > 0 else "-"
-        print(f"| {name} | {t_o:.2f} | {t_m:.2f} | {t_o / t_m:.2f}x | {m_o:.0f} | {m_m:.0f} | {memory_ratio} | {diff:.1e} |")
+        memory = "- | - | -" if m_m is None else f"{m_o:.0f} | {m_m:.0f} | " + (f"{m_o / m_m:.2f}x" if m_m > 0 else "-")
+        difference = "-" if diff is None else f"{diff:.1e}"
+        print(f"| {name} | {t_o:.2f} | {t_m:.2f} | {t_o / t_m:.2f}x | {memory} | {difference} |")
 
 
 if __name__ == "__main__":
