@@ -1,7 +1,8 @@
-"""Start-up: predicting imports neither peft nor W&B, nor (one process) Lightning.
+"""Start-up: predicting imports neither peft, W&B, MONAI nor transformers, nor (one process) Lightning
+(peft is only for training students with experts; MONAI only for training's augmentations: grids,
+resampling and blending are ``lorkd``'s own).
 
 Checked structurally in a fresh interpreter (``scripts/benchmarks/startup.py`` measures the seconds).
-transformers: only MONAI may import it (``import monai`` loads ``monai.networks.nets.transchex``).
 """
 
 import json
@@ -14,15 +15,15 @@ PROBE = """
 import json, sys
 import numpy as np
 from lorkd.inference.predictor import Predictor
-before = sorted(m for m in ("peft", "wandb") if m in sys.modules)
+before = sorted(m for m in ("peft", "wandb", "monai") if m in sys.modules)
 predictor = Predictor.from_checkpoint(sys.argv[1], device="cpu")
 result = predictor.predict(np.zeros((24, 24, 12), np.float32) + np.arange(12), ["liver"], "ct", affine=np.eye(4))
-after = sorted(m for m in ("peft", "wandb") if m in sys.modules)
+after = sorted(m for m in ("peft", "wandb", "monai") if m in sys.modules)
 print(json.dumps({"before": before, "after": after, "routes": result.routes}))
 """
 
 
-def test_predicting_with_an_export_imports_neither_peft_nor_wandb(tiny_export):
+def test_predicting_with_an_export_imports_neither_peft_wandb_nor_monai(tiny_export):
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(
@@ -56,12 +57,12 @@ try:
     runpy.run_path("predict.py", run_name="__main__")
 except SystemExit as exc:
     assert not exc.code, exc.code
-heavy = ("peft", "lightning", "wandb", "torchmetrics")
+heavy = ("peft", "lightning", "wandb", "torchmetrics", "monai", "transformers")
 print(json.dumps({"imported": sorted(m for m in heavy if m in sys.modules), "transformers": found.get("transformers")}))
 """
 
 
-def test_predict_py_with_a_lorkd_checkpoint_imports_neither_peft_nor_lightning(distinct_lorkd_ckpt, tmp_path, write_nifti):
+def test_predict_py_with_a_lorkd_checkpoint_imports_no_heavy_package(distinct_lorkd_ckpt, tmp_path, write_nifti):
     import numpy as np
 
     root = Path(__file__).resolve().parents[1]
@@ -75,5 +76,27 @@ def test_predict_py_with_a_lorkd_checkpoint_imports_neither_peft_nor_lightning(d
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert (tmp_path / "out" / "summary.csv").is_file()
-    assert report["imported"] == [], report  # peft (the student's experts), lightning (one process), W&B
-    assert report["transformers"] is None or "monai" in report["transformers"], report  # only through MONAI
+    # peft (the student's experts), lightning (one process), W&B, MONAI, transformers (prompts cached)
+    assert report["imported"] == [] and report["transformers"] is None, report
+
+
+IMPORT_ALL = """
+import importlib, json, pkgutil, sys
+import lorkd.evaluation, lorkd.inference
+first = None  # the first module after whose import MONAI is loaded
+for pkg in (lorkd.inference, lorkd.evaluation):
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+        if first is None and "monai" in sys.modules:
+            first = f"{pkg.__name__}.{info.name}"
+print(json.dumps(first))
+"""
+
+
+def test_no_prediction_or_evaluation_module_imports_monai():
+    """A guard for the eval path too: MONAI stays lazy (training's augmentations import it on first use)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", IMPORT_ALL], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) is None  # else: the module that loaded MONAI

@@ -1,8 +1,9 @@
 """SAT's preprocessing (orientation, spacing, foreground crop, intensity) and its exact inverse.
 
-The target grid comes from MONAI's ``Orientation`` and ``Spacing`` (run lazily, so only their
-geometry is used) and every array (image, masks, predictions) is moved between the original grid
-and that grid by one MONAI ``SpatialResample``; forward and inverse therefore share one geometry.
+The target grid is MONAI's ``Orientation`` + ``Spacing`` grid and every array (image, masks,
+predictions) is moved between the original grid and that grid by one resampling
+(:mod:`lorkd.data.grid`, MONAI's ``SpatialResample`` reproduced bit for bit without importing MONAI);
+forward and inverse therefore share one geometry.
 :class:`InversionInfo` keeps what the inverse needs, so predictions are written in the input's
 own grid (shape and affine) rather than SAT's identity-affine resampled grid.
 
@@ -27,6 +28,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from lorkd.data.grid import resample, target_grid
 from lorkd.data.io import NAN_POLICIES, CaseError, Volume, check_finite, read_volume, squeeze_to_3d
 from lorkd.data.manifest import Case, axcodes
 from lorkd.regions import canonical_modality
@@ -34,7 +36,6 @@ from lorkd.regions import canonical_modality
 log = logging.getLogger(__name__)
 
 INTERPOLATIONS = ("bilinear", "nearest")
-_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 Affine = tuple[tuple[float, ...], ...]
 
 
@@ -182,47 +183,6 @@ class PreprocessedCase:
     modality: str
     case_id: str = ""
     dataset: str = ""
-
-
-def target_grid(
-    shape: Sequence[int], affine: np.ndarray, orientation: str | None, spacing: Sequence[float] | None
-) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Affine and shape that MONAI ``Orientation`` + ``Spacing`` give for this grid (no data moved)."""
-    if not orientation and spacing is None:
-        return np.asarray(affine, dtype=np.float64), tuple(int(s) for s in shape)  # type: ignore[return-value]
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import Orientation, Spacing
-
-    t = MetaTensor(
-        torch.empty((1, *shape), dtype=torch.float32), affine=torch.as_tensor(affine, dtype=torch.float64)
-    )
-    if orientation:
-        t = Orientation(axcodes=orientation, labels=_AXIS_LABELS, lazy=True)(t)
-    if spacing is not None:
-        t = Spacing(pixdim=tuple(spacing), lazy=True)(t)
-    out_affine = np.asarray(t.peek_pending_affine(), dtype=np.float64)
-    return out_affine, tuple(int(s) for s in t.peek_pending_shape())  # type: ignore[return-value]
-
-
-def resample(
-    array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int], mode: str
-) -> np.ndarray:
-    """Resample a channel-first array (C,X,Y,Z) from one grid to another (MONAI ``SpatialResample``)."""
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import SpatialResample
-
-    src = MetaTensor(
-        torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
-        affine=torch.as_tensor(np.asarray(src_affine), dtype=torch.float64),
-    )
-    out = SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)(
-        src,
-        dst_affine=torch.as_tensor(np.asarray(dst_affine), dtype=torch.float64),
-        spatial_size=tuple(dst_shape),
-    )
-    return np.asarray(out.as_tensor() if isinstance(out, MetaTensor) else out, dtype=np.float32)
 
 
 def foreground_box(

@@ -1,0 +1,169 @@
+"""Voxel grids without MONAI: the target grid of an orientation + spacing, and resampling between grids.
+
+Both reproduce MONAI 1.x bit for bit (``Orientation`` + ``Spacing`` run lazily for :func:`target_grid`;
+``SpatialResample(padding_mode="border", align_corners=False, dtype=float32)`` for :func:`resample`),
+with the same float64/float32 steps in the same order, so preprocessing caches and predictions do
+not change (``tests/test_data_grid.py`` compares against MONAI). Importing MONAI costs 1-3 s (it loads
+every submodule), which ``predict.py``'s start-up cannot afford.
+
+:func:`resample` builds ``torch.nn.functional.affine_grid``'s sampling grid slab by slab along the
+first output axis (the same base grid and the same ``bmm``), so its memory is one slab's grid, not
+12 bytes per output voxel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+AFFINE_TOL = 1e-3  # MONAI's tolerance: a spacing this close to the target is kept; an xform this close to I is a no-op
+AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+MODES = ("bilinear", "nearest")
+SLAB_VOXELS = 1 << 22  # output voxels per slab of the sampling grid (48 MiB of float32 coordinates)
+
+
+def _spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel sizes of a 4x4 affine (norms of its columns; 0 read as 1)."""
+    spacing = np.sqrt(np.sum(affine[:3, :3] * affine[:3, :3], axis=0))
+    spacing[spacing == 0] = 1.0
+    return spacing
+
+
+def _zoomed_affine(affine: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """``affine``'s rotation with voxel sizes ``spacing`` and no translation (MONAI ``zoom_affine``)."""
+    rzs = affine[:-1, :-1]
+    zs = np.linalg.cholesky(rzs.T @ rzs).T
+    rotation = rzs @ np.linalg.inv(zs)
+    new_affine = np.eye(4)
+    new_affine[:-1, :-1] = rotation @ np.diag(np.sign(np.diag(zs)) * np.abs(spacing))
+    return new_affine
+
+
+def _shape_offset(shape: Sequence[int], in_affine: np.ndarray, out_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Shape of ``out_affine``'s grid covering the input's voxel centres, and its origin (MONAI
+    ``compute_shape_offset``: the corner nearest the origin of the output axes, else the centres aligned)."""
+    shape_f = np.array(tuple(shape), dtype=float)
+    corners = np.asarray(np.meshgrid(*[(0.0, d - 1.0) for d in shape_f], indexing="ij")).reshape((3, -1))
+    corners = np.concatenate((corners, np.ones_like(corners[:1])))
+    corners_out = np.linalg.solve(out_affine, in_affine) @ corners
+    corners = in_affine @ corners
+    all_dist = corners_out[:-1].copy()
+    corners_out = corners_out[:-1] / corners_out[-1]
+    out_shape = np.round(np.ptp(corners_out, axis=1) + 1.0)
+    for i in range(corners.shape[1]):
+        if np.allclose(np.min(all_dist - all_dist[:, i : i + 1], 1), 0.0, rtol=AFFINE_TOL):
+            return out_shape.astype(int), corners[:-1, i]
+    offset = in_affine[:-1, :-1] @ (shape_f / 2.0) + in_affine[:-1, -1] - out_affine[:-1, :-1] @ (out_shape / 2.0)
+    return out_shape.astype(int), offset
+
+
+def target_grid(
+    shape: Sequence[int], affine: np.ndarray, orientation: str | None, spacing: Sequence[float] | None
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Affine (float64) and shape of a (X, Y, Z) grid reoriented to ``orientation`` (axis codes such as
+    "RAS", or None to keep the axes) and resampled to ``spacing`` mm (None: keep the voxel size)."""
+    out_shape = tuple(int(s) for s in shape)
+    if not orientation and spacing is None:
+        return np.asarray(affine, dtype=np.float64), out_shape  # type: ignore[return-value]
+    current = torch.as_tensor(np.asarray(affine), dtype=torch.float64)
+    if orientation:
+        ornt = nib.orientations.ornt_transform(
+            nib.io_orientation(current.numpy()), nib.orientations.axcodes2ornt(orientation[:3], labels=AXIS_LABELS)
+        )
+        flip_permute = torch.as_tensor(nib.orientations.inv_ornt_aff(ornt, out_shape), dtype=torch.float64)
+        current = torch.matmul(current, flip_permute)
+        out_shape = tuple(out_shape[i] for i in np.argsort(ornt[:, 0]))
+    if spacing is not None:
+        affine_np = current.numpy().copy()
+        target = np.array(tuple(spacing), dtype=np.float64)
+        own = _spacing(affine_np)
+        kept = np.where((target - AFFINE_TOL <= own) & (own <= target + AFFINE_TOL), own, target)  # MONAI's rule
+        new_affine = _zoomed_affine(affine_np, kept)
+        grid_shape, offset = _shape_offset(out_shape, affine_np, new_affine)
+        new_affine[:3, -1] = offset[:3]
+        current = torch.matmul(current, torch.as_tensor(np.linalg.solve(affine_np, new_affine), dtype=torch.float64))
+        out_shape = tuple(int(s) for s in grid_shape)
+    return current.numpy().astype(np.float64, copy=True), out_shape  # type: ignore[return-value]
+
+
+def _normalizer(size: Sequence[int]) -> torch.Tensor:
+    """(1, 4, 4) float32 map from voxel indices to grid_sample's [-1, 1] (align_corners=False)."""
+    shape = torch.tensor([float(s) for s in size], dtype=torch.float64)
+    norm = shape.clone()
+    norm[norm <= 0.0] = 2.0
+    norm = torch.diag(torch.cat((2.0 / norm, torch.ones((1,), dtype=torch.float64))))
+    norm[:-1, -1] = 1.0 / shape - 1.0
+    return norm.unsqueeze(0).to(torch.float32)
+
+
+def _grid_theta(xform: np.ndarray, src_size: Sequence[int], dst_size: Sequence[int]) -> torch.Tensor:
+    """(1, 3, 4) float32 ``affine_grid`` theta for a voxel-to-voxel ``xform`` (dst index -> src index)."""
+    theta = torch.as_tensor(xform, dtype=torch.float64).to(torch.float32)[None]
+    dst_inverse = torch.from_numpy(np.linalg.inv(_normalizer(dst_size).numpy()))
+    theta = _normalizer(src_size) @ theta @ dst_inverse
+    reverse = torch.tensor([2, 1, 0])  # grid_sample's coordinates are (z, y, x) order of the last axes
+    theta[:, :3] = theta[:, reverse]
+    theta[:, :, :3] = theta[:, :, reverse]
+    return theta[:, :3]
+
+
+def _base_axis(steps: int) -> torch.Tensor:
+    """``affine_grid``'s normalised voxel centres along one axis (align_corners=False), float32."""
+    if steps <= 1:
+        return torch.zeros(steps, dtype=torch.float32)
+    return torch.linspace(-1, 1, steps, dtype=torch.float32) * (steps - 1) / steps
+
+
+def _sample_slabs(img: torch.Tensor, theta: torch.Tensor, dst_shape: Sequence[int], mode: str) -> torch.Tensor:
+    """grid_sample of (C, X, Y, Z) ``img`` on the grid ``affine_grid(theta)`` of ``dst_shape``, slab by slab."""
+    nx, ny, nz = (int(s) for s in dst_shape)
+    out = torch.empty((img.shape[0], nx, ny, nz), dtype=torch.float32)
+    src = img[None].contiguous()
+    xs, ys, zs = _base_axis(nx), _base_axis(ny), _base_axis(nz)
+    theta_t = theta.transpose(1, 2)
+    step = min(nx, max(1, SLAB_VOXELS // max(ny * nz, 1)))
+    base = torch.empty((1, step, ny, nz, 4), dtype=torch.float32)  # homogeneous (z, y, x, 1) of one slab
+    base[..., 0] = zs
+    base[..., 1] = ys[:, None]
+    base[..., 3] = 1.0
+    for start in range(0, nx, step):
+        rows = min(step, nx - start)
+        base[:, :rows, ..., 2] = xs[start : start + rows, None, None]
+        grid = base[:, :rows].view(1, -1, 4).bmm(theta_t).view(1, rows, ny, nz, 3)
+        out[:, start : start + rows] = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=False)[0]
+    return out
+
+
+def resample(
+    array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int], mode: str
+) -> np.ndarray:
+    """Resample a channel-first (C, X, Y, Z) array from the grid ``src_affine`` to (``dst_affine``,
+    ``dst_shape``): ``mode`` "bilinear" (trilinear) or "nearest", border padding, float32 result.
+
+    Grids that agree within 1e-3 (affines, or the voxel-to-voxel map and the identity) with the same
+    shape return the array as float32 without resampling, as MONAI does.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    array = np.asarray(array)
+    if array.ndim != 4:
+        raise ValueError(f"expected a channel-first (C, X, Y, Z) array, got shape {array.shape}")
+    src = np.asarray(src_affine, dtype=np.float64)
+    dst = np.asarray(dst_affine, dtype=np.float64)
+    try:
+        xform = np.linalg.solve(src, dst)
+    except np.linalg.LinAlgError as e:
+        raise ValueError(f"source affine is not invertible: {src.tolist()}") from e
+    dst_shape = tuple(int(s) for s in dst_shape)
+    img = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if dst_shape == tuple(array.shape[1:]) and (
+        np.allclose(src, dst, atol=AFFINE_TOL) or np.allclose(xform, np.eye(4), atol=AFFINE_TOL)
+    ):
+        return img.numpy()
+    theta = _grid_theta(xform, array.shape[1:], dst_shape)
+    with torch.inference_mode():
+        return _sample_slabs(img, theta, dst_shape, mode).numpy()

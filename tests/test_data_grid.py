@@ -1,0 +1,152 @@
+"""``lorkd.data.grid`` reproduces MONAI's ``Orientation`` + ``Spacing`` grid and ``SpatialResample`` bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lorkd.data import grid
+from lorkd.data.transforms import PreprocessConfig, invert_to_original, preprocess_image, to_preprocessed_grid
+
+monai_data = pytest.importorskip("monai.data")
+monai_transforms = pytest.importorskip("monai.transforms")
+
+
+def monai_target_grid(shape, affine, orientation, spacing):
+    t = monai_data.MetaTensor(torch.empty((1, *shape)), affine=torch.as_tensor(affine, dtype=torch.float64))
+    if orientation:
+        t = monai_transforms.Orientation(axcodes=orientation, labels=grid.AXIS_LABELS, lazy=True)(t)
+    if spacing is not None:
+        t = monai_transforms.Spacing(pixdim=tuple(spacing), lazy=True)(t)
+    return np.asarray(t.peek_pending_affine(), dtype=np.float64), tuple(int(s) for s in t.peek_pending_shape())
+
+
+def monai_resample(array, src_affine, dst_affine, dst_shape, mode):
+    src = monai_data.MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
+        affine=torch.as_tensor(src_affine, dtype=torch.float64),
+    )
+    out = monai_transforms.SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)(
+        src, dst_affine=torch.as_tensor(dst_affine, dtype=torch.float64), spatial_size=tuple(dst_shape)
+    )
+    return np.asarray(out.as_tensor() if isinstance(out, monai_data.MetaTensor) else out, dtype=np.float32)
+
+
+def oblique(angles_deg, spacing, origin):
+    """Affine rotated about x, y, z by ``angles_deg`` with voxel sizes ``spacing``."""
+    rotation = np.eye(3)
+    for axis, angle in enumerate(np.radians(angles_deg)):
+        c, s = np.cos(angle), np.sin(angle)
+        r = np.eye(3)
+        i, j = [a for a in range(3) if a != axis]
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        rotation = rotation @ r
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+def permuted(order, signs, spacing):
+    affine = np.zeros((4, 4))
+    for src, (dst, sign, size) in enumerate(zip(order, signs, spacing)):
+        affine[dst, src] = sign * size
+    affine[:3, 3] = [7.5, -3.25, 12.0]
+    affine[3, 3] = 1.0
+    return affine
+
+
+GRIDS = {
+    "identity": ((20, 17, 9), np.eye(4), None, None),
+    "identity-ras-1mm": ((20, 17, 9), np.eye(4), "RAS", (1.0, 1.0, 1.0)),
+    "lps-to-ras-ct": ((41, 37, 13), np.diag([-0.8, -0.8, 2.5, 1.0]), "RAS", (1.0, 1.0, 3.0)),
+    "ras-to-pli-upsample": ((21, 16, 7), np.diag([0.7, 1.3, 2.0, 1.0]), "PLI", (0.5, 1.0, 1.0)),
+    "permuted-axes-downsample": ((19, 14, 23), permuted((2, 0, 1), (1, -1, -1), (1.5, 0.9, 2.2)), "RAS", (2, 2, 3)),
+    "flips-only": ((11, 12, 13), np.diag([-1.0, -1.0, -1.0, 1.0]), "RAS", None),
+    "spacing-only": ((11, 12, 13), np.diag([1.1, 0.6, 3.3, 1.0]), None, (1.0, 1.0, 3.0)),
+    "spacing-within-1e-3-kept": ((11, 12, 13), np.diag([1.0004, 1.0, 2.9995, 1.0]), "RAS", (1.0, 1.0, 3.0)),
+    "thin-z": ((15, 12, 1), np.diag([1.0, 1.0, 3.0, 1.0]), "RAS", (1.0, 1.0, 3.0)),
+    "thin-x-upsampled": ((1, 12, 10), np.diag([-2.0, 1.0, 3.0, 1.0]), "RAS", (0.5, 1.0, 3.0)),
+    "odd-shape-anisotropic": ((33, 7, 5), np.diag([0.45, 2.7, 4.9, 1.0]), "LPS", (1.3, 1.7, 2.9)),
+    "oblique": ((19, 23, 11), oblique((10, -20, 35), (0.9, 1.1, 2.2), (5, -3, 7)), "RAS", (1.0, 1.5, 2.0)),
+    "oblique-spacing-only": ((19, 23, 11), oblique((3, 4, -50), (0.9, 1.1, 2.2), (0, 0, 0)), None, (1, 1, 1)),
+    "oblique-orientation-only": ((19, 23, 11), oblique((170, 5, 80), (1.0, 1.0, 1.0), (1, 2, 3)), "LPS", None),
+}
+
+
+@pytest.fixture(params=sorted(GRIDS))
+def case(request):
+    shape, affine, orientation, spacing = GRIDS[request.param]
+    return shape, np.asarray(affine, dtype=np.float64), orientation, spacing
+
+
+def test_target_grid_equals_monai_exactly(case):
+    shape, affine, orientation, spacing = case
+    ours_affine, ours_shape = grid.target_grid(shape, affine, orientation, spacing)
+    monai_affine, monai_shape = monai_target_grid(shape, affine, orientation, spacing)
+    assert ours_shape == monai_shape
+    np.testing.assert_array_equal(ours_affine, monai_affine)
+
+
+@pytest.mark.parametrize("mode", grid.MODES)
+def test_resample_forward_and_back_equals_monai(case, mode, monkeypatch):
+    monkeypatch.setattr(grid, "SLAB_VOXELS", 97)  # several slabs, one not a whole number of planes
+    shape, affine, orientation, spacing = case
+    dst_affine, dst_shape = grid.target_grid(shape, affine, orientation, spacing)
+    rng = np.random.default_rng(0)
+    array = (rng.normal(size=(2, *shape)) * 300).astype(np.float32)  # CT-like magnitudes, 2 channels
+    ours = grid.resample(array, affine, dst_affine, dst_shape, mode)
+    theirs = monai_resample(array, affine, dst_affine, dst_shape, mode)
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape == (2, *dst_shape)
+    np.testing.assert_array_equal(ours, theirs)  # same float32 steps: identical, nearest ties included
+    back = grid.resample(ours, dst_affine, affine, shape, mode)
+    np.testing.assert_array_equal(back, monai_resample(theirs, dst_affine, affine, shape, mode))
+
+
+def test_resample_one_slab_equals_many(monkeypatch):
+    shape, affine, orientation, spacing = GRIDS["oblique"]
+    dst_affine, dst_shape = grid.target_grid(shape, affine, orientation, spacing)
+    array = np.random.default_rng(1).normal(size=(1, *shape)).astype(np.float32)
+    whole = grid.resample(array, affine, dst_affine, dst_shape, "bilinear")
+    monkeypatch.setattr(grid, "SLAB_VOXELS", 1)  # one output plane per slab
+    np.testing.assert_array_equal(grid.resample(array, affine, dst_affine, dst_shape, "bilinear"), whole)
+
+
+def test_same_grid_returns_the_array_and_bad_input_is_named():
+    array = np.arange(24, dtype=np.int16).reshape(1, 2, 3, 4)
+    out = grid.resample(array, np.eye(4), np.eye(4) + 1e-4 * np.eye(4), (2, 3, 4), "nearest")
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, array)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        grid.resample(array, np.eye(4), np.eye(4), (2, 3, 4), "cubic")
+    with pytest.raises(ValueError, match="not invertible"):
+        grid.resample(array, np.zeros((4, 4)), np.eye(4), (2, 3, 4), "nearest")
+
+
+def test_preprocessing_round_trips_equal_monai(monkeypatch):
+    """The whole preprocess -> to_preprocessed_grid / invert_to_original chain, ours vs MONAI's resampling."""
+    shape, affine, _, _ = GRIDS["oblique"]
+    rng = np.random.default_rng(2)
+    image = rng.normal(40, 200, size=shape).astype(np.float32)
+    labels = (rng.random((1, *shape)) > 0.7).astype(np.float32)
+    cfg = PreprocessConfig(crop_margin_mm=2.0)
+
+    def run():
+        volume, info = preprocess_image(image, "ct", cfg, affine=affine)
+        probs = np.clip(volume, 0, 1)
+        return (
+            volume,
+            to_preprocessed_grid(labels, info, "nearest"),
+            invert_to_original(probs, info, "bilinear"),
+            invert_to_original((probs > 0.5).astype(np.uint8), info, "nearest"),
+        )
+
+    ours = run()
+    import lorkd.data.transforms as transforms
+
+    monkeypatch.setattr(transforms, "target_grid", monai_target_grid)
+    monkeypatch.setattr(transforms, "resample", monai_resample)
+    for a, b in zip(ours, run()):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
