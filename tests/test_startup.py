@@ -27,7 +27,12 @@ def test_predicting_with_an_export_imports_neither_peft_wandb_nor_monai(tiny_exp
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(tiny_export)], capture_output=True, text=True, env=env, cwd=root, timeout=300
+        [sys.executable, "-c", PROBE, str(tiny_export)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -62,7 +67,9 @@ print(json.dumps({"imported": sorted(m for m in heavy if m in sys.modules), "tra
 """
 
 
-def test_predict_py_with_a_lorkd_checkpoint_imports_no_heavy_package(distinct_lorkd_ckpt, tmp_path, write_nifti):
+def test_predict_py_with_a_lorkd_checkpoint_imports_no_heavy_package(
+    distinct_lorkd_ckpt, tmp_path, write_nifti
+):
     import numpy as np
 
     root = Path(__file__).resolve().parents[1]
@@ -71,7 +78,12 @@ def test_predict_py_with_a_lorkd_checkpoint_imports_no_heavy_package(distinct_lo
             f"output_dir={tmp_path / 'out'}", "progress=false", "writer.preview=false"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(
-        [sys.executable, "-c", CLI_PROBE, *args], capture_output=True, text=True, env=env, cwd=root, timeout=300
+        [sys.executable, "-c", CLI_PROBE, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -97,6 +109,8 @@ def test_no_prediction_or_evaluation_module_imports_monai():
     """A guard for the eval path too: MONAI stays lazy (training's augmentations import it on first use)."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", IMPORT_ALL], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL], capture_output=True, text=True, env=env, cwd=root, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) is None  # else: the module that loaded MONAI
