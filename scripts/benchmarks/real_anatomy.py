@@ -1,10 +1,10 @@
 """Real anatomy: train on one half of real scans, report Dice on the held-out other half (CPU, minutes).
 
-    python scripts/benchmarks/real_anatomy.py [--out outputs/real_anatomy] [--steps 240] [train.py overrides ...]
+    python scripts/benchmarks/real_anatomy.py [--out outputs/real_anatomy] [--steps 600] [train.py overrides ...]
 
 1. ``lorkd.data.real_anatomy.build_real_halves``: LiTS-117 CT (liver, liver tumour) and the MNI152 T1
    at 2 mm (grey/white matter), each cut into a posterior half (train) and an anterior half (test);
-2. ``train.py experiment=real_anatomy``: a tiny SAT from scratch on the two posterior halves
+2. ``train.py experiment=real_anatomy``: a small SAT from scratch on the two posterior halves
    (skipped when finished, resumed from ``last.ckpt`` when interrupted);
 3. ``eval.py`` on the anterior halves: Dice and NSD per label in each file's own grid;
 4. prediction on the whole MNI152 T1 (2 mm): mask voxels lying where the image is background
@@ -87,7 +87,7 @@ def specks_table(checkpoint: Path, body_margin: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "real_anatomy")
-    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--body-margin", type=int, default=2, help="voxels around the head not counted as outside")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides")
     args = parser.parse_args()
