@@ -10,6 +10,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_probe(code: str, *args: str) -> Any:
+    """Run ``code`` in a fresh interpreter (the project on the path, offline) and return the JSON of its
+    last stdout line; fails with the probe's stderr when it does not exit 0."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
 
 PROBE = """
 import json, sys
@@ -24,18 +39,7 @@ print(json.dumps({"before": before, "after": after, "routes": result.routes}))
 
 
 def test_predicting_with_an_export_imports_neither_peft_wandb_nor_monai(tiny_export):
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(tiny_export)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_probe(PROBE, str(tiny_export))
     assert report["routes"] == {"liver": "abdomen"}  # the abdomen expert ran
     assert report["before"] == [] and report["after"] == [], report
 
@@ -72,21 +76,10 @@ def test_predict_py_with_a_lorkd_checkpoint_imports_no_heavy_package(
 ):
     import numpy as np
 
-    root = Path(__file__).resolve().parents[1]
     image = write_nifti("ct.nii.gz", (np.arange(24 * 24 * 12).reshape(24, 24, 12) % 200).astype(np.int16))
     args = [f"ckpt_path={distinct_lorkd_ckpt}", f"input={image}", "labels=[liver]", "modality=ct",
             f"output_dir={tmp_path / 'out'}", "progress=false", "writer.preview=false"]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run(
-        [sys.executable, "-c", CLI_PROBE, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_probe(CLI_PROBE, *args)
     assert (tmp_path / "out" / "summary.csv").is_file()
     # peft (the student's experts), lightning (one process), W&B, MONAI, transformers (prompts cached)
     assert report["imported"] == [] and report["transformers"] is None, report
@@ -107,10 +100,4 @@ print(json.dumps(first))
 
 def test_no_prediction_or_evaluation_module_imports_monai():
     """A guard for the eval path too: MONAI stays lazy (training's augmentations import it on first use)."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run(
-        [sys.executable, "-c", IMPORT_ALL], capture_output=True, text=True, env=env, cwd=root, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) is None  # else: the module that loaded MONAI
+    assert run_probe(IMPORT_ALL) is None  # else: the module that loaded MONAI
