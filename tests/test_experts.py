@@ -4,7 +4,14 @@ import pytest
 import torch
 from helpers import tiny_sat
 
-from lorkd.experts import add_region_experts, expert_names, expert_parameter_counts, merged_unet, route
+from lorkd.experts import (
+    add_region_experts,
+    expert_names,
+    expert_parameter_counts,
+    forward_routed,
+    merged_unet,
+    route,
+)
 from lorkd.experts.routed import base_parameter_count, expert_layers
 
 REGIONS = ["abdomen", "brain", "thorax"]
@@ -135,6 +142,32 @@ def test_per_sample_weight_form_equals_grouped_form(style):
         grads.append(torch.cat([p.grad.flatten() for p in net.backbone.parameters() if p.grad is not None]))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-10)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("style", ["peft", "lorkd"])
+def test_mixed_batch_forms_compute_the_same_outputs_and_gradients(style):
+    """``split`` (one forward per expert, outputs back in batch order) == ``per_layer`` == ``per_sample_weights``,
+    for the logits, the deep-supervision logits and the fused tokens of SAT's output, and for every gradient."""
+    net, _ = student(style)
+    x, q = _inputs()
+    queries = q.expand(x.shape[0], *q.shape) + torch.linspace(0, 1, x.shape[0], dtype=q.dtype)[:, None, None]
+    regions = torch.tensor([2, 0, 2, -1])  # unsorted, repeated, and one sample on the shared base alone
+    net.train()
+    results = {}
+    for form in ("split", "per_layer", "per_sample_weights"):
+        net.zero_grad()
+        out = forward_routed(lambda a, b: net(a, b, return_aux=True), net, regions, (x, queries), form)
+        (out.logits.square().mean() + out.memory.square().mean()).backward()
+        grads = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+        results[form] = (out.logits.detach(), out.memory.detach(), grads)
+    for form in ("per_layer", "per_sample_weights"):
+        for got, expected in zip(results["split"], results[form]):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    with route(net, regions[:1]):  # the split form really put sample 0 (expert 2) first again
+        alone = net(x[:1], queries[:1])
+    torch.testing.assert_close(results["split"][0][:1], alone.detach(), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="mixed_batch must be one of"):
+        forward_routed(net, net, regions, (x, queries), "loop")
 
 
 def test_inference_reuses_the_merged_weight_until_a_parameter_changes():

@@ -7,7 +7,13 @@ inference layers (:mod:`lorkd.experts.plain`) do not import peft.
 
 from typing import Any
 
-from lorkd.experts.routed import base_parameter_count, expert_names, expert_parameter_counts, route
+from lorkd.experts.routed import (
+    base_parameter_count,
+    expert_names,
+    expert_parameter_counts,
+    forward_routed,
+    route,
+)
 
 _PEFT = ("add_region_experts", "merged_unet")
 
@@ -16,6 +22,7 @@ __all__ = [
     "base_parameter_count",
     "expert_names",
     "expert_parameter_counts",
+    "forward_routed",
     "merged_unet",
     "route",
 ]

@@ -9,14 +9,17 @@ in the graph, so they get no gradient. :class:`RoutedConv` holds that forward fo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 DECODER_PATTERN = r"decoder\..*"
+MIXED_BATCH_FORMS = ("auto", "split", "per_layer", "per_sample_weights")
+Output = TypeVar("Output")
 
 
 @dataclass(frozen=True)
@@ -25,10 +28,10 @@ class Routing:
 
     ``groups``: (adapter names applied together — empty for the shared base alone, sample indices or None
     for the whole batch); ``sample_group[b]`` is the group of sample ``b``. A batch mixing experts runs
-    either one convolution per group on its sub-batch (``per_sample_weights=False``, the CPU default:
-    bit-identical to running each group alone) or one grouped convolution with a weight per sample
-    (``True``, the CUDA default: the paper's EKS form restricted to the experts present, fastest measured
-    on the H100, see ``scripts/benchmarks/RESULTS.md``).
+    either one convolution per group on its sub-batch (``per_sample_weights=False``: bit-identical to
+    running each group alone) or one grouped convolution with a weight per sample (``True``: the paper's
+    EKS form restricted to the experts present, fastest measured on the H100). Training picks the form,
+    or one whole forward per expert, with :func:`forward_routed`.
     """
 
     groups: tuple[tuple[tuple[str, ...], torch.Tensor | None], ...]
@@ -193,6 +196,52 @@ def route(model: nn.Module, region_index: torch.Tensor, per_sample_weights: bool
     finally:
         for layer in layers:
             layer.routing = None
+
+
+def forward_routed(
+    forward: Callable[..., Output],
+    model: nn.Module,
+    region_index: torch.Tensor,
+    batched: Sequence[torch.Tensor],
+    mixed_batch: str = "auto",
+) -> Output:
+    """``forward(*batched)`` with sample ``b`` routed to expert ``region_index[b]`` in ``model``'s expert convs.
+
+    A batch mixing experts runs in the ``mixed_batch`` form: ``split``, one ``forward`` per expert on its
+    sub-batch (``batched`` cut along dim 0, the outputs put back in batch order); ``per_layer``, one
+    forward with one conv per expert group in every expert conv; ``per_sample_weights``, one forward with
+    one grouped conv of per-sample weights; ``auto``, the fastest measured for the device
+    (``scripts/benchmarks/routing.py``): ``per_sample_weights`` on CUDA, ``split`` elsewhere. All forms
+    compute the same function (per-sample normalisation only); a batch of one expert is one plain forward.
+    """
+    if mixed_batch not in MIXED_BATCH_FORMS:
+        raise ValueError(f"mixed_batch must be one of {MIXED_BATCH_FORMS}, got {mixed_batch!r}")
+    if mixed_batch == "auto":
+        mixed_batch = "per_sample_weights" if region_index.device.type == "cuda" else "split"
+    experts = region_index.unique()
+    if mixed_batch != "split" or len(experts) == 1:
+        with route(model, region_index, mixed_batch == "per_sample_weights"):
+            return forward(*batched)
+    outputs, order = [], []
+    for expert in experts:
+        index = torch.nonzero(region_index == expert).flatten()
+        with route(model, region_index.index_select(0, index)):
+            outputs.append(forward(*(x.index_select(0, index.to(x.device)) for x in batched)))
+        order.append(index)
+    return _in_batch_order(outputs, torch.argsort(torch.cat(order)))
+
+
+def _in_batch_order(parts: list[Any], inverse: torch.Tensor) -> Any:
+    """Concatenate per-group outputs (tensors, or lists/tuples/dataclasses of them, batch first) and
+    reorder the samples by ``inverse``."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts).index_select(0, inverse.to(first.device))
+    if is_dataclass(first):
+        return replace(first, **{f.name: _in_batch_order([getattr(p, f.name) for p in parts], inverse) for f in fields(first)})
+    if isinstance(first, (list, tuple)):
+        return type(first)(_in_batch_order(list(items), inverse) for items in zip(*parts))
+    raise TypeError(f"cannot put {type(first).__name__} outputs back in batch order")
 
 
 def expert_parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -21,7 +21,8 @@ from lorkd.checkpoints.build import add_experts
 from lorkd.checkpoints.loading import LoadedModel
 from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.schema import CheckpointMeta, ExpertsSpec, TeacherSource
-from lorkd.experts import base_parameter_count, expert_parameter_counts, route
+from lorkd.experts import base_parameter_count, expert_parameter_counts, forward_routed
+from lorkd.experts.routed import MIXED_BATCH_FORMS
 from lorkd.losses import distillation_loss, segmentation_loss
 from lorkd.models.sat import SAT
 from lorkd.modules.base import PromptedSegmentationModule
@@ -55,7 +56,7 @@ class LoRKDModule(PromptedSegmentationModule):
         warmup_steps: int = 5000,
         total_steps: int = 100000,
         prompt_cache_dir: str | Path | None = None,
-        per_sample_weights: bool | None = None,
+        mixed_batch: str = "auto",
     ) -> None:
         """``teacher``: the SAT teacher with its text side and file fingerprint (``lorkd.checkpoints.loading.load_teacher``);
         ``student``: the plain student SAT, which gets ``experts`` here; ``student_state``: the student (base and
@@ -83,7 +84,9 @@ class LoRKDModule(PromptedSegmentationModule):
         self.temperature = float(temperature)
         self.kd_mode = kd_mode
         self.feature_kd_weight = float(feature_kd_weight)
-        self.per_sample_weights = per_sample_weights
+        if mixed_batch not in MIXED_BATCH_FORMS:
+            raise ValueError(f"mixed_batch must be one of {MIXED_BATCH_FORMS}, got {mixed_batch!r}")
+        self.mixed_batch = mixed_batch
 
     # ---- construction ------------------------------------------------------------------------------
     def _init_student(self, how: str, state: Mapping[str, torch.Tensor] | None) -> None:
@@ -117,8 +120,12 @@ class LoRKDModule(PromptedSegmentationModule):
 
     def forward(self, image: torch.Tensor, queries: torch.Tensor, region: torch.Tensor, return_aux: bool = False):
         """Student logits with sample ``b`` routed to expert ``region[b]`` (``-1``: shared base only)."""
-        with route(self.student.backbone, region, self.per_sample_weights):
-            return self.student(image, queries, return_aux=return_aux)
+        if queries.ndim == 2:  # one query set for the whole batch: cut per sample like the image
+            queries = queries.expand(image.shape[0], *queries.shape)
+        return forward_routed(
+            lambda x, q: self.student(x, q, return_aux=return_aux),
+            self.student.backbone, region, (image, queries), self.mixed_batch,
+        )  # fmt: skip
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         queries = self.queries_for(batch)

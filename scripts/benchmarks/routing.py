@@ -2,9 +2,10 @@
 
 Compared in one process, same weights and inputs:
   plain       the student U-Net without experts (the floor)
-  routed      our routing (``lorkd.experts.route``), both mixed-batch forms: one conv per expert group
-              with W0 + ΔW, or one grouped conv with the present experts' per-sample weights
-  per-sample  a Python loop, one sample at a time through its expert
+  routed      our routing (``lorkd.experts.forward_routed``), its three mixed-batch forms: one forward
+              per expert on its sub-batch (split), one conv per expert group with W0 + ΔW in every layer
+              (per_layer), one grouped conv with the present experts' per-sample weights
+  per-sample  a Python loop, one sample at a time through its expert, a backward each
   eks         the paper's EKS grouped convolution, reimplemented from its math (lorkd.md §5):
               W'_b = W0 + Σ_t M[b,t]·ΔW_t for every sample, one conv with groups=B
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lorkd.experts import add_region_experts, route
+from lorkd.experts import add_region_experts, forward_routed, route
 from lorkd.experts.layers import RoutedLoraConv3d
 from lorkd.experts.routed import expert_layers
 from lorkd.models.unet import PlainConvUNet
@@ -89,11 +90,10 @@ def main() -> None:
         plain.zero_grad(set_to_none=True)
         backward(plain(x))
 
-    def routed_step(per_sample_weights: bool) -> Callable[[], None]:
+    def routed_step(form: str) -> Callable[[], None]:
         def step() -> None:
             experts.zero_grad(set_to_none=True)
-            with route(experts, regions, per_sample_weights):
-                backward(experts(x))
+            backward(forward_routed(experts, experts, regions, (x,), form))
 
         return step
 
@@ -117,8 +117,9 @@ def main() -> None:
 
     rows = [
         ("plain student (no experts)", plain_step),
-        ("routed (ours), one conv per expert group", routed_step(False)),
-        ("routed (ours), per-sample weights, grouped conv", routed_step(True)),
+        ("routed (ours), split: one forward per expert (CPU default)", routed_step("split")),
+        ("routed (ours), per_layer: one conv per expert group", routed_step("per_layer")),
+        ("routed (ours), per_sample_weights: grouped conv (CUDA default)", routed_step("per_sample_weights")),
         ("per-sample loop", per_sample_step),
         ("EKS grouped conv (paper: all experts' deltas)", eks_step),
     ]
