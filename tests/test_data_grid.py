@@ -22,7 +22,8 @@ def monai_target_grid(shape, affine, orientation, spacing):
     return np.asarray(t.peek_pending_affine(), dtype=np.float64), tuple(int(s) for s in t.peek_pending_shape())
 
 
-def monai_resample(array, src_affine, dst_affine, dst_shape, mode):
+def monai_resample(array, src_affine, dst_affine, dst_shape, mode, support=None):
+    """MONAI's SpatialResample (``support`` is ours alone: MONAI samples every output voxel)."""
     src = monai_data.MetaTensor(
         torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
         affine=torch.as_tensor(src_affine, dtype=torch.float64),
@@ -111,6 +112,34 @@ def test_resample_one_slab_equals_many(monkeypatch):
     whole = grid.resample(array, affine, dst_affine, dst_shape, "bilinear")
     monkeypatch.setattr(grid, "SLAB_VOXELS", 1)  # one output plane per slab
     np.testing.assert_array_equal(grid.resample(array, affine, dst_affine, dst_shape, "bilinear"), whole)
+
+
+@pytest.mark.parametrize("mode", grid.MODES)
+def test_sampling_only_where_a_crop_can_reach_changes_no_voxel(case, mode):
+    """``support`` (the crop inside its grid, zero elsewhere) skips output voxels that read only zeros:
+    identical outputs, for interior crops and crops on the grid's faces, in both directions."""
+    shape, affine, orientation, spacing = case
+    dst_affine, dst_shape = grid.target_grid(shape, affine, orientation, spacing)
+    rng = np.random.default_rng(3)
+    for src_affine, src_shape, dst, out_shape in ((dst_affine, dst_shape, affine, shape), (affine, shape, dst_affine, dst_shape)):
+        for touching in (False, True):
+            lo = [0 if touching or n < 3 else int(rng.integers(1, n // 2)) for n in src_shape]
+            hi = [n if touching and i == 1 else max(lo[i] + 1, n - int(rng.integers(0, max(1, n // 3)))) for i, n in enumerate(src_shape)]
+            support = tuple(slice(a, b) for a, b in zip(lo, hi))
+            array = np.zeros((2, *src_shape), np.float32)
+            array[(slice(None), *support)] = rng.random((2, *(b - a for a, b in zip(lo, hi))), dtype=np.float32) + 0.5
+            full = grid.resample(array, src_affine, dst, out_shape, mode)
+            skipped = grid.resample(array, src_affine, dst, out_shape, mode, support=support)
+            np.testing.assert_array_equal(skipped, full)
+            assert full.any()
+
+
+def test_the_reach_of_a_small_crop_is_a_small_box():
+    xform = np.diag([0.8, 0.8, 2.5 / 3, 1.0])  # CT voxels (0.8, 0.8, 2.5 mm) read from a 1x1x3 mm grid
+    box = grid._reach(xform, (100, 100, 40), (slice(40, 60), slice(0, 100), slice(10, 20)), (125, 125, 48))
+    assert box[1] == slice(0, 125)  # a crop on both faces of an axis reaches everything along it
+    assert box[0].start >= 45 and box[0].stop <= 80 and box[2].start >= 8 and box[2].stop <= 28
+    assert grid._reach(oblique((10, 0, 0), (1, 1, 1), (0, 0, 0)), (9, 9, 9), (slice(2, 4),) * 3, (9, 9, 9)) is None
 
 
 def test_same_grid_returns_the_array_and_bad_input_is_named():

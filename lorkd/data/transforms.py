@@ -328,8 +328,9 @@ def invert_to_original(array: np.ndarray, info: InversionInfo, mode: str = "bili
     full = np.zeros((array.shape[0], *info.resampled_shape), dtype=np.float32)
     full[(slice(None), *info.crop_slices)] = array
     out = resample(
-        full, np.asarray(info.resampled_affine), np.asarray(info.original_affine), info.original_shape, mode
-    )
+        full, np.asarray(info.resampled_affine), np.asarray(info.original_affine), info.original_shape, mode,
+        support=info.crop_slices,
+    )  # fmt: skip
     return out.astype(array.dtype) if mode == "nearest" else out
 
 

@@ -63,7 +63,7 @@ STITCH_DEVICES = ("auto", "cpu", "device")
 # options that change no result (masks do not depend on them): left out of resume keys
 NEUTRAL_OPTIONS = frozenset({"sw_batch_size", "max_queries", "stitch_device"})
 _STITCH_FREE_FRACTION = 0.25  # "auto" stitches on the GPU while the output takes < this share of free memory
-_INVERT_BYTES = 2**30  # labels are mapped back to the input grid in chunks of about this size
+_INVERT_BYTES = 2**28  # labels are mapped back to the input grid in chunks of about this size (both grids' buffers)
 ImageInput = str | Path | nib.spatialimages.SpatialImage | np.ndarray
 WindowProgress = Callable[[int, int], None]  # (windows done, windows in this case)
 
@@ -523,7 +523,7 @@ class Predictor:
         reference, array, info = self.preprocess_input(image, modality, affine, orientation)
         outputs = _Assembler(reference, labels, self.threshold, return_probabilities)
         routes: dict[str, str] = {}
-        chunk = max(1, _INVERT_BYTES // (4 * math.prod(reference.shape)))
+        chunk = max(1, _INVERT_BYTES // (4 * (math.prod(reference.shape) + math.prod(info.resampled_shape))))
         for group, probs in self._run_groups(array, groups, queries, progress, info):
             for first in range(0, len(group.indices), chunk):
                 original = invert_to_original(probs[first : first + chunk].numpy(), info, mode="bilinear")
