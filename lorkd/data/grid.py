@@ -127,10 +127,10 @@ def _sample_slabs(
 ) -> torch.Tensor:
     """grid_sample of (C, X, Y, Z) ``img`` on the grid ``affine_grid(theta)`` of ``dst_shape``, slab by slab;
     with ``box``, only the output voxels inside it are sampled (the others are 0)."""
-    box = box or tuple(slice(0, int(s)) for s in dst_shape)  # type: ignore[assignment]
-    out = (torch.zeros if box != tuple(slice(0, int(s)) for s in dst_shape) else torch.empty)(
-        (img.shape[0], *(int(s) for s in dst_shape)), dtype=torch.float32
-    )
+    whole = tuple(slice(0, int(s)) for s in dst_shape)
+    box = box or whole  # type: ignore[assignment]
+    allocate = torch.empty if box == whole else torch.zeros  # voxels outside the box are never sampled
+    out = allocate((img.shape[0], *(int(s) for s in dst_shape)), dtype=torch.float32)
     xs, ys, zs = (_base_axis(int(n))[b] for n, b in zip(dst_shape, box))
     nx, ny, nz = len(xs), len(ys), len(zs)
     if nx * ny * nz == 0:
