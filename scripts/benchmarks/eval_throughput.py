@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 import lorkd.evaluation.cases as cases_module  # noqa: E402
 import lorkd.evaluation.metrics as metrics_module  # noqa: E402
+from lorkd.data.manifest import ManifestError, read_manifest  # noqa: E402
 from lorkd.evaluation.cases import evaluate_case  # noqa: E402
 from lorkd.evaluation.settings import MetricSettings  # noqa: E402
-from lorkd.inference.inputs import discover_cases  # noqa: E402
 from lorkd.inference.predictor import Predictor  # noqa: E402
 from lorkd.inference.sliding_window import WindowModel  # noqa: E402
 from scripts.benchmarks.stages import StageTimer  # noqa: E402
@@ -42,7 +42,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = discover_cases(args.manifest)
+    cases, problems = read_manifest(args.manifest, require_masks=True)  # as eval.py reads it: with the masks
+    if problems:
+        raise ManifestError(args.manifest, problems)
     predictor = Predictor.from_checkpoint(args.ckpt, model=args.model, device="cpu")
     settings = MetricSettings(space=args.space)
     evaluate_case(predictor, cases[0], settings, predictor.model.region_map)  # warm-up, outside the timings
