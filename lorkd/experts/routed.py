@@ -198,6 +198,13 @@ def route(model: nn.Module, region_index: torch.Tensor, per_sample_weights: bool
             layer.routing = None
 
 
+def check_mixed_batch(mixed_batch: str) -> str:
+    """``mixed_batch`` if it is one of :data:`MIXED_BATCH_FORMS`, else a ValueError naming them."""
+    if mixed_batch not in MIXED_BATCH_FORMS:
+        raise ValueError(f"mixed_batch must be one of {MIXED_BATCH_FORMS}, got {mixed_batch!r}")
+    return mixed_batch
+
+
 def forward_routed(
     forward: Callable[..., Output],
     model: nn.Module,
@@ -214,12 +221,10 @@ def forward_routed(
     (``scripts/benchmarks/routing.py``): ``per_sample_weights`` on CUDA, ``split`` elsewhere. All forms
     compute the same function (per-sample normalisation only); a batch of one expert is one plain forward.
     """
-    if mixed_batch not in MIXED_BATCH_FORMS:
-        raise ValueError(f"mixed_batch must be one of {MIXED_BATCH_FORMS}, got {mixed_batch!r}")
-    if mixed_batch == "auto":
+    if check_mixed_batch(mixed_batch) == "auto":
         mixed_batch = "per_sample_weights" if region_index.device.type == "cuda" else "split"
-    experts = region_index.unique()
-    if mixed_batch != "split" or len(experts) == 1:
+    experts = region_index.unique() if mixed_batch == "split" else None  # no device sync for the other forms
+    if experts is None or len(experts) == 1:
         with route(model, region_index, mixed_batch == "per_sample_weights"):
             return forward(*batched)
     outputs, order = [], []

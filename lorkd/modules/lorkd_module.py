@@ -22,7 +22,7 @@ from lorkd.checkpoints.loading import LoadedModel
 from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.schema import CheckpointMeta, ExpertsSpec, TeacherSource
 from lorkd.experts import base_parameter_count, expert_parameter_counts, forward_routed
-from lorkd.experts.routed import MIXED_BATCH_FORMS
+from lorkd.experts.routed import check_mixed_batch
 from lorkd.losses import distillation_loss, segmentation_loss
 from lorkd.models.sat import SAT
 from lorkd.modules.base import PromptedSegmentationModule
@@ -84,9 +84,7 @@ class LoRKDModule(PromptedSegmentationModule):
         self.temperature = float(temperature)
         self.kd_mode = kd_mode
         self.feature_kd_weight = float(feature_kd_weight)
-        if mixed_batch not in MIXED_BATCH_FORMS:
-            raise ValueError(f"mixed_batch must be one of {MIXED_BATCH_FORMS}, got {mixed_batch!r}")
-        self.mixed_batch = mixed_batch
+        self.mixed_batch = check_mixed_batch(mixed_batch)
 
     # ---- construction ------------------------------------------------------------------------------
     def _init_student(self, how: str, state: Mapping[str, torch.Tensor] | None) -> None:
