@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -95,10 +97,37 @@ def evaluate(*args: Any, **kwargs: Any) -> None:
     _evaluate(*args, **kwargs)
 
 
+def mode_may_be_set(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> bool:
+    """Whether ``hydra.mode`` could be set for this command: by an override or another config folder on the
+    command line, or by a user's file in ``configs/local/`` (no shipped config sets it)."""
+    flags = ("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
+    if any("hydra.mode" in a or a.split("=", 1)[0] in flags for a in argv):
+        return True
+    return any((config_dir / "local").glob("*.y*ml"))
+
+
+@contextmanager
+def _one_composition(argv: Sequence[str]) -> Iterator[None]:
+    """Hydra 1.3 composes a run's config twice: once only to read ``hydra.mode``, then for the run. Where
+    nothing can set the mode, that first pass returns None: skip it (0.2 s of predict's start-up)."""
+    from hydra._internal.hydra import Hydra
+
+    if mode_may_be_set(argv):
+        yield
+        return
+    get_mode = Hydra.get_mode
+    Hydra.get_mode = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        Hydra.get_mode = get_mode
+
+
 def predict(*args: Any, **kwargs: Any) -> None:
     """``lorkd-predict`` / ``python predict.py`` (exit codes: see the module docstring)."""
     _check_output_dir()
-    _predict(*args, **kwargs)
+    with _one_composition(sys.argv[1:]):
+        _predict(*args, **kwargs)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")

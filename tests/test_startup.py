@@ -61,13 +61,18 @@ class Watch:  # who imports transformers: the top-level packages on the stack at
 
 
 sys.meta_path.insert(0, Watch())
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+compositions, load = [], ConfigLoaderImpl.load_configuration
+ConfigLoaderImpl.load_configuration = lambda self, *a, **k: compositions.append(1) or load(self, *a, **k)
 sys.argv = ["predict.py", *sys.argv[1:]]
 try:
     runpy.run_path("predict.py", run_name="__main__")
 except SystemExit as exc:
     assert not exc.code, exc.code
 heavy = ("peft", "lightning", "wandb", "torchmetrics", "monai", "transformers")
-print(json.dumps({"imported": sorted(m for m in heavy if m in sys.modules), "transformers": found.get("transformers")}))
+print(json.dumps({"imported": sorted(m for m in heavy if m in sys.modules), "transformers": found.get("transformers"),
+                  "compositions": len(compositions)}))
 """
 
 
@@ -83,6 +88,19 @@ def test_predict_py_with_a_lorkd_checkpoint_imports_no_heavy_package(
     assert (tmp_path / "out" / "summary.csv").is_file()
     # peft (the student's experts), lightning (one process), W&B, MONAI, transformers (prompts cached)
     assert report["imported"] == [] and report["transformers"] is None, report
+    assert report["compositions"] == 1, report  # Hydra's extra pass for hydra.mode is skipped
+
+
+def test_the_mode_pass_is_kept_where_the_mode_may_be_set(tmp_path):
+    from lorkd.cli import mode_may_be_set
+
+    (tmp_path / "local").mkdir()
+    assert not mode_may_be_set(["input=a.nii.gz", "labels=[liver]"], tmp_path)
+    assert mode_may_be_set(["hydra.mode=MULTIRUN"], tmp_path)
+    assert mode_may_be_set(["--config-dir", "/elsewhere"], tmp_path)
+    assert mode_may_be_set(["-cd=/elsewhere"], tmp_path)
+    (tmp_path / "local" / "default.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    assert mode_may_be_set(["input=a.nii.gz"], tmp_path)
 
 
 IMPORT_ALL = """

@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 
 def body_mask(image: np.ndarray, background: float, margin: Sequence[int] = (0, 0, 0)) -> np.ndarray:
     """Boolean (X, Y, Z) body of a normalised (X, Y, Z) image: voxels above ``background``, holes filled
     per slice of the last axis (axial in RAS), dilated by ``margin`` voxels per axis (a box)."""
+    from scipy import ndimage  # 0.4 s to import: only once a prediction needs its body
+
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"body_mask expects an (X, Y, Z) image, got shape {image.shape}")

@@ -440,13 +440,15 @@ class Predictor:
 
         blank = _constant(image)  # no contrast: no network output could mean anything
         background = self._grid(image, info)[0] if self.background_padding else 0.0
-        body = torch.from_numpy(self.body(image, info)) if self.body_mask and not blank else None
+        body = None  # computed once the first group's windows have run: the first window waits for nothing
         for group, q in zip(groups, queries):
             if blank:
                 yield group, torch.zeros((len(group.indices), *image.shape[1:]), dtype=torch.float32)
                 continue
             probs = self._group_probabilities(image, group, q, tick, background)
-            if body is not None:
+            if self.body_mask:
+                if body is None:
+                    body = torch.from_numpy(self.body(image, info))
                 with torch.inference_mode():
                     probs.mul_(body)
             yield group, probs
