@@ -160,6 +160,20 @@ def test_zoom_keeps_the_patch_size_and_masks_binary(known_case, region_map, tmp_
         patches(known_case, region_map, tmp_path, augment={"zoom": 1.0})
 
 
+def test_flips_mirror_image_and_masks_together_along_the_chosen_axes(known_case, region_map, tmp_path):
+    only_flips = {k: 0.0 for k in ("zoom_prob", "noise_prob", "sharpen_prob", "scale_intensity_prob",
+                                   "contrast_inverted_prob", "contrast_prob")}  # fmt: skip
+    plain = patches(known_case, region_map, tmp_path, augment={**only_flips, "flip_prob": 0.0, "flip_axes": [1, 2]})
+    flipped = patches(known_case, region_map, tmp_path, augment={**only_flips, "flip_prob": 1.0, "flip_axes": [1, 2]})
+    for seed in range(3):
+        a, b = plain[(0, seed)], flipped[(0, seed)]  # same crop and queries: only the flips differ
+        assert a["labels"] == b["labels"]
+        assert torch.equal(b["image"], a["image"].flip(2, 3)) and torch.equal(b["masks"], a["masks"].flip(2, 3))
+        assert not torch.equal(b["image"], a["image"])
+    with pytest.raises(ValueError, match="flip_axes"):
+        patches(known_case, region_map, tmp_path, augment={"flip_axes": [3]})
+
+
 def test_multi_region_cases_become_one_item_per_region(tmp_path, region_map, caplog):
     def case(labels, region=None, modality="ct"):
         return Case(

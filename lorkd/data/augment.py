@@ -14,7 +14,10 @@ class AugmentConfig:
     """Probabilities and ranges of SAT's augmentations (defaults = SAT / LoRKD); a 0 probability drops one.
 
     Zoom resamples image (area) and masks (nearest) together and keeps the patch size (zero padding
-    when zooming out); the intensity augmentations touch the image only.
+    when zooming out); the intensity augmentations touch the image only. ``flip_axes`` (not SAT's; none
+    by default) mirrors image and masks along each listed spatial axis (0 = x, 1 = y, 2 = z of the
+    patch's RAS grid) with ``flip_prob``, each axis on its own: use it only along axes that no label's
+    name depends on (not x when labels say left/right).
     """
 
     enabled: bool = True
@@ -28,10 +31,15 @@ class AugmentConfig:
     contrast_inverted_prob: float = 0.1
     contrast_prob: float = 0.3
     contrast_gamma: tuple[float, float] = (0.7, 1.5)
+    flip_prob: float = 0.5
+    flip_axes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.zoom_range = tuple(float(v) for v in self.zoom_range)  # type: ignore[assignment]
         self.contrast_gamma = tuple(float(v) for v in self.contrast_gamma)  # type: ignore[assignment]
+        self.flip_axes = tuple(int(a) for a in self.flip_axes)
+        if any(a not in (0, 1, 2) for a in self.flip_axes) or len(set(self.flip_axes)) != len(self.flip_axes):
+            raise ValueError(f"augment.flip_axes must list distinct axes among 0, 1, 2, got {list(self.flip_axes)}")
         for f in fields(self):
             if f.name.endswith("_prob") and not 0.0 <= float(getattr(self, f.name)) <= 1.0:
                 raise ValueError(f"augment.{f.name} must be in [0, 1], got {getattr(self, f.name)!r}")
@@ -63,6 +71,7 @@ def build_augmentation(cfg: AugmentConfig) -> Any | None:
     from monai.transforms import (
         Compose,
         RandAdjustContrastd,
+        RandFlipd,
         RandGaussianNoised,
         RandGaussianSharpend,
         RandScaleIntensityd,
@@ -100,4 +109,6 @@ def build_augmentation(cfg: AugmentConfig) -> Any | None:
         )
     if cfg.contrast_prob > 0:
         steps.append(RandAdjustContrastd(keys=["image"], prob=cfg.contrast_prob, gamma=cfg.contrast_gamma))
+    if cfg.flip_prob > 0:
+        steps += [RandFlipd(keys=["image", "masks"], prob=cfg.flip_prob, spatial_axis=a) for a in cfg.flip_axes]
     return Compose(steps) if steps else None
