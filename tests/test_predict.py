@@ -53,7 +53,7 @@ class StubBank:
 
 
 def fake_predictor(**options) -> Predictor:
-    bank = StubBank({"object": (20.0, 0.0), "wide": (1.0, 3.0), "everywhere": (0.0, 5.0)})
+    bank = StubBank({"object": (20.0, 0.0), "wide": (1.0, 3.0), "everywhere": (0.0, 5.0), "nothing": (0.0, -5.0)})
     data = {"preprocess": {"orientation": "RAS", "spacing": [1.0, 1.0, 3.0]}, "patch_size": [16, 16, 8]}
     model = LoadedModel(ThresholdNet(), bank, "teacher", data=data, source="fake.ckpt")  # type: ignore[arg-type]
     return Predictor(model, device="cpu", **options)
@@ -335,6 +335,27 @@ def test_mapping_labels_back_in_chunks_of_any_size_gives_identical_outputs(monke
         assert np.array_equal(np.asarray(one.masks[label].dataobj), np.asarray(together.masks[label].dataobj))
     assert np.array_equal(np.asarray(one.segmentation.dataobj), np.asarray(together.segmentation.dataobj))
     assert np.asarray(together.masks["object"].dataobj).any()  # the comparison is not between empty masks
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_masks_mapped_back_only_where_a_label_can_pass_the_threshold_equal_the_whole_mapping(name):
+    """Without kept probabilities each label goes back to the input grid only in the box where it can
+    pass the threshold: masks and the multilabel map are bit-identical to mapping every voxel back."""
+    predictor = fake_predictor()
+    affine = GEOMETRIES[name][0]
+    image = box_image((44, 40, 22))
+    image[:3], image[:, -2:] = 0.0, 0.0  # zero faces: a foreground crop to undo as well
+    segment_at_half_intensity(predictor, image, affine)
+    labels = ["object", "wide", "everywhere", "nothing"]
+    boxed = predictor.predict(image, labels, "ct", affine=affine)
+    whole = predictor.predict(image, labels, "ct", affine=affine, return_probabilities=True)
+    assert boxed.probabilities is None
+    for label in labels:
+        assert np.array_equal(np.asarray(boxed.masks[label].dataobj), np.asarray(whole.masks[label].dataobj)), label
+    assert np.array_equal(np.asarray(boxed.segmentation.dataobj), np.asarray(whole.segmentation.dataobj))
+    masks = {label: np.asarray(whole.masks[label].dataobj) for label in labels}
+    assert masks["object"].any() and masks["everywhere"].any() and not masks["nothing"].any()
+    assert not masks["everywhere"].all()  # the crop's zeros: part of the grid is outside every mask
 
 
 def test_multi_region_prompts_run_each_expert_on_its_own_labels(lorkd, routed):

@@ -118,21 +118,20 @@ def _base_axis(steps: int) -> torch.Tensor:
     return torch.linspace(-1, 1, steps, dtype=torch.float32) * (steps - 1) / steps
 
 
-def _sample_slabs(
+def _sample_box(
     img: torch.Tensor,
     theta: torch.Tensor,
     dst_shape: Sequence[int],
     mode: str,
-    box: tuple[slice, slice, slice] | None = None,
+    box: tuple[slice, slice, slice],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """grid_sample of (C, X, Y, Z) ``img`` on the grid ``affine_grid(theta)`` of ``dst_shape``, slab by slab;
-    with ``box``, only the output voxels inside it are sampled (the others are 0)."""
-    whole = tuple(slice(0, int(s)) for s in dst_shape)
-    box = box or whole  # type: ignore[assignment]
-    allocate = torch.empty if box == whole else torch.zeros  # voxels outside the box are never sampled
-    out = allocate((img.shape[0], *(int(s) for s in dst_shape)), dtype=torch.float32)
+    """grid_sample of (C, X, Y, Z) ``img`` at the output voxels of ``box`` on the grid ``affine_grid(theta)``
+    of ``dst_shape``, slab by slab, into ``out`` (C, *box sizes) (a new tensor when None)."""
     xs, ys, zs = (_base_axis(int(n))[b] for n, b in zip(dst_shape, box))
     nx, ny, nz = len(xs), len(ys), len(zs)
+    if out is None:
+        out = torch.empty((img.shape[0], nx, ny, nz), dtype=torch.float32)
     if nx * ny * nz == 0:
         return out
     src = img[None].contiguous()
@@ -146,8 +145,7 @@ def _sample_slabs(
         rows = min(step, nx - start)
         base[:, :rows, ..., 2] = xs[start : start + rows, None, None]
         grid = base[:, :rows].view(1, -1, 4).bmm(theta_t).view(1, rows, ny, nz, 3)
-        first = box[0].start + start
-        out[:, first : first + rows, box[1], box[2]] = F.grid_sample(
+        out[:, start : start + rows] = F.grid_sample(
             src, grid, mode=mode, padding_mode="border", align_corners=False
         )[0]
     return out
@@ -176,6 +174,31 @@ def _reach(
     return tuple(box)  # type: ignore[return-value]
 
 
+def _prepared(
+    array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int], mode: str
+) -> tuple[torch.Tensor, np.ndarray | None, tuple[int, int, int]]:
+    """The checked (C, X, Y, Z) float32 tensor, the voxel-to-voxel map (None where the grids agree: no
+    resampling) and the destination shape."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    array = np.asarray(array)
+    if array.ndim != 4:
+        raise ValueError(f"expected a channel-first (C, X, Y, Z) array, got shape {array.shape}")
+    src = np.asarray(src_affine, dtype=np.float64)
+    dst = np.asarray(dst_affine, dtype=np.float64)
+    try:
+        xform = np.linalg.solve(src, dst)
+    except np.linalg.LinAlgError as e:
+        raise ValueError(f"source affine is not invertible: {src.tolist()}") from e
+    shape = tuple(int(s) for s in dst_shape)
+    img = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if shape == tuple(array.shape[1:]) and (
+        np.allclose(src, dst, atol=AFFINE_TOL) or np.allclose(xform, np.eye(4), atol=AFFINE_TOL)
+    ):
+        return img, None, shape  # type: ignore[return-value]
+    return img, xform, shape  # type: ignore[return-value]
+
+
 def resample(
     array: np.ndarray,
     src_affine: np.ndarray,
@@ -192,24 +215,43 @@ def resample(
     source outside which ``array`` is 0 (e.g. a crop put back into its grid); on axis-aligned grids only
     the output voxels that can reach it are sampled, the others are 0 (the same values, less work).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    array = np.asarray(array)
-    if array.ndim != 4:
-        raise ValueError(f"expected a channel-first (C, X, Y, Z) array, got shape {array.shape}")
-    src = np.asarray(src_affine, dtype=np.float64)
-    dst = np.asarray(dst_affine, dtype=np.float64)
-    try:
-        xform = np.linalg.solve(src, dst)
-    except np.linalg.LinAlgError as e:
-        raise ValueError(f"source affine is not invertible: {src.tolist()}") from e
-    dst_shape = tuple(int(s) for s in dst_shape)
-    img = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if dst_shape == tuple(array.shape[1:]) and (
-        np.allclose(src, dst, atol=AFFINE_TOL) or np.allclose(xform, np.eye(4), atol=AFFINE_TOL)
-    ):
+    img, xform, shape = _prepared(array, src_affine, dst_affine, dst_shape, mode)
+    if xform is None:
         return img.numpy()
-    theta = _grid_theta(xform, array.shape[1:], dst_shape)
-    box = None if support is None else _reach(xform, array.shape[1:], support, dst_shape)
+    box, whole = _sampled_box(xform, img, support, shape)
+    theta = _grid_theta(xform, img.shape[1:], shape)
     with torch.inference_mode():
-        return _sample_slabs(img, theta, dst_shape, mode, box).numpy()
+        if box == whole:
+            return _sample_box(img, theta, shape, mode, box).numpy()
+        out = torch.zeros((img.shape[0], *shape), dtype=torch.float32)  # never sampled outside the box
+        _sample_box(img, theta, shape, mode, box, out[(slice(None), *box)])
+        return out.numpy()
+
+
+def _sampled_box(
+    xform: np.ndarray, img: torch.Tensor, support: Sequence[slice] | None, shape: tuple[int, int, int]
+) -> tuple[tuple[slice, slice, slice], tuple[slice, slice, slice]]:
+    """The output box to sample for ``support`` (everything without it or on a rotated grid) and the whole."""
+    whole = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+    return (None if support is None else _reach(xform, img.shape[1:], support, shape)) or whole, whole
+
+
+def resample_reach(
+    array: np.ndarray,
+    src_affine: np.ndarray,
+    dst_affine: np.ndarray,
+    dst_shape: Sequence[int],
+    mode: str,
+    support: Sequence[slice] | None,
+) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """:func:`resample` at the output voxels that can reach ``support`` (a box of the source) only: their
+    box in the output and their values, (C, *box sizes). Every other output voxel interpolates source
+    voxels outside ``support`` alone (0 where the array is 0 there; at most their maximum in general).
+    The whole output without ``support``, on rotated grids and where the grids agree."""
+    img, xform, shape = _prepared(array, src_affine, dst_affine, dst_shape, mode)
+    if xform is None:
+        return (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2])), img.numpy()
+    box, _ = _sampled_box(xform, img, support, shape)
+    with torch.inference_mode():
+        values = _sample_box(img, _grid_theta(xform, img.shape[1:], shape), shape, mode, box)
+    return box, values.numpy()

@@ -28,7 +28,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from lorkd.data.grid import resample, target_grid
+from lorkd.data.grid import resample, resample_reach, target_grid
 from lorkd.data.io import NAN_POLICIES, CaseError, Volume, check_finite, read_volume, squeeze_to_3d
 from lorkd.data.manifest import Case, axcodes
 from lorkd.regions import canonical_modality
@@ -332,6 +332,38 @@ def invert_to_original(array: np.ndarray, info: InversionInfo, mode: str = "bili
         support=info.crop_slices,
     )  # fmt: skip
     return out.astype(array.dtype) if mode == "nearest" else out
+
+
+ABOVE_MARGIN = 1e-4  # voxels this close below the threshold count as above it (interpolation rounding)
+
+
+def invert_above(
+    probability: np.ndarray, info: InversionInfo, threshold: float
+) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """One (X, Y, Z) probability map of the preprocessed grid back onto the original grid (bilinear), only
+    where it can exceed ``threshold``: (a box of the original grid, its (X', Y', Z') values, equal to
+    :func:`invert_to_original`'s there). Every voxel outside the box interpolates values at most
+    ``threshold - ABOVE_MARGIN``, so it stays below the threshold; the box is empty when no voxel
+    comes near it."""
+    probability = np.asarray(probability)
+    if tuple(probability.shape) != tuple(info.shape):
+        raise ValueError(f"expected ({', '.join(map(str, info.shape))}) in the preprocessed grid, got {probability.shape}")
+    crop = info.crop_slices
+    if threshold - ABOVE_MARGIN <= 0:  # the zeros outside the crop count too
+        support = crop
+    else:
+        above = probability > threshold - ABOVE_MARGIN
+        spans = [np.flatnonzero(above.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        if any(len(span) == 0 for span in spans):
+            return (slice(0, 0),) * 3, np.zeros((0, 0, 0), dtype=np.float32)  # type: ignore[return-value]
+        support = tuple(slice(c.start + int(span[0]), c.start + int(span[-1]) + 1) for c, span in zip(crop, spans))
+    full = np.zeros((1, *info.resampled_shape), dtype=np.float32)
+    full[(0, *crop)] = probability
+    box, values = resample_reach(
+        full, np.asarray(info.resampled_affine), np.asarray(info.original_affine), info.original_shape, "bilinear",
+        support=support,
+    )  # fmt: skip
+    return box, values[0]
 
 
 def read_label_map(

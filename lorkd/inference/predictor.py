@@ -42,6 +42,7 @@ from lorkd.data.io import CaseError, check_finite, read_volume, squeeze_to_3d
 from lorkd.data.transforms import (
     InversionInfo,
     PreprocessConfig,
+    invert_above,
     invert_to_original,
     margin_voxels,
     preprocess_image,
@@ -160,14 +161,25 @@ class _Assembler:
     def _image(self, data: np.ndarray) -> nib.Nifti1Image:
         return _like(data, self.reference.affine, self.reference.header)
 
-    def add(self, index: int, probability: np.ndarray) -> None:
+    def add(self, index: int, probability: np.ndarray, box: tuple[slice, slice, slice] | None = None) -> None:
+        """Add a label's probabilities on the reference grid: the whole of it, or only ``box`` of it
+        (outside which the label is below the threshold; without kept probabilities)."""
         label, ident = self.labels[index], index + 1
-        mask = probability > self.threshold
-        better = probability > self.best
-        better |= (probability == self.best) & (self.segmentation > ident)  # a tie goes to the earlier label
-        better &= mask
-        np.copyto(self.segmentation, ident, where=better, casting="unsafe")
-        np.copyto(self.best, probability, where=better)
+        if box is not None and self.probabilities is not None:
+            raise ValueError("kept probabilities need the whole grid, not a box")
+        region = (slice(None),) * 3 if box is None else box
+        segmentation, best = self.segmentation[region], self.best[region]
+        inside = probability > self.threshold
+        better = probability > best
+        better |= (probability == best) & (segmentation > ident)  # a tie goes to the earlier label
+        better &= inside
+        np.copyto(segmentation, ident, where=better, casting="unsafe")
+        np.copyto(best, probability, where=better)
+        if box is None:
+            mask = inside
+        else:
+            mask = np.zeros(self.segmentation.shape, dtype=bool)
+            mask[box] = inside
         self.masks[label] = self._image(mask.view(np.uint8))
         if self.probabilities is not None:
             self.probabilities[label] = self._image(probability.astype(np.float32, copy=False))
@@ -527,11 +539,17 @@ class Predictor:
         routes: dict[str, str] = {}
         chunk = max(1, _INVERT_BYTES // (4 * (math.prod(reference.shape) + math.prod(info.resampled_shape))))
         for group, probs in self._run_groups(array, groups, queries, progress, info):
+            routes.update((labels[index], group.route) for index in group.indices)
+            if not return_probabilities:  # masks only: map back just where a label can pass the threshold
+                for index, probability in zip(group.indices, probs.numpy()):
+                    box, values = invert_above(probability, info, self.threshold)
+                    outputs.add(index, values, box)
+                del probs
+                continue
             for first in range(0, len(group.indices), chunk):
                 original = invert_to_original(probs[first : first + chunk].numpy(), info, mode="bilinear")
                 for index, probability in zip(group.indices[first : first + chunk], original):
                     outputs.add(index, probability)
-                    routes[labels[index]] = group.route
             del probs
         return Prediction(
             masks={lab: outputs.masks[lab] for lab in labels},

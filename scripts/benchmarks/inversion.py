@@ -1,12 +1,21 @@
-"""Mapping one label back to the input grid: ``invert_to_original`` with and without sampling only where the crop reaches.
+"""Mapping labels back to the input grid: every voxel, the crop's support box, or only where a label can pass the threshold.
 
     python scripts/benchmarks/inversion.py [--labels 1] [--rounds 3] [--threads N]
 
 One process: the synthetic CT of ``predict.py``'s benchmark (512x512x120 at 0.8x0.8x2.5 mm) preprocessed
-to SAT's 1x1x3 mm grid with its foreground crop, random probabilities on the cropped grid, then
-:func:`lorkd.data.transforms.invert_to_original` with ``resample(..., support=crop)`` (the default) and
-with every output voxel sampled (``support`` ignored). The two take turns within each round; the
-table shows the median seconds and whether the outputs are identical.
+to SAT's 1x1x3 mm grid with its foreground crop. Each label's probability map on the cropped grid is 0.9 on
+the CT's liver (its ellipse on slices 20-99) and random values in [0, 0.2) elsewhere, i.e. a trained
+model's output in shape, not in values. Per label, the time of mapping it back and adding it to the
+masks and the multilabel map (``Predictor.predict``'s ``_Assembler``):
+
+  every voxel     ``invert_to_original`` sampling every output voxel, the whole grid added;
+  crop box        ``invert_to_original`` with ``resample(..., support=crop)`` (what ``predict`` does when
+                  it keeps probabilities), the whole grid added;
+  threshold box   ``invert_above``: only the box where the label can pass the threshold is sampled and
+                  added (what ``predict`` does otherwise).
+
+The rows take turns within each round; the table shows the median seconds per label and whether the masks
+and the multilabel map equal the first row's.
 """
 
 from __future__ import annotations
@@ -15,8 +24,10 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -24,8 +35,18 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from lorkd.data import grid, transforms  # noqa: E402
-from lorkd.data.transforms import PreprocessConfig, invert_to_original, preprocess_image  # noqa: E402
+from lorkd.data.transforms import (  # noqa: E402
+    InversionInfo,
+    PreprocessConfig,
+    invert_above,
+    invert_to_original,
+    preprocess_image,
+    to_preprocessed_grid,
+)
+from lorkd.inference.predictor import _Assembler  # noqa: E402
 from scripts.benchmarks.predict import ct_volume  # noqa: E402
+
+THRESHOLD = 0.5
 
 
 def every_voxel(*args, support=None):
@@ -33,9 +54,28 @@ def every_voxel(*args, support=None):
     return grid.resample(*args)
 
 
+def organ_maps(volume: np.ndarray, affine: np.ndarray, info: InversionInfo, n: int) -> np.ndarray:
+    """(n, *info.shape) float32: 0.9 on the CT's liver, random [0, 0.2) elsewhere."""
+    x, y = np.meshgrid((np.arange(512) - 255.5) * 0.8, (np.arange(512) - 255.5) * 0.8, indexing="ij")
+    liver = np.zeros(volume.shape, dtype=np.float32)
+    liver[..., 20:100] = (((x - 60) / 70) ** 2 + ((y + 10) / 55) ** 2 < 1)[..., None]
+    inside = to_preprocessed_grid(liver[None], info)[0] > 0.5
+    rng = np.random.default_rng(0)
+    maps = rng.random((n, *info.shape), dtype=np.float32) * 0.2
+    maps[:, inside] = 0.9
+    return maps
+
+
+def assemble(reference: nib.Nifti1Image, maps: np.ndarray, invert: Callable) -> _Assembler:
+    outputs = _Assembler(reference, [f"label {i}" for i in range(len(maps))], THRESHOLD, False)
+    for index, probability in enumerate(maps):
+        invert(outputs, index, probability)
+    return outputs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--labels", type=int, default=1, help="channels mapped back in one call")
+    parser.add_argument("--labels", type=int, default=1, help="labels mapped back per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -43,24 +83,36 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     volume, affine = ct_volume()
     _, info = preprocess_image(volume, "ct", PreprocessConfig(spacing=(1.0, 1.0, 3.0)), affine=affine)
-    probabilities = np.random.default_rng(0).random((args.labels, *info.shape), dtype=np.float32)
-    variants = {"support (default)": grid.resample, "every voxel": every_voxel}
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
-    outputs: dict[str, np.ndarray] = {}
+    maps = organ_maps(volume, affine, info, args.labels)
+    reference = nib.Nifti1Image(np.broadcast_to(np.uint8(0), volume.shape), affine)
+
+    def whole(outputs: _Assembler, index: int, probability: np.ndarray) -> None:
+        outputs.add(index, invert_to_original(probability[None], info)[0])
+
+    def boxed(outputs: _Assembler, index: int, probability: np.ndarray) -> None:
+        box, values = invert_above(probability, info, THRESHOLD)
+        outputs.add(index, values, box)
+
+    rows = {"every voxel": (every_voxel, whole), "crop box": (grid.resample, whole), "threshold box": (grid.resample, boxed)}
+    seconds: dict[str, list[float]] = {name: [] for name in rows}
+    results: dict[str, _Assembler] = {}
     for _ in range(args.rounds):
-        for name, resample in variants.items():
+        for name, (resample, invert) in rows.items():
             transforms.resample = resample
             start = time.perf_counter()
-            outputs[name] = invert_to_original(probabilities, info)
-            seconds[name].append(time.perf_counter() - start)
+            results[name] = assemble(reference, maps, invert)
+            seconds[name].append((time.perf_counter() - start) / args.labels)
     transforms.resample = grid.resample
-    same = np.array_equal(outputs["support (default)"], outputs["every voxel"])
+    first = results["every voxel"]
     base = statistics.median(seconds["every voxel"])
     print(f"# {args.labels} label(s), preprocessed {info.shape} in {info.resampled_shape}, back to {info.original_shape}; "
           f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds\n")  # fmt: skip
-    print("| inversion | s | vs every voxel | identical |")
+    print("| mapping back + assembling | s per label | vs every voxel | masks and map identical |")
     print("|---|---|---|---|")
-    for name in variants:
+    for name, outputs in results.items():
+        same = np.array_equal(outputs.segmentation, first.segmentation) and all(
+            np.array_equal(np.asarray(outputs.masks[k].dataobj), np.asarray(first.masks[k].dataobj)) for k in first.masks
+        )
         median = statistics.median(seconds[name])
         print(f"| {name} | {median:.2f} | {median / base:.2f}x | {same} |")
 
