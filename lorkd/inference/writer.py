@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,9 @@ def _remove_stale(folder: Path, names: set[str]) -> None:
             path.unlink()
 
 
+_WRITERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def save_prediction(
     prediction: Prediction,
     folder: str | Path,
@@ -157,16 +162,22 @@ def save_prediction(
         atomic_write(folder / name, write)
         files.append(name)
 
-    for label in prediction.labels:
-        put(f"{names[label]}.nii.gz", lambda tmp, lab=label: nib.save(prediction.masks[lab], str(tmp)))
-    put("segmentation.nii.gz", lambda tmp: nib.save(prediction.segmentation, str(tmp)))
+    def put_images(images: dict[str, nib.Nifti1Image]) -> None:
+        """Write NIfTI files side by side: gzip releases the GIL, so the cores compress together."""
+        with ThreadPoolExecutor(min(len(images), _WRITERS) or 1) as pool:
+            done = [pool.submit(atomic_write, folder / name, lambda tmp, im=im: nib.save(im, str(tmp)))
+                    for name, im in images.items()]  # fmt: skip
+            for future in done:
+                future.result()
+        files.extend(images)
+
+    put_images({f"{names[lab]}.nii.gz": prediction.masks[lab] for lab in prediction.labels}
+               | {"segmentation.nii.gz": prediction.segmentation})  # fmt: skip
     label_ids = {str(i): lab for i, lab in prediction.label_ids.items()}
     put("labels.json", lambda tmp: tmp.write_text(json.dumps(label_ids, indent=2) + "\n", encoding="utf-8"))
     if probabilities and prediction.probabilities is not None:
         folder_inside(folder, folder / PROBABILITIES)
-        for label in prediction.labels:
-            name = f"{PROBABILITIES}/{names[label]}.nii.gz"
-            put(name, lambda tmp, lab=label: nib.save(prediction.probabilities[lab], str(tmp)))
+        put_images({f"{PROBABILITIES}/{names[lab]}.nii.gz": prediction.probabilities[lab] for lab in prediction.labels})
     if preview:
         from lorkd.inference.preview import save_preview
 
