@@ -240,17 +240,18 @@ def _as_volume(
         if affine is None:
             raise ValueError("preprocess_image: a numpy image needs its affine")
         name = name or "<array>"
-        data = squeeze_to_3d(image, name).astype(np.float32, copy=False)
+        data = squeeze_to_3d(image, name)
         affine = np.asarray(affine, dtype=np.float64)
     elif isinstance(image, nib.spatialimages.SpatialImage):
         name = name or image.get_filename() or "<nibabel image>"
-        data = squeeze_to_3d(np.asarray(image.dataobj), name).astype(np.float32, copy=False)
+        data = squeeze_to_3d(np.asarray(image.dataobj), name)
         affine = np.asarray(image.affine if affine is None else affine, dtype=np.float64)
     else:
         raise TypeError(f"preprocess_image: unsupported image type {type(image).__name__}")
     if affine.shape != (4, 4):
         raise CaseError(f"{name}: affine must be 4x4, got shape {affine.shape}")
-    return Volume(np.ascontiguousarray(check_finite(data, name, nan_policy)), affine, name)
+    data = np.asarray(data, dtype=np.float32, order="C")  # one cast-and-reorder pass (see read_volume)
+    return Volume(check_finite(data, name, nan_policy), affine, name)
 
 
 def preprocess_image(

@@ -126,8 +126,8 @@ def read_input(
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise CaseError(f"{name}: affine must be 4x4, got shape {affine.shape}")
-    data = check_finite(data.astype(np.float32, copy=False), name, nan_policy)
-    return _like(np.ascontiguousarray(data), affine, header)
+    data = check_finite(np.asarray(data, dtype=np.float32, order="C"), name, nan_policy)  # one pass (see read_volume)
+    return _like(data, affine, header)
 
 
 def image_name(image: ImageInput) -> str:
