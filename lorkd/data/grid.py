@@ -174,31 +174,6 @@ def _reach(
     return tuple(box)  # type: ignore[return-value]
 
 
-def _prepared(
-    array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int], mode: str
-) -> tuple[torch.Tensor, np.ndarray | None, tuple[int, int, int]]:
-    """The checked (C, X, Y, Z) float32 tensor, the voxel-to-voxel map (None where the grids agree: no
-    resampling) and the destination shape."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    array = np.asarray(array)
-    if array.ndim != 4:
-        raise ValueError(f"expected a channel-first (C, X, Y, Z) array, got shape {array.shape}")
-    src = np.asarray(src_affine, dtype=np.float64)
-    dst = np.asarray(dst_affine, dtype=np.float64)
-    try:
-        xform = np.linalg.solve(src, dst)
-    except np.linalg.LinAlgError as e:
-        raise ValueError(f"source affine is not invertible: {src.tolist()}") from e
-    shape = tuple(int(s) for s in dst_shape)
-    img = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if shape == tuple(array.shape[1:]) and (
-        np.allclose(src, dst, atol=AFFINE_TOL) or np.allclose(xform, np.eye(4), atol=AFFINE_TOL)
-    ):
-        return img, None, shape  # type: ignore[return-value]
-    return img, xform, shape  # type: ignore[return-value]
-
-
 def resample(
     array: np.ndarray,
     src_affine: np.ndarray,
@@ -215,25 +190,7 @@ def resample(
     source outside which ``array`` is 0 (e.g. a crop put back into its grid); on axis-aligned grids only
     the output voxels that can reach it are sampled, the others are 0 (the same values, less work).
     """
-    img, xform, shape = _prepared(array, src_affine, dst_affine, dst_shape, mode)
-    if xform is None:
-        return img.numpy()
-    box, whole = _sampled_box(xform, img, support, shape)
-    theta = _grid_theta(xform, img.shape[1:], shape)
-    with torch.inference_mode():
-        if box == whole:
-            return _sample_box(img, theta, shape, mode, box).numpy()
-        out = torch.zeros((img.shape[0], *shape), dtype=torch.float32)  # never sampled outside the box
-        _sample_box(img, theta, shape, mode, box, out[(slice(None), *box)])
-        return out.numpy()
-
-
-def _sampled_box(
-    xform: np.ndarray, img: torch.Tensor, support: Sequence[slice] | None, shape: tuple[int, int, int]
-) -> tuple[tuple[slice, slice, slice], tuple[slice, slice, slice]]:
-    """The output box to sample for ``support`` (everything without it or on a rotated grid) and the whole."""
-    whole = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
-    return (None if support is None else _reach(xform, img.shape[1:], support, shape)) or whole, whole
+    return _resample(array, src_affine, dst_affine, dst_shape, mode, support, whole=True)[1]
 
 
 def resample_reach(
@@ -248,10 +205,43 @@ def resample_reach(
     box in the output and their values, (C, *box sizes). Every other output voxel interpolates source
     voxels outside ``support`` alone (0 where the array is 0 there; at most their maximum in general).
     The whole output without ``support``, on rotated grids and where the grids agree."""
-    img, xform, shape = _prepared(array, src_affine, dst_affine, dst_shape, mode)
-    if xform is None:
-        return (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2])), img.numpy()
-    box, _ = _sampled_box(xform, img, support, shape)
+    return _resample(array, src_affine, dst_affine, dst_shape, mode, support, whole=False)
+
+
+def _resample(
+    array: np.ndarray,
+    src_affine: np.ndarray,
+    dst_affine: np.ndarray,
+    dst_shape: Sequence[int],
+    mode: str,
+    support: Sequence[slice] | None,
+    whole: bool,
+) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """(box, values) of :func:`resample_reach`; with ``whole``, the values fill the whole output (0
+    outside the box, sampled in place) and the box is the whole output."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    array = np.asarray(array)
+    if array.ndim != 4:
+        raise ValueError(f"expected a channel-first (C, X, Y, Z) array, got shape {array.shape}")
+    src = np.asarray(src_affine, dtype=np.float64)
+    dst = np.asarray(dst_affine, dtype=np.float64)
+    try:
+        xform = np.linalg.solve(src, dst)
+    except np.linalg.LinAlgError as e:
+        raise ValueError(f"source affine is not invertible: {src.tolist()}") from e
+    shape = tuple(int(s) for s in dst_shape)
+    everything = tuple(slice(0, s) for s in shape)
+    img = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if shape == tuple(array.shape[1:]) and (
+        np.allclose(src, dst, atol=AFFINE_TOL) or np.allclose(xform, np.eye(4), atol=AFFINE_TOL)
+    ):
+        return everything, img.numpy()  # type: ignore[return-value]
+    box = (None if support is None else _reach(xform, array.shape[1:], support, shape)) or everything
+    theta = _grid_theta(xform, array.shape[1:], shape)
     with torch.inference_mode():
-        values = _sample_box(img, _grid_theta(xform, img.shape[1:], shape), shape, mode, box)
-    return box, values.numpy()
+        if box == everything or not whole:
+            return box, _sample_box(img, theta, shape, mode, box).numpy()  # type: ignore[return-value]
+        out = torch.zeros((img.shape[0], *shape), dtype=torch.float32)  # never sampled outside the box
+        _sample_box(img, theta, shape, mode, box, out[(slice(None), *box)])  # type: ignore[arg-type]
+        return everything, out.numpy()  # type: ignore[return-value]

@@ -186,11 +186,11 @@ class PreprocessedCase:
 
 
 def foreground_box(
-    volume: np.ndarray, margin: Sequence[int] | None = None
+    volume: np.ndarray, margin: Sequence[int] | None = None, above: float = 0.0
 ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """Bounding box (start, exclusive end) of the voxels > 0 grown by ``margin`` voxels per axis
+    """Bounding box (start, exclusive end) of the voxels > ``above`` grown by ``margin`` voxels per axis
     (clipped to the volume), or None when there are none."""
-    fg = volume > 0
+    fg = volume > above
     margin = [0] * volume.ndim if margin is None else [int(m) for m in margin]
     start, end = [], []
     for axis in range(volume.ndim):
@@ -320,19 +320,24 @@ def invert_to_original(array: np.ndarray, info: InversionInfo, mode: str = "bili
     (for probabilities) returns float32; ``nearest`` (for masks) keeps the input dtype.
     """
     array = np.asarray(array)
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"mode must be one of {INTERPOLATIONS}, got {mode!r}")
+    out = resample(
+        _uncropped(array, info), np.asarray(info.resampled_affine), np.asarray(info.original_affine),
+        info.original_shape, mode, support=info.crop_slices,
+    )  # fmt: skip
+    return out.astype(array.dtype) if mode == "nearest" else out
+
+
+def _uncropped(array: np.ndarray, info: InversionInfo) -> np.ndarray:
+    """A (C, *info.shape) array put back into the resampled grid before the crop (0 outside it), float32."""
     if array.ndim != 4 or tuple(array.shape[1:]) != tuple(info.shape):
         raise ValueError(
             f"expected (C, {', '.join(map(str, info.shape))}) in the preprocessed grid, got {array.shape}"
         )
-    if mode not in INTERPOLATIONS:
-        raise ValueError(f"mode must be one of {INTERPOLATIONS}, got {mode!r}")
     full = np.zeros((array.shape[0], *info.resampled_shape), dtype=np.float32)
     full[(slice(None), *info.crop_slices)] = array
-    out = resample(
-        full, np.asarray(info.resampled_affine), np.asarray(info.original_affine), info.original_shape, mode,
-        support=info.crop_slices,
-    )  # fmt: skip
-    return out.astype(array.dtype) if mode == "nearest" else out
+    return full
 
 
 ABOVE_MARGIN = 1e-4  # voxels this close below the threshold count as above it (interpolation rounding)
@@ -347,22 +352,17 @@ def invert_above(
     ``threshold - ABOVE_MARGIN``, so it stays below the threshold; the box is empty when no voxel
     comes near it."""
     probability = np.asarray(probability)
-    if tuple(probability.shape) != tuple(info.shape):
-        raise ValueError(f"expected ({', '.join(map(str, info.shape))}) in the preprocessed grid, got {probability.shape}")
     crop = info.crop_slices
     if threshold - ABOVE_MARGIN <= 0:  # the zeros outside the crop count too
         support = crop
     else:
-        above = probability > threshold - ABOVE_MARGIN
-        spans = [np.flatnonzero(above.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-        if any(len(span) == 0 for span in spans):
+        found = foreground_box(probability, above=threshold - ABOVE_MARGIN)
+        if found is None:
             return (slice(0, 0),) * 3, np.zeros((0, 0, 0), dtype=np.float32)  # type: ignore[return-value]
-        support = tuple(slice(c.start + int(span[0]), c.start + int(span[-1]) + 1) for c, span in zip(crop, spans))
-    full = np.zeros((1, *info.resampled_shape), dtype=np.float32)
-    full[(0, *crop)] = probability
+        support = tuple(slice(c.start + lo, c.start + hi) for c, lo, hi in zip(crop, *found))
     box, values = resample_reach(
-        full, np.asarray(info.resampled_affine), np.asarray(info.original_affine), info.original_shape, "bilinear",
-        support=support,
+        _uncropped(probability[None], info), np.asarray(info.resampled_affine), np.asarray(info.original_affine),
+        info.original_shape, "bilinear", support=support,
     )  # fmt: skip
     return box, values[0]
 
