@@ -114,6 +114,25 @@ def test_resample_one_slab_equals_many(monkeypatch):
     np.testing.assert_array_equal(grid.resample(array, affine, dst_affine, dst_shape, "bilinear"), whole)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_rows_spread_over_threads_give_the_same_voxels(threads, monkeypatch):
+    """The rows of a slab go to grid_sample as a batch of one part per thread (uneven counts included)."""
+    shape, affine, orientation, spacing = GRIDS["oblique"]
+    dst_affine, dst_shape = grid.target_grid(shape, affine, orientation, spacing)
+    array = np.random.default_rng(2).normal(size=(2, *shape)).astype(np.float32)
+    monkeypatch.setattr(grid, "SLAB_VOXELS", 7 * dst_shape[1] * dst_shape[2])  # 7 rows a slab: never even
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = grid.resample(array, affine, dst_affine, dst_shape, "bilinear")
+        torch.set_num_threads(threads)
+        many = grid.resample(array, affine, dst_affine, dst_shape, "bilinear")
+    finally:
+        torch.set_num_threads(previous)
+    np.testing.assert_array_equal(many, one)
+    np.testing.assert_array_equal(many, monai_resample(array, affine, dst_affine, dst_shape, "bilinear"))
+
+
 @pytest.mark.parametrize("mode", grid.MODES)
 def test_sampling_only_where_a_crop_can_reach_changes_no_voxel(case, mode):
     """``support`` (the crop inside its grid, zero elsewhere) skips output voxels that read only zeros:

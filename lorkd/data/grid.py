@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-AFFINE_TOL = 1e-3  # MONAI's tolerance: a spacing this close to the target is kept; an xform this close to I is a no-op
+AFFINE_TOL = (
+    1e-3  # MONAI's tolerance: a spacing this close to the target is kept; an xform this close to I is a no-op
+)
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 MODES = ("bilinear", "nearest")
 SLAB_VOXELS = 1 << 22  # output voxels per slab of the sampling grid (48 MiB of float32 coordinates)
@@ -43,7 +45,9 @@ def _zoomed_affine(affine: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     return new_affine
 
 
-def _shape_offset(shape: Sequence[int], in_affine: np.ndarray, out_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _shape_offset(
+    shape: Sequence[int], in_affine: np.ndarray, out_affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Shape of ``out_affine``'s grid covering the input's voxel centres, and its origin (MONAI
     ``compute_shape_offset``: the corner nearest the origin of the output axes, else the centres aligned)."""
     shape_f = np.array(tuple(shape), dtype=float)
@@ -57,7 +61,9 @@ def _shape_offset(shape: Sequence[int], in_affine: np.ndarray, out_affine: np.nd
     for i in range(corners.shape[1]):
         if np.allclose(np.min(all_dist - all_dist[:, i : i + 1], 1), 0.0, rtol=AFFINE_TOL):
             return out_shape.astype(int), corners[:-1, i]
-    offset = in_affine[:-1, :-1] @ (shape_f / 2.0) + in_affine[:-1, -1] - out_affine[:-1, :-1] @ (out_shape / 2.0)
+    offset = (
+        in_affine[:-1, :-1] @ (shape_f / 2.0) + in_affine[:-1, -1] - out_affine[:-1, :-1] @ (out_shape / 2.0)
+    )
     return out_shape.astype(int), offset
 
 
@@ -72,7 +78,8 @@ def target_grid(
     current = torch.as_tensor(np.asarray(affine), dtype=torch.float64)
     if orientation:
         ornt = nib.orientations.ornt_transform(
-            nib.io_orientation(current.numpy()), nib.orientations.axcodes2ornt(orientation[:3], labels=AXIS_LABELS)
+            nib.io_orientation(current.numpy()),
+            nib.orientations.axcodes2ornt(orientation[:3], labels=AXIS_LABELS),
         )
         flip_permute = torch.as_tensor(nib.orientations.inv_ornt_aff(ornt, out_shape), dtype=torch.float64)
         current = torch.matmul(current, flip_permute)
@@ -81,11 +88,15 @@ def target_grid(
         affine_np = current.numpy().copy()
         target = np.array(tuple(spacing), dtype=np.float64)
         own = _spacing(affine_np)
-        kept = np.where((target - AFFINE_TOL <= own) & (own <= target + AFFINE_TOL), own, target)  # MONAI's rule
+        kept = np.where(
+            (target - AFFINE_TOL <= own) & (own <= target + AFFINE_TOL), own, target
+        )  # MONAI's rule
         new_affine = _zoomed_affine(affine_np, kept)
         grid_shape, offset = _shape_offset(out_shape, affine_np, new_affine)
         new_affine[:3, -1] = offset[:3]
-        current = torch.matmul(current, torch.as_tensor(np.linalg.solve(affine_np, new_affine), dtype=torch.float64))
+        current = torch.matmul(
+            current, torch.as_tensor(np.linalg.solve(affine_np, new_affine), dtype=torch.float64)
+        )
         out_shape = tuple(int(s) for s in grid_shape)
     return current.numpy().astype(np.float64, copy=True), out_shape  # type: ignore[return-value]
 
@@ -144,11 +155,29 @@ def _sample_box(
     for start in range(0, nx, step):
         rows = min(step, nx - start)
         base[:, :rows, ..., 2] = xs[start : start + rows, None, None]
-        grid = base[:, :rows].view(1, -1, 4).bmm(theta_t).view(1, rows, ny, nz, 3)
-        out[:, start : start + rows] = F.grid_sample(
-            src, grid, mode=mode, padding_mode="border", align_corners=False
-        )[0]
+        grid = base[:, :rows].view(1, -1, 4).bmm(theta_t).view(rows, ny, nz, 3)
+        _grid_sample_rows(src, grid, mode, out[:, start : start + rows])
     return out
+
+
+def _grid_sample_rows(src: torch.Tensor, grid: torch.Tensor, mode: str, out: torch.Tensor) -> None:
+    """grid_sample of (1, C, ...) ``src`` at the (rows, ny, nz, 3) ``grid`` into ``out`` (C, rows, ny, nz).
+
+    PyTorch's CPU kernel for 3-D grids runs its threads over the batch only, so the rows go in as a batch
+    of up to ``torch.get_num_threads()`` parts (each voxel's arithmetic is unchanged: the same values)."""
+    rows = grid.shape[0]
+    parts = max(1, min(torch.get_num_threads(), rows))
+    even = rows - rows % parts
+    for first, stop, batch in ((0, even, parts), (even, rows, rows - even)):
+        if stop > first:
+            sampled = F.grid_sample(
+                src.expand(batch, *src.shape[1:]),
+                grid[first:stop].reshape(batch, (stop - first) // batch, *grid.shape[1:]),
+                mode=mode,
+                padding_mode="border",
+                align_corners=False,
+            )  # (batch, C, rows / batch, ny, nz)
+            out[:, first:stop] = sampled.transpose(0, 1).reshape(out.shape[0], stop - first, *out.shape[2:])
 
 
 def _reach(
@@ -169,7 +198,11 @@ def _reach(
         reach = (lo - 1.0 if lo > 0 else -np.inf, hi if hi < size else np.inf)
         bounds = sorted((c - offset[i]) / scale for c in reach)
         first = 0 if not np.isfinite(bounds[0]) else max(0, int(np.floor(bounds[0])) - 1)
-        last = int(dst_shape[j]) if not np.isfinite(bounds[1]) else min(int(dst_shape[j]), int(np.ceil(bounds[1])) + 2)
+        last = (
+            int(dst_shape[j])
+            if not np.isfinite(bounds[1])
+            else min(int(dst_shape[j]), int(np.ceil(bounds[1])) + 2)
+        )
         box[j] = slice(first, max(first, last))
     return tuple(box)  # type: ignore[return-value]
 
