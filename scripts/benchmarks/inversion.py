@@ -20,7 +20,6 @@ and the multilabel map equal the first row's.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ from lorkd.data.transforms import (  # noqa: E402
 )
 from lorkd.inference.predictor import _Assembler  # noqa: E402
 from scripts.benchmarks.predict import ct_volume  # noqa: E402
+from scripts.benchmarks.rounds import parse_round_args  # noqa: E402
 
 THRESHOLD = 0.5
 
@@ -74,13 +74,12 @@ def assemble(reference: nib.Nifti1Image, maps: np.ndarray, invert: Callable) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--labels", type=int, default=1, help="labels mapped back per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_round_args(
+        __doc__,
+        lambda parser: parser.add_argument(
+            "--labels", type=int, default=1, help="labels mapped back per round"
+        ),
+    )
     volume, affine = ct_volume()
     _, info = preprocess_image(volume, "ct", PreprocessConfig(spacing=(1.0, 1.0, 3.0)), affine=affine)
     maps = organ_maps(volume, affine, info, args.labels)
@@ -93,7 +92,11 @@ def main() -> None:
         box, values = invert_above(probability, info, THRESHOLD)
         outputs.add(index, values, box)
 
-    rows = {"every voxel": (every_voxel, whole), "crop box": (grid.resample, whole), "threshold box": (grid.resample, boxed)}
+    rows = {
+        "every voxel": (every_voxel, whole),
+        "crop box": (grid.resample, whole),
+        "threshold box": (grid.resample, boxed),
+    }
     seconds: dict[str, list[float]] = {name: [] for name in rows}
     results: dict[str, _Assembler] = {}
     for _ in range(args.rounds):
@@ -111,7 +114,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, outputs in results.items():
         same = np.array_equal(outputs.segmentation, first.segmentation) and all(
-            np.array_equal(np.asarray(outputs.masks[k].dataobj), np.asarray(first.masks[k].dataobj)) for k in first.masks
+            np.array_equal(np.asarray(outputs.masks[k].dataobj), np.asarray(first.masks[k].dataobj))
+            for k in first.masks
         )
         median = statistics.median(seconds[name])
         print(f"| {name} | {median:.2f} | {median / base:.2f}x | {same} |")

@@ -13,7 +13,6 @@ the table shows the median seconds and whether the outputs are identical.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from lorkd.data import grid  # noqa: E402
 from lorkd.data.transforms import PreprocessConfig, invert_to_original, preprocess_image  # noqa: E402
 from scripts.benchmarks.predict import ct_volume  # noqa: E402
+from scripts.benchmarks.rounds import parse_round_args  # noqa: E402
 
 
 def one_batch(src: torch.Tensor, sample_grid: torch.Tensor, mode: str, out: torch.Tensor) -> None:
@@ -37,14 +37,7 @@ def one_batch(src: torch.Tensor, sample_grid: torch.Tensor, mode: str, out: torc
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_round_args(__doc__)
     volume, affine = ct_volume()
     config = PreprocessConfig(spacing=(1.0, 1.0, 3.0))
     _, info = preprocess_image(volume, "ct", config, affine=affine)
