@@ -146,17 +146,19 @@ def _sample_box(
     if nx * ny * nz == 0:
         return out
     src = img[None].contiguous()
-    theta_t = theta.transpose(1, 2)
+    matrix = theta[0].T  # (4, 3): rows for z, y, x and the constant; columns the grid's coordinates
+    # affine_grid's (z, y, x, 1) @ matrix, summed in its order (z, then y, then x, then the constant): each
+    # product depends on one axis only, so it is computed once per axis, and the sums give the same floats
+    z_part, y_part = zs[:, None] * matrix[0], ys[:, None] * matrix[1]
+    yz = z_part[None] + y_part[:, None]  # (ny, nz, 3)
     step = min(nx, max(1, SLAB_VOXELS // max(ny * nz, 1)))
-    base = torch.empty((1, step, ny, nz, 4), dtype=torch.float32)  # homogeneous (z, y, x, 1) of one slab
-    base[..., 0] = zs
-    base[..., 1] = ys[:, None]
-    base[..., 3] = 1.0
+    grid = torch.empty((step, ny, nz, 3), dtype=torch.float32)
     for start in range(0, nx, step):
         rows = min(step, nx - start)
-        base[:, :rows, ..., 2] = xs[start : start + rows, None, None]
-        grid = base[:, :rows].view(1, -1, 4).bmm(theta_t).view(rows, ny, nz, 3)
-        _grid_sample_rows(src, grid, mode, out[:, start : start + rows])
+        x_part = xs[start : start + rows, None] * matrix[2]  # (rows, 3)
+        torch.add(yz[None], x_part[:, None, None], out=grid[:rows])
+        grid[:rows] += matrix[3]
+        _grid_sample_rows(src, grid[:rows], mode, out[:, start : start + rows])
     return out
 
 
