@@ -16,6 +16,8 @@ from lorkd.data.manifest import Case
 from lorkd.data.transforms import (
     InversionInfo,
     PreprocessConfig,
+    group_above,
+    invert_group,
     invert_to_original,
     preprocess_case,
     preprocess_image,
@@ -209,6 +211,32 @@ def test_inversion_pads_the_crop_with_zero_and_returns_float_for_bilinear():
     )
     with pytest.raises(ValueError, match="preprocessed grid"):
         invert_to_original(np.zeros((1, 5, 5, 5)), info)
+
+
+def test_labels_share_a_sampling_only_where_it_costs_less_and_their_values_are_the_whole_mappings():
+    image = np.zeros((60, 40, 20), np.float32)
+    image[2:58, 2:38, 1:19] = 100.0
+    _, info = preprocess_image(image, "ct", affine=np.diag([0.8, 0.9, 2.5, 1.0]))  # resampled: boxes are boxes
+    maps = np.zeros((5, *info.shape), np.float32)
+    maps[0, 5:20, 5:20, 2:5] = 0.9  # near one end
+    maps[1, 9:24, 5:20, 2:5] = 0.9  # most of the same box: joins label 0
+    maps[2, 40:55, 20:35, 2:5] = 0.9  # far away: its own sampling
+    maps[4, 41:54, 21:34, 2:5] = 0.8  # label 3 between is empty: label 4 starts again
+    groups = group_above(maps, info, 0.5, max_labels=4)
+    assert [g.indices for g in groups] == [(0, 1), (2,), (3,), (4,)]
+    assert groups[1].support is not None and groups[2].support is None
+    assert [g.indices for g in group_above(maps[[0, 1, 0, 1]], info, 0.5, max_labels=3)] == [(0, 1, 2), (3,)]
+    whole = invert_to_original(maps, info)
+    for group in groups:
+        box, values = invert_group(maps[list(group.indices)], info, group.support)
+        assert values.shape[0] == len(group.indices)
+        assert group.support is None or values[0].size < whole[0].size / 4  # sampled in a box, not everywhere
+        for index, label_values in zip(group.indices, values):
+            np.testing.assert_array_equal(label_values, whole[index][box])  # the same floats in the box
+            outside = whole[index].copy()
+            outside[box] = 0
+            assert outside.max() < 0.5 - 1e-4  # and nothing near the threshold outside it
+    assert invert_group(maps[[3]], info, None)[1].size == 0
 
 
 def test_crop_margin_keeps_background_around_the_body_and_still_inverts():

@@ -42,7 +42,8 @@ from lorkd.data.io import CaseError, check_finite, read_volume, squeeze_to_3d
 from lorkd.data.transforms import (
     InversionInfo,
     PreprocessConfig,
-    invert_above,
+    group_above,
+    invert_group,
     invert_to_original,
     margin_voxels,
     preprocess_image,
@@ -64,7 +65,9 @@ STITCH_DEVICES = ("auto", "cpu", "device")
 # options that change no result (masks do not depend on them): left out of resume keys
 NEUTRAL_OPTIONS = frozenset({"sw_batch_size", "max_queries", "stitch_device"})
 _STITCH_FREE_FRACTION = 0.25  # "auto" stitches on the GPU while the output takes < this share of free memory
-_INVERT_BYTES = 2**28  # labels are mapped back to the input grid in chunks of about this size (both grids' buffers)
+_INVERT_BYTES = (
+    2**28
+)  # labels are mapped back to the input grid in chunks of about this size (both grids' buffers)
 ImageInput = str | Path | nib.spatialimages.SpatialImage | np.ndarray
 WindowProgress = Callable[[int, int], None]  # (windows done, windows in this case)
 
@@ -126,7 +129,9 @@ def read_input(
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise CaseError(f"{name}: affine must be 4x4, got shape {affine.shape}")
-    data = check_finite(np.asarray(data, dtype=np.float32, order="C"), name, nan_policy)  # one pass (see read_volume)
+    data = check_finite(
+        np.asarray(data, dtype=np.float32, order="C"), name, nan_policy
+    )  # one pass (see read_volume)
     return _like(data, affine, header)
 
 
@@ -264,7 +269,9 @@ class Predictor:
             divisor = math.lcm(divisor, self.teacher.size_divisor)
         fixed = getattr(model, "fixed_window", None)  # ONNX experts run the window they were exported for
         if fixed is not None and window is not None and window_size(window, divisor) != fixed:
-            log.warning("ONNX experts of %s run windows of %s, not the %s asked for", model.source, fixed, window)
+            log.warning(
+                "ONNX experts of %s run windows of %s, not the %s asked for", model.source, fixed, window
+            )
         if window is None:
             window = schema.patch_size(model.data)
         self.window = fixed or window_size(window, divisor)
@@ -290,7 +297,9 @@ class Predictor:
         student's experts are built without peft (:mod:`lorkd.experts.plain`: the same outputs).
         ``options`` are :class:`Predictor`'s arguments (device, window, fallback, ...).
         """
-        loaded = load_model(path, model, text_checkpoint, language_model_path, net_overrides, runtime=runtime, peft=False)
+        loaded = load_model(
+            path, model, text_checkpoint, language_model_path, net_overrides, runtime=runtime, peft=False
+        )
         teacher = None
         if options.get("fallback") == "teacher" and loaded.experts:
             teacher = load_model(path, "teacher")
@@ -541,9 +550,11 @@ class Predictor:
         for group, probs in self._run_groups(array, groups, queries, progress, info):
             routes.update((labels[index], group.route) for index in group.indices)
             if not return_probabilities:  # masks only: map back just where a label can pass the threshold
-                for index, probability in zip(group.indices, probs.numpy()):
-                    box, values = invert_above(probability, info, self.threshold)
-                    outputs.add(index, values, box)
+                maps = probs.numpy()
+                for above in group_above(maps, info, self.threshold, chunk):
+                    box, values = invert_group(maps[list(above.indices)], info, above.support)
+                    for position, probability in zip(above.indices, values):
+                        outputs.add(group.indices[position], probability, box)
                 del probs
                 continue
             for first in range(0, len(group.indices), chunk):

@@ -1,6 +1,6 @@
 """Mapping labels back to the input grid: every voxel, the crop's support box, or only where a label can pass the threshold.
 
-    python scripts/benchmarks/inversion.py [--labels 1] [--rounds 3] [--threads N]
+    python scripts/benchmarks/inversion.py [--labels 1] [--group 2] [--rounds 3] [--threads N]
 
 One process: the synthetic CT of ``predict.py``'s benchmark (512x512x120 at 0.8x0.8x2.5 mm) preprocessed
 to SAT's 1x1x3 mm grid with its foreground crop. Each label's probability map on the cropped grid is 0.9 on
@@ -11,8 +11,9 @@ masks and the multilabel map (``Predictor.predict``'s ``_Assembler``):
   every voxel     ``invert_to_original`` sampling every output voxel, the whole grid added;
   crop box        ``invert_to_original`` with ``resample(..., support=crop)`` (what ``predict`` does when
                   it keeps probabilities), the whole grid added;
-  threshold box   ``invert_above``: only the box where the label can pass the threshold is sampled and
-                  added (what ``predict`` does otherwise).
+  threshold box   ``group_above`` + ``invert_group``: only the box where a label can pass the threshold is
+                  sampled and added, labels whose boxes overlap enough sampled together (at most
+                  ``--group`` labels; what ``predict`` does otherwise).
 
 The rows take turns within each round; the table shows the median seconds per label and whether the masks
 and the multilabel map equal the first row's.
@@ -20,6 +21,7 @@ and the multilabel map equal the first row's.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -37,7 +39,8 @@ from lorkd.data import grid, transforms  # noqa: E402
 from lorkd.data.transforms import (  # noqa: E402
     InversionInfo,
     PreprocessConfig,
-    invert_above,
+    group_above,
+    invert_group,
     invert_to_original,
     preprocess_image,
     to_preprocessed_grid,
@@ -68,29 +71,31 @@ def organ_maps(volume: np.ndarray, affine: np.ndarray, info: InversionInfo, n: i
 
 def assemble(reference: nib.Nifti1Image, maps: np.ndarray, invert: Callable) -> _Assembler:
     outputs = _Assembler(reference, [f"label {i}" for i in range(len(maps))], THRESHOLD, False)
-    for index, probability in enumerate(maps):
-        invert(outputs, index, probability)
+    invert(outputs, maps)
     return outputs
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--labels", type=int, default=1, help="labels mapped back per round")
+    parser.add_argument("--group", type=int, default=2, help="labels sampled together at most (predict: 2 on a CT)")
+
+
 def main() -> None:
-    args = parse_round_args(
-        __doc__,
-        lambda parser: parser.add_argument(
-            "--labels", type=int, default=1, help="labels mapped back per round"
-        ),
-    )
+    args = parse_round_args(__doc__, add_arguments)
     volume, affine = ct_volume()
     _, info = preprocess_image(volume, "ct", PreprocessConfig(spacing=(1.0, 1.0, 3.0)), affine=affine)
     maps = organ_maps(volume, affine, info, args.labels)
     reference = nib.Nifti1Image(np.broadcast_to(np.uint8(0), volume.shape), affine)
 
-    def whole(outputs: _Assembler, index: int, probability: np.ndarray) -> None:
-        outputs.add(index, invert_to_original(probability[None], info)[0])
+    def whole(outputs: _Assembler, maps: np.ndarray) -> None:
+        for index, probability in enumerate(maps):
+            outputs.add(index, invert_to_original(probability[None], info)[0])
 
-    def boxed(outputs: _Assembler, index: int, probability: np.ndarray) -> None:
-        box, values = invert_above(probability, info, THRESHOLD)
-        outputs.add(index, values, box)
+    def boxed(outputs: _Assembler, maps: np.ndarray) -> None:
+        for above in group_above(maps, info, THRESHOLD, args.group):
+            box, values = invert_group(maps[list(above.indices)], info, above.support)
+            for index, probability in zip(above.indices, values):
+                outputs.add(index, probability, box)
 
     rows = {
         "every voxel": (every_voxel, whole),

@@ -81,7 +81,8 @@ def install(timer: StageTimer) -> None:
         "sliding window", predictor_module.sliding_window_probabilities
     )
     predictor_module.invert_to_original = timer.wrap("inversion", predictor_module.invert_to_original)
-    predictor_module.invert_above = timer.wrap("inversion", predictor_module.invert_above)
+    predictor_module.group_above = timer.wrap("inversion", predictor_module.group_above)
+    predictor_module.invert_group = timer.wrap("inversion", predictor_module.invert_group)
     predictor_module._Assembler.add = timer.wrap("assembling", predictor_module._Assembler.add)
     WindowModel.__call__ = timer.wrap("network", WindowModel.__call__)
 
