@@ -65,9 +65,8 @@ STITCH_DEVICES = ("auto", "cpu", "device")
 # options that change no result (masks do not depend on them): left out of resume keys
 NEUTRAL_OPTIONS = frozenset({"sw_batch_size", "max_queries", "stitch_device"})
 _STITCH_FREE_FRACTION = 0.25  # "auto" stitches on the GPU while the output takes < this share of free memory
-_INVERT_BYTES = (
-    2**28
-)  # labels are mapped back to the input grid in chunks of about this size (both grids' buffers)
+# labels are mapped back to the input grid in chunks of about this size (both grids' buffers): 2 CT labels
+_INVERT_BYTES = 2**29
 ImageInput = str | Path | nib.spatialimages.SpatialImage | np.ndarray
 WindowProgress = Callable[[int, int], None]  # (windows done, windows in this case)
 
