@@ -53,9 +53,7 @@ class StubBank:
 
 
 def fake_predictor(**options) -> Predictor:
-    bank = StubBank(
-        {"object": (20.0, 0.0), "wide": (1.0, 3.0), "everywhere": (0.0, 5.0), "nothing": (0.0, -5.0)}
-    )
+    bank = StubBank({"object": (20.0, 0.0), "wide": (1.0, 3.0), "everywhere": (0.0, 5.0), "nothing": (0.0, -5.0)})
     data = {"preprocess": {"orientation": "RAS", "spacing": [1.0, 1.0, 3.0]}, "patch_size": [16, 16, 8]}
     model = LoadedModel(ThresholdNet(), bank, "teacher", data=data, source="fake.ckpt")  # type: ignore[arg-type]
     return Predictor(model, device="cpu", **options)
@@ -189,9 +187,7 @@ def test_windows_past_the_image_see_its_background_not_zero():
     assert np.count_nonzero(window == info.background) == padding + np.count_nonzero(array == info.background)
     sat = fake_predictor(window=(16, 16, 8), background_padding=False)
     sat.predict_preprocessed(array, ["object"], "mri", info=info)
-    assert np.count_nonzero(sat.model.network(None)[0].seen[-1] == 0) == padding + np.count_nonzero(
-        array == 0
-    )
+    assert np.count_nonzero(sat.model.network(None)[0].seen[-1] == 0) == padding + np.count_nonzero(array == 0)
 
 
 def test_edge_padding_keeps_the_crop_faces_off_the_window_borders():
@@ -205,9 +201,7 @@ def test_edge_padding_keeps_the_crop_faces_off_the_window_borders():
         net = predictor.model.network(None)[0]
         first = net.seen[0][0, 0].numpy()  # the window at the array's low corner
         padded = np.pad(array[0], pad, constant_values=info.background)  # pad 3: 3 faces of background
-        assert np.array_equal(first, padded[:16, :16, :8]) and np.array_equal(
-            padded.shape, np.add(info.shape, 2 * pad)
-        )
+        assert np.array_equal(first, padded[:16, :16, :8]) and np.array_equal(padded.shape, np.add(info.shape, 2 * pad))
     probs = [np.asarray(results[pad].probabilities["object"].dataobj) for pad in (0, 3)]
     assert np.allclose(probs[0], probs[1], atol=1e-6)  # a voxel-wise network: padding changes nothing else
     with pytest.raises(ValueError, match="edge_padding"):
@@ -345,9 +339,7 @@ def test_mapping_labels_back_in_chunks_of_any_size_gives_identical_outputs(monke
 
 @pytest.mark.parametrize("budget", [1, 2**40])  # one label per sampling; labels grouped as their boxes allow
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
-def test_masks_mapped_back_only_where_a_label_can_pass_the_threshold_equal_the_whole_mapping(
-    name, budget, monkeypatch
-):
+def test_masks_mapped_back_only_where_a_label_can_pass_the_threshold_equal_the_whole_mapping(name, budget, monkeypatch):
     """Without kept probabilities each label goes back to the input grid only in the box where it can
     pass the threshold: masks and the multilabel map are bit-identical to mapping every voxel back."""
     from lorkd.inference import predictor as predictor_module
@@ -363,9 +355,7 @@ def test_masks_mapped_back_only_where_a_label_can_pass_the_threshold_equal_the_w
     whole = predictor.predict(image, labels, "ct", affine=affine, return_probabilities=True)
     assert boxed.probabilities is None
     for label in labels:
-        assert np.array_equal(
-            np.asarray(boxed.masks[label].dataobj), np.asarray(whole.masks[label].dataobj)
-        ), label
+        assert np.array_equal(np.asarray(boxed.masks[label].dataobj), np.asarray(whole.masks[label].dataobj)), label
     assert np.array_equal(np.asarray(boxed.segmentation.dataobj), np.asarray(whole.segmentation.dataobj))
     masks = {label: np.asarray(whole.masks[label].dataobj) for label in labels}
     assert masks["object"].any() and masks["everywhere"].any() and not masks["nothing"].any()

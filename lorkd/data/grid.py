@@ -20,9 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-AFFINE_TOL = (
-    1e-3  # MONAI's tolerance: a spacing this close to the target is kept; an xform this close to I is a no-op
-)
+AFFINE_TOL = 1e-3  # MONAI's tolerance: a spacing this close to the target is kept; an xform this close to I is a no-op
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 MODES = ("bilinear", "nearest")
 SLAB_VOXELS = 1 << 22  # output voxels per slab of the sampling grid (48 MiB of float32 coordinates)
@@ -45,9 +43,7 @@ def _zoomed_affine(affine: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     return new_affine
 
 
-def _shape_offset(
-    shape: Sequence[int], in_affine: np.ndarray, out_affine: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _shape_offset(shape: Sequence[int], in_affine: np.ndarray, out_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Shape of ``out_affine``'s grid covering the input's voxel centres, and its origin (MONAI
     ``compute_shape_offset``: the corner nearest the origin of the output axes, else the centres aligned)."""
     shape_f = np.array(tuple(shape), dtype=float)
@@ -61,9 +57,7 @@ def _shape_offset(
     for i in range(corners.shape[1]):
         if np.allclose(np.min(all_dist - all_dist[:, i : i + 1], 1), 0.0, rtol=AFFINE_TOL):
             return out_shape.astype(int), corners[:-1, i]
-    offset = (
-        in_affine[:-1, :-1] @ (shape_f / 2.0) + in_affine[:-1, -1] - out_affine[:-1, :-1] @ (out_shape / 2.0)
-    )
+    offset = in_affine[:-1, :-1] @ (shape_f / 2.0) + in_affine[:-1, -1] - out_affine[:-1, :-1] @ (out_shape / 2.0)
     return out_shape.astype(int), offset
 
 
@@ -78,8 +72,7 @@ def target_grid(
     current = torch.as_tensor(np.asarray(affine), dtype=torch.float64)
     if orientation:
         ornt = nib.orientations.ornt_transform(
-            nib.io_orientation(current.numpy()),
-            nib.orientations.axcodes2ornt(orientation[:3], labels=AXIS_LABELS),
+            nib.io_orientation(current.numpy()), nib.orientations.axcodes2ornt(orientation[:3], labels=AXIS_LABELS)
         )
         flip_permute = torch.as_tensor(nib.orientations.inv_ornt_aff(ornt, out_shape), dtype=torch.float64)
         current = torch.matmul(current, flip_permute)
@@ -88,15 +81,11 @@ def target_grid(
         affine_np = current.numpy().copy()
         target = np.array(tuple(spacing), dtype=np.float64)
         own = _spacing(affine_np)
-        kept = np.where(
-            (target - AFFINE_TOL <= own) & (own <= target + AFFINE_TOL), own, target
-        )  # MONAI's rule
+        kept = np.where((target - AFFINE_TOL <= own) & (own <= target + AFFINE_TOL), own, target)  # MONAI's rule
         new_affine = _zoomed_affine(affine_np, kept)
         grid_shape, offset = _shape_offset(out_shape, affine_np, new_affine)
         new_affine[:3, -1] = offset[:3]
-        current = torch.matmul(
-            current, torch.as_tensor(np.linalg.solve(affine_np, new_affine), dtype=torch.float64)
-        )
+        current = torch.matmul(current, torch.as_tensor(np.linalg.solve(affine_np, new_affine), dtype=torch.float64))
         out_shape = tuple(int(s) for s in grid_shape)
     return current.numpy().astype(np.float64, copy=True), out_shape  # type: ignore[return-value]
 
@@ -200,11 +189,7 @@ def _reach(
         reach = (lo - 1.0 if lo > 0 else -np.inf, hi if hi < size else np.inf)
         bounds = sorted((c - offset[i]) / scale for c in reach)
         first = 0 if not np.isfinite(bounds[0]) else max(0, int(np.floor(bounds[0])) - 1)
-        last = (
-            int(dst_shape[j])
-            if not np.isfinite(bounds[1])
-            else min(int(dst_shape[j]), int(np.ceil(bounds[1])) + 2)
-        )
+        last = int(dst_shape[j]) if not np.isfinite(bounds[1]) else min(int(dst_shape[j]), int(np.ceil(bounds[1])) + 2)
         box[j] = slice(first, max(first, last))
     return tuple(box)  # type: ignore[return-value]
 

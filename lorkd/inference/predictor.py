@@ -128,9 +128,7 @@ def read_input(
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise CaseError(f"{name}: affine must be 4x4, got shape {affine.shape}")
-    data = check_finite(
-        np.asarray(data, dtype=np.float32, order="C"), name, nan_policy
-    )  # one pass (see read_volume)
+    data = check_finite(np.asarray(data, dtype=np.float32, order="C"), name, nan_policy)  # one pass (see read_volume)
     return _like(data, affine, header)
 
 
@@ -268,9 +266,7 @@ class Predictor:
             divisor = math.lcm(divisor, self.teacher.size_divisor)
         fixed = getattr(model, "fixed_window", None)  # ONNX experts run the window they were exported for
         if fixed is not None and window is not None and window_size(window, divisor) != fixed:
-            log.warning(
-                "ONNX experts of %s run windows of %s, not the %s asked for", model.source, fixed, window
-            )
+            log.warning("ONNX experts of %s run windows of %s, not the %s asked for", model.source, fixed, window)
         if window is None:
             window = schema.patch_size(model.data)
         self.window = fixed or window_size(window, divisor)
@@ -296,9 +292,7 @@ class Predictor:
         student's experts are built without peft (:mod:`lorkd.experts.plain`: the same outputs).
         ``options`` are :class:`Predictor`'s arguments (device, window, fallback, ...).
         """
-        loaded = load_model(
-            path, model, text_checkpoint, language_model_path, net_overrides, runtime=runtime, peft=False
-        )
+        loaded = load_model(path, model, text_checkpoint, language_model_path, net_overrides, runtime=runtime, peft=False)
         teacher = None
         if options.get("fallback") == "teacher" and loaded.experts:
             teacher = load_model(path, "teacher")

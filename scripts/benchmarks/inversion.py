@@ -97,11 +97,7 @@ def main() -> None:
             for index, probability in zip(above.indices, values):
                 outputs.add(index, probability, box)
 
-    rows = {
-        "every voxel": (every_voxel, whole),
-        "crop box": (grid.resample, whole),
-        "threshold box": (grid.resample, boxed),
-    }
+    rows = {"every voxel": (every_voxel, whole), "crop box": (grid.resample, whole), "threshold box": (grid.resample, boxed)}
     seconds: dict[str, list[float]] = {name: [] for name in rows}
     results: dict[str, _Assembler] = {}
     for _ in range(args.rounds):
@@ -119,8 +115,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, outputs in results.items():
         same = np.array_equal(outputs.segmentation, first.segmentation) and all(
-            np.array_equal(np.asarray(outputs.masks[k].dataobj), np.asarray(first.masks[k].dataobj))
-            for k in first.masks
+            np.array_equal(np.asarray(outputs.masks[k].dataobj), np.asarray(first.masks[k].dataobj)) for k in first.masks
         )
         median = statistics.median(seconds[name])
         print(f"| {name} | {median:.2f} | {median / base:.2f}x | {same} |")
