@@ -27,8 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "outputs" / "demo"
 
 
-# the same thread count on every machine: CPU float reductions (and so the table) depend on it
-THREADS = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+# the same arithmetic on every machine: CPU float reductions (and so the table) depend on the thread count
+# and on the vector instructions of the kernels (an AVX-512 host runs other conv/GEMM kernels than an AVX2
+# one and trains to a different table), so every stage runs 2 threads and AVX2 kernels
+PINNED = {
+    "OMP_NUM_THREADS": "2",
+    "MKL_NUM_THREADS": "2",
+    "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's own vectorised kernels
+    "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN (convolutions)
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL (GEMM)
+}
 
 
 def run(args: list[str]) -> None:
@@ -132,7 +140,7 @@ def environment_line() -> str:
 
     return (
         f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}, "
-        f"{THREADS['OMP_NUM_THREADS']} threads"
+        f"{PINNED['OMP_NUM_THREADS']} threads, {PINNED['ONEDNN_MAX_CPU_ISA']} kernels"
     )
 
 
@@ -141,7 +149,7 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--lorkd-steps", type=int, default=350)
     args = parser.parse_args()
-    os.environ.update(THREADS)  # every stage (training, evaluation) runs in a subprocess that inherits it
+    os.environ.update(PINNED)  # every stage (training, evaluation) runs in a subprocess that inherits it
     start = time.time()
     data = DEMO / "data"
     if not (data / "test.jsonl").is_file():
