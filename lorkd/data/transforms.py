@@ -20,7 +20,7 @@ Documented edge cases:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -412,6 +412,18 @@ def invert_group(
         _uncropped(np.asarray(probabilities), info), np.asarray(info.resampled_affine),
         np.asarray(info.original_affine), info.original_shape, "bilinear", support=support,
     )  # fmt: skip
+
+
+def invert_above(
+    probabilities: np.ndarray, info: InversionInfo, threshold: float, max_labels: int
+) -> Iterator[tuple[int, Box, np.ndarray]]:
+    """(L, X, Y, Z) probability maps of the preprocessed grid back onto the original grid only where they
+    can pass ``threshold``, labels grouped by :func:`group_above`: (index, box, that label's values in the
+    box) per label, in label order within each group."""
+    for above in group_above(probabilities, info, threshold, max_labels):
+        box, values = invert_group(probabilities[list(above.indices)], info, above.support)
+        for index, label_values in zip(above.indices, values):
+            yield index, box, label_values
 
 
 def read_label_map(

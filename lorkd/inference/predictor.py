@@ -42,8 +42,7 @@ from lorkd.data.io import CaseError, check_finite, read_volume, squeeze_to_3d
 from lorkd.data.transforms import (
     InversionInfo,
     PreprocessConfig,
-    group_above,
-    invert_group,
+    invert_above,
     invert_to_original,
     margin_voxels,
     preprocess_image,
@@ -543,11 +542,8 @@ class Predictor:
         for group, probs in self._run_groups(array, groups, queries, progress, info):
             routes.update((labels[index], group.route) for index in group.indices)
             if not return_probabilities:  # masks only: map back just where a label can pass the threshold
-                maps = probs.numpy()
-                for above in group_above(maps, info, self.threshold, chunk):
-                    box, values = invert_group(maps[list(above.indices)], info, above.support)
-                    for position, probability in zip(above.indices, values):
-                        outputs.add(group.indices[position], probability, box)
+                for position, box, probability in invert_above(probs.numpy(), info, self.threshold, chunk):
+                    outputs.add(group.indices[position], probability, box)
                 del probs
                 continue
             for first in range(0, len(group.indices), chunk):

@@ -11,7 +11,7 @@ masks and the multilabel map (``Predictor.predict``'s ``_Assembler``):
   every voxel     ``invert_to_original`` sampling every output voxel, the whole grid added;
   crop box        ``invert_to_original`` with ``resample(..., support=crop)`` (what ``predict`` does when
                   it keeps probabilities), the whole grid added;
-  threshold box   ``group_above`` + ``invert_group``: only the box where a label can pass the threshold is
+  threshold box   ``invert_above`` (``group_above`` + ``invert_group``): only the box where a label can pass the threshold is
                   sampled and added, labels whose boxes overlap enough sampled together (at most
                   ``--group`` labels; what ``predict`` does otherwise).
 
@@ -39,8 +39,7 @@ from lorkd.data import grid, transforms  # noqa: E402
 from lorkd.data.transforms import (  # noqa: E402
     InversionInfo,
     PreprocessConfig,
-    group_above,
-    invert_group,
+    invert_above,
     invert_to_original,
     preprocess_image,
     to_preprocessed_grid,
@@ -92,10 +91,8 @@ def main() -> None:
             outputs.add(index, invert_to_original(probability[None], info)[0])
 
     def boxed(outputs: _Assembler, maps: np.ndarray) -> None:
-        for above in group_above(maps, info, THRESHOLD, args.group):
-            box, values = invert_group(maps[list(above.indices)], info, above.support)
-            for index, probability in zip(above.indices, values):
-                outputs.add(index, probability, box)
+        for index, box, probability in invert_above(maps, info, THRESHOLD, args.group):
+            outputs.add(index, probability, box)
 
     rows = {"every voxel": (every_voxel, whole), "crop box": (grid.resample, whole), "threshold box": (grid.resample, boxed)}
     seconds: dict[str, list[float]] = {name: [] for name in rows}

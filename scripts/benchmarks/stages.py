@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import lorkd.data.transforms as transforms_module  # noqa: E402
 import lorkd.inference.predictor as predictor_module  # noqa: E402
 from lorkd.inference.predictor import Predictor  # noqa: E402
 from lorkd.inference.sliding_window import WindowModel  # noqa: E402
@@ -81,8 +82,8 @@ def install(timer: StageTimer) -> None:
         "sliding window", predictor_module.sliding_window_probabilities
     )
     predictor_module.invert_to_original = timer.wrap("inversion", predictor_module.invert_to_original)
-    predictor_module.group_above = timer.wrap("inversion", predictor_module.group_above)
-    predictor_module.invert_group = timer.wrap("inversion", predictor_module.invert_group)
+    transforms_module.group_above = timer.wrap("inversion", transforms_module.group_above)  # inside invert_above
+    transforms_module.invert_group = timer.wrap("inversion", transforms_module.invert_group)
     predictor_module._Assembler.add = timer.wrap("assembling", predictor_module._Assembler.add)
     WindowModel.__call__ = timer.wrap("network", WindowModel.__call__)
 
