@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import subprocess
@@ -18,7 +19,15 @@ from lorkd.exit_codes import NotStarted
 from lorkd.inference.inputs import discover_cases
 from lorkd.inference.predictor import Prediction
 from lorkd.inference.run import predict
-from lorkd.inference.writer import MARKER, completed, label_file_names, safe_name, save_prediction
+from lorkd.inference.writer import (
+    MARKER,
+    completed,
+    label_file_names,
+    nifti_order,
+    safe_name,
+    save_nifti,
+    save_prediction,
+)
 from lorkd.io import UnsafePathError
 
 AFFINE = np.diag([1.0, 1.0, 3.0, 1.0])
@@ -188,6 +197,32 @@ def small_prediction(labels: list[str]) -> Prediction:
         image,
         "ct",
     )
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"), [((130, 70, 33), np.uint8), ((65, 64, 1), np.uint16), ((1, 1, 1), np.uint8), ((70, 129, 5), np.float32)]
+)
+def test_images_go_to_disk_in_nifti_order_as_the_same_file(shape, dtype, tmp_path):
+    rng = np.random.default_rng(0)
+    data = (rng.random(shape) * 3).astype(dtype)
+    data[: shape[0] // 2] = 0  # all-zero blocks are skipped, not copied
+    ordered = nifti_order(data)
+    assert ordered.flags.f_contiguous and ordered.dtype == data.dtype and np.array_equal(ordered, data)
+    image = nib.Nifti1Image(data, AFFINE)
+    image.set_sform(AFFINE, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    save_nifti(image, tmp_path / "ours.nii.gz")
+    nib.save(image, tmp_path / "nibabel.nii.gz")
+    with gzip.open(tmp_path / "ours.nii.gz") as ours, gzip.open(tmp_path / "nibabel.nii.gz") as theirs:
+        assert ours.read() == theirs.read()  # header and voxels, byte for byte
+
+
+def test_the_preview_is_drawn_while_the_images_are_written(tmp_path):
+    folder = tmp_path / "out" / "case"
+    marker = save_prediction(small_prediction(["liver", "spleen"]), folder)
+    assert marker["files"] == ["liver.nii.gz", "spleen.nii.gz", "segmentation.nii.gz", "labels.json", "preview.png"]
+    assert (folder / "preview.png").read_bytes().startswith(b"\x89PNG")
+    assert completed(folder, ["liver", "spleen"]) is not None
 
 
 def test_rewriting_a_case_removes_stale_files_inside_its_folder_only(tmp_path):

@@ -34,21 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from lorkd.data import grid  # noqa: E402
 from lorkd.inference.sliding_window import count_windows, sliding_window_probabilities  # noqa: E402
-from scripts.benchmarks.predict import PeakMemory, ct_volume  # noqa: E402
-
-
-def monai_resample(array, src_affine, dst_affine, dst_shape, mode):
-    from monai.data import MetaTensor
-    from monai.transforms import SpatialResample
-
-    src = MetaTensor(
-        torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
-        affine=torch.as_tensor(src_affine, dtype=torch.float64),
-    )
-    out = SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)(
-        src, dst_affine=torch.as_tensor(dst_affine, dtype=torch.float64), spatial_size=tuple(dst_shape)
-    )
-    return np.asarray(out.as_tensor() if isinstance(out, MetaTensor) else out, dtype=np.float32)
+from scripts.benchmarks.predict import PeakMemory, ct_volume, monai_resample  # noqa: E402
 
 
 def monai_sliding_window(image, model, window, overlap, batch):
