@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from lorkd.data.io import CaseError
+from lorkd.data.io import CaseError, reordered
 from lorkd.data.manifest import Case
 from lorkd.data.transforms import (
     InversionInfo,
@@ -79,6 +79,22 @@ def test_lps_anisotropic_ct_becomes_ras_1x1x3_with_windowed_zscore(tmp_path, wri
     assert out.masks.dtype == np.uint8 and out.masks.shape == (2, *info.shape)
     assert out.masks[(0, *marker)] == 1 and out.masks[1].sum() == 0
     assert out.masks[0].sum() == pytest.approx(20 * 20 * 12 * 0.8 * 0.8 * 2.5 / 3, rel=0.15)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize(("dtype", "to"), [(np.int16, np.float32), (np.uint8, None), (np.float32, None), (bool, np.uint8)])
+def test_reordered_is_numpy_asarray_in_the_other_order(order, dtype, to):
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((130, 70, 33)) * 100).astype(dtype)
+    data[:, 40:] = 0  # whole zero blocks
+    source = np.asfortranarray(data) if order == "C" else np.ascontiguousarray(data)  # from the other order
+    out = reordered(source, order, to)
+    expected = np.asarray(source, dtype=to, order=order)
+    assert out.dtype == expected.dtype and out.flags[f"{order}_CONTIGUOUS"]
+    assert np.array_equal(out, expected)
+    assert reordered(expected, order) is expected  # in order already: no copy
+    with pytest.raises(ValueError, match="3-D"):
+        reordered(data[0], order)
 
 
 def test_z_score_and_clipping_match_sat_formulas_exactly():

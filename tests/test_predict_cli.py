@@ -23,7 +23,6 @@ from lorkd.inference.writer import (
     MARKER,
     completed,
     label_file_names,
-    nifti_order,
     safe_name,
     save_nifti,
     save_prediction,
@@ -199,15 +198,10 @@ def small_prediction(labels: list[str]) -> Prediction:
     )
 
 
-@pytest.mark.parametrize(
-    ("shape", "dtype"), [((130, 70, 33), np.uint8), ((65, 64, 1), np.uint16), ((1, 1, 1), np.uint8), ((70, 129, 5), np.float32)]
-)
-def test_images_go_to_disk_in_nifti_order_as_the_same_file(shape, dtype, tmp_path):
-    rng = np.random.default_rng(0)
-    data = (rng.random(shape) * 3).astype(dtype)
-    data[: shape[0] // 2] = 0  # all-zero blocks are skipped, not copied
-    ordered = nifti_order(data)
-    assert ordered.flags.f_contiguous and ordered.dtype == data.dtype and np.array_equal(ordered, data)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_images_go_to_disk_as_nibabel_writes_them(dtype, tmp_path):
+    data = (np.random.default_rng(0).random((130, 70, 33)) * 3).astype(dtype)
+    data[:65] = 0  # all-zero blocks are skipped, not copied
     image = nib.Nifti1Image(data, AFFINE)
     image.set_sform(AFFINE, code=1)
     image.header.set_xyzt_units("mm", "sec")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 NAN_POLICIES = ("error", "zero")
+_BLOCK = (64, 32, 32)  # voxels per block copied by :func:`reordered`: source and destination stay in the cache
 
 
 class CaseError(ValueError):
@@ -37,6 +39,30 @@ def squeeze_to_3d(array: np.ndarray, name: str) -> np.ndarray:
     if array.ndim != 3:
         raise CaseError(f"{name}: expected a 3-D volume (or 4-D with a singleton channel), got shape {shape}")
     return array
+
+
+def reordered(data: np.ndarray, order: str = "C", dtype: type | np.dtype | None = None) -> np.ndarray:
+    """``np.asarray(data, dtype, order=order)`` for a 3-D array: C or Fortran (NIfTI's on-disk) order, cast
+    to ``dtype`` (None: kept); ``data`` itself when nothing changes.
+
+    Between the two orders the copy goes block by block: numpy's one pass is 2-3x slower (every voxel far
+    from the last one in one of the arrays). All-zero blocks of integer or boolean data (most of a mask)
+    are not copied: the new array is zero there.
+    """
+    if data.ndim != 3:
+        raise ValueError(f"expected a 3-D array, got shape {data.shape}")
+    target = data.dtype if dtype is None else np.dtype(dtype)
+    if data.flags.c_contiguous if order == "C" else data.flags.f_contiguous:
+        return np.asarray(data, dtype=target, order=order)  # already in order: at most a cast
+    out = np.zeros(data.shape, dtype=target, order=order)
+    dst, src = (out.T, data.T) if order == "F" else (out, data)  # ``dst`` is C-ordered
+    skip_zeros = data.dtype.kind in "biu"
+    for corner in itertools.product(*(range(0, n, b) for n, b in zip(dst.shape, _BLOCK))):
+        block = tuple(slice(c, c + b) for c, b in zip(corner, _BLOCK))
+        part = src[block]
+        if not skip_zeros or part.any():
+            dst[block] = part
+    return out
 
 
 def header_shape(path: str | Path) -> tuple[int, ...]:
@@ -92,8 +118,7 @@ def read_volume(path: str | Path, nan_policy: str = "error", dtype: type | None 
     if data.dtype.fields is not None:
         raise CaseError(f"{name}: voxels of type {data.dtype} (e.g. RGB) are not supported; give one grey channel")
     data = squeeze_to_3d(data, name)
-    # NIfTI data come in Fortran order: one cast-and-reorder pass (3-4x faster than a cast, then a reorder)
-    data = check_finite(np.asarray(data, dtype=dtype, order="C"), name, nan_policy)
+    data = check_finite(reordered(data, "C", dtype), name, nan_policy)  # NIfTI data come in Fortran order
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise CaseError(f"{name}: invalid (singular or non-finite) affine {affine.tolist()}")
     return Volume(data=data, affine=affine, name=name)

@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 
 from lorkd.data.grid import resample, resample_reach, target_grid
-from lorkd.data.io import NAN_POLICIES, CaseError, Volume, check_finite, read_volume, squeeze_to_3d
+from lorkd.data.io import NAN_POLICIES, CaseError, Volume, check_finite, read_volume, reordered, squeeze_to_3d
 from lorkd.data.manifest import Case, axcodes
 from lorkd.regions import canonical_modality
 
@@ -250,7 +250,7 @@ def _as_volume(
         raise TypeError(f"preprocess_image: unsupported image type {type(image).__name__}")
     if affine.shape != (4, 4):
         raise CaseError(f"{name}: affine must be 4x4, got shape {affine.shape}")
-    data = np.asarray(data, dtype=np.float32, order="C")  # one cast-and-reorder pass (see read_volume)
+    data = reordered(data, "C", np.float32)
     return Volume(check_finite(data, name, nan_policy), affine, name)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from lorkd.data.io import reordered
 from lorkd.inference.predictor import Prediction
 from lorkd.io import atomic_write, folder_inside, path_inside, remove_temporaries, safe_name, write_json
 
@@ -127,27 +128,12 @@ def _remove_stale(folder: Path, names: set[str]) -> None:
 
 
 _WRITERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-_BLOCK = 64  # voxels per side of the (x, y) blocks copied into NIfTI's order
-
-
-def nifti_order(data: np.ndarray) -> np.ndarray:
-    """A Fortran-ordered copy of a 3-D array (the order of NIfTI's voxels on disk), copied in (x, y) blocks
-    that stay in the cache; all-zero blocks (most of a mask) are skipped, the new array is zero there."""
-    out = np.zeros(data.shape[::-1], dtype=data.dtype)  # C-ordered (Z, Y, X): Fortran-ordered (X, Y, Z)
-    for i in range(0, data.shape[0], _BLOCK):
-        for j in range(0, data.shape[1], _BLOCK):
-            part = data[i : i + _BLOCK, j : j + _BLOCK]
-            if part.any():
-                out[:, j : j + _BLOCK, i : i + _BLOCK] = part.T
-    return out.T
-
-
 def save_nifti(image: nib.Nifti1Image, path: str | Path) -> None:
-    """``nib.save`` with a C-ordered 3-D array first copied by :func:`nifti_order` (the same file:
-    nibabel would otherwise reorder it slice by slice, several times slower)."""
+    """``nib.save`` with a 3-D array first copied into NIfTI's order by :func:`~lorkd.data.io.reordered`
+    (the same file: nibabel would otherwise reorder it slice by slice, several times slower)."""
     data = image.dataobj
     if isinstance(data, np.ndarray) and data.ndim == 3 and not data.flags.f_contiguous:
-        image = type(image)(nifti_order(data), image.affine, image.header)
+        image = type(image)(reordered(data, "F"), image.affine, image.header)
     nib.save(image, str(path))
 
 
