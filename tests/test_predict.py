@@ -12,7 +12,7 @@ from torch import nn
 
 from lorkd.checkpoints.loading import LoadedModel
 from lorkd.inference import sliding_window
-from lorkd.inference.predictor import Predictor
+from lorkd.inference.predictor import Predictor, _Assembler
 from lorkd.models.sat import ImageFeatures
 from lorkd.regions import UnknownLabelError, normalize_label
 
@@ -138,6 +138,26 @@ def test_path_nibabel_and_array_inputs_agree_and_keep_the_file_header(tmp_path):
     assert all(np.array_equal(masks[0], m) for m in masks[1:]) and masks[0].any()
     assert np.array_equal(results[0].masks["object"].affine, loaded.affine)
     assert int(results[0].masks["object"].header["qform_code"]) == 1
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [2, 0, 3, 1], [3, 2, 1, 0]])
+def test_a_tie_goes_to_the_earlier_label_whatever_order_labels_arrive_in(order):
+    """Labels arrive in expert-group order; the map is the most probable label above the threshold, the
+    lowest id on a tie (probabilities on a coarse grid: many exact ties, 1.0 included)."""
+    rng = np.random.default_rng(0)
+    probabilities = rng.integers(0, 5, size=(4, 9, 8, 7)).astype(np.float32) / 4
+    reference = nib.Nifti1Image(np.zeros((9, 8, 7), np.float32), np.eye(4))
+    assembler = _Assembler(reference, ["a", "b", "c", "d"], threshold=0.5, keep_probabilities=False)
+    for index in order:
+        box = (slice(1, 9), slice(0, 8), slice(2, 7))
+        assembler.add(index, probabilities[index][box], box)
+    inside = np.zeros_like(probabilities, dtype=bool)
+    inside[:, 1:, :, 2:] = probabilities[:, 1:, :, 2:] > 0.5
+    scores = np.where(inside, probabilities, -1)
+    expected = np.where(inside.any(axis=0), np.argmax(scores, axis=0) + 1, 0)  # argmax: the first maximum
+    assert np.array_equal(assembler.segmentation, expected)
+    for index, label in enumerate("abcd"):
+        assert np.array_equal(np.asarray(assembler.masks[label].dataobj), inside[index])
 
 
 def test_multilabel_map_takes_the_most_probable_label_with_ids_in_prompt_order():

@@ -156,6 +156,7 @@ class _Assembler:
         self.threshold = threshold
         self.best = np.zeros(shape, dtype=np.float32)
         self.segmentation = np.zeros(shape, dtype=np.uint8 if len(labels) < 256 else np.uint16)
+        self.highest = 0  # the highest label id added so far
         self.masks: dict[str, nib.Nifti1Image] = {}
         self.probabilities: dict[str, nib.Nifti1Image] | None = {} if keep_probabilities else None
 
@@ -172,7 +173,9 @@ class _Assembler:
         segmentation, best = self.segmentation[region], self.best[region]
         inside = probability > self.threshold
         better = probability > best
-        better |= (probability == best) & (segmentation > ident)  # a tie goes to the earlier label
+        if ident < self.highest:  # a later label came first: a tie goes to the earlier label
+            better |= (probability == best) & (segmentation > ident)
+        self.highest = max(self.highest, ident)
         better &= inside
         np.copyto(segmentation, ident, where=better, casting="unsafe")
         np.copyto(best, probability, where=better)
