@@ -128,6 +128,8 @@ def _remove_stale(folder: Path, names: set[str]) -> None:
 
 
 _WRITERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def save_nifti(image: nib.Nifti1Image, path: str | Path) -> None:
     """``nib.save`` with a 3-D array first copied into NIfTI's order by :func:`~lorkd.data.io.reordered`
     (the same file: nibabel would otherwise reorder it slice by slice, several times slower)."""
@@ -170,8 +172,8 @@ def save_prediction(
         atomic_write(folder / name, write)
         files.append(name)
 
-    # NIfTI files and the preview are written side by side: gzip and the copies into NIfTI's order release
-    # the GIL, so the cores compress while the preview (mostly Python) is drawn
+    # NIfTI files and the preview are written side by side: gzip, the copies into NIfTI's order and Pillow's
+    # encoder release the GIL, so the cores share the work
     with ThreadPoolExecutor(_WRITERS) as pool:
         drawing = None
         if preview:
