@@ -153,6 +153,32 @@ def test_sampling_only_where_a_crop_can_reach_changes_no_voxel(case, mode):
             assert full.any()
 
 
+@pytest.mark.parametrize("slab_voxels", [1, 50, 1 << 22])
+def test_slabs_tile_the_reach_of_a_crop_with_resamples_values(case, slab_voxels, monkeypatch):
+    """``resample_slabs``: disjoint slabs, each with ``resample``'s floats; every voxel outside them is 0
+    (it reads only zeros); a slab's values and coordinates stay within SLAB_VOXELS voxels' coordinates.
+    Grids that agree give one slab, the array itself."""
+    shape, affine, orientation, spacing = case
+    dst_affine, dst_shape = grid.target_grid(shape, affine, orientation, spacing)
+    agree = tuple(dst_shape) == tuple(shape) and np.allclose(dst_affine, affine, atol=grid.AFFINE_TOL)
+    monkeypatch.setattr(grid, "SLAB_VOXELS", slab_voxels)
+    support = tuple(slice(n // 4, max(n // 4 + 1, n - n // 3)) for n in dst_shape)
+    array = np.zeros((3, *dst_shape), np.float32)
+    array[(slice(None), *support)] = np.random.default_rng(5).random((3, *(s.stop - s.start for s in support)), dtype=np.float32) + 0.5
+    full = grid.resample(array, dst_affine, affine, shape, "bilinear")
+    covered = np.zeros(shape, dtype=int)
+    slabs = 0
+    for box, values in grid.resample_slabs(array, dst_affine, affine, shape, "bilinear", support):
+        np.testing.assert_array_equal(values, full[(slice(None), *box)])
+        covered[box] += 1
+        slabs += 1
+        # a slab takes one row of the box at least
+        assert agree or values.shape[1] == 1 or values[0].size * (3 + len(values)) <= 3 * slab_voxels
+    assert covered.max() == 1 and not full[:, covered == 0].any() and full.any()
+    rows = np.count_nonzero(covered.any(axis=(1, 2)))
+    assert slabs == 1 if agree else (slabs > 1) == (slab_voxels < 1 << 22 and rows > 1)
+
+
 def test_the_reach_of_a_small_crop_is_a_small_box():
     xform = np.diag([0.8, 0.8, 2.5 / 3, 1.0])  # CT voxels (0.8, 0.8, 2.5 mm) read from a 1x1x3 mm grid
     box = grid._reach(xform, (100, 100, 40), (slice(40, 60), slice(0, 100), slice(10, 20)), (125, 125, 48))

@@ -17,6 +17,7 @@ from lorkd.data.transforms import (
     InversionInfo,
     PreprocessConfig,
     group_above,
+    invert_above,
     invert_group,
     invert_to_original,
     preprocess_case,
@@ -244,15 +245,36 @@ def test_labels_share_a_sampling_only_where_it_costs_less_and_their_values_are_t
     assert [g.indices for g in group_above(maps[[0, 1, 0, 1]], info, 0.5, max_labels=3)] == [(0, 1, 2), (3,)]
     whole = invert_to_original(maps, info)
     for group in groups:
-        box, values = invert_group(maps[list(group.indices)], info, group.support)
-        assert values.shape[0] == len(group.indices)
-        assert group.support is None or values[0].size < whole[0].size / 4  # sampled in a box, not everywhere
-        for index, label_values in zip(group.indices, values):
-            np.testing.assert_array_equal(label_values, whole[index][box])  # the same floats in the box
-            outside = whole[index].copy()
-            outside[box] = 0
-            assert outside.max() < 0.5 - 1e-4  # and nothing near the threshold outside it
-    assert invert_group(maps[[3]], info, None)[1].size == 0
+        sampled = np.zeros(whole.shape[1:], dtype=int)  # how often each voxel came in a slab
+        for box, values in invert_group(maps[list(group.indices)], info, group.support):
+            assert values.shape[0] == len(group.indices)
+            sampled[box] += 1
+            for index, label_values in zip(group.indices, values):
+                np.testing.assert_array_equal(label_values, whole[index][box])  # the same floats in the box
+        assert sampled.max() <= 1  # slabs do not overlap
+        assert group.support is None or 0 < sampled.sum() < sampled.size / 4  # sampled in a box, not everywhere
+        for index in group.indices:
+            assert whole[index][sampled == 0].max() < 0.5 - 1e-4  # and nothing near the threshold outside it
+    assert list(invert_group(maps[[3]], info, None)) == []
+
+
+def test_maps_already_in_the_grid_before_the_crop_go_back_to_the_same_slabs():
+    """``invert_above`` takes maps on the grid before the crop (0 outside it, as ``predict`` blends them)
+    as well as on the cropped grid: the same groups, slabs and floats."""
+    image = np.zeros((60, 40, 20), np.float32)
+    image[8:50, 5:36, 2:18] = 100.0
+    _, info = preprocess_image(image, "ct", affine=np.diag([0.8, 0.9, 2.5, 1.0]))
+    assert info.shape != info.resampled_shape  # a real crop
+    maps = np.zeros((3, *info.shape), np.float32)
+    maps[0, 5:20, 5:20, 2:5] = 0.9
+    maps[1, 9:24, 5:20, 2:5] = 0.8
+    maps[2] = 0.7  # the whole crop
+    full = np.zeros((3, *info.resampled_shape), np.float32)
+    full[(slice(None), *info.crop_slices)] = maps
+    cropped, uncropped = list(invert_above(maps, info, 0.5, 2)), list(invert_above(full, info, 0.5, 2))
+    assert [(i, b) for i, b, _ in cropped] == [(i, b) for i, b, _ in uncropped] and len(cropped) >= 2
+    for (_, _, a), (_, _, b) in zip(cropped, uncropped):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_crop_margin_keeps_background_around_the_body_and_still_inverts():

@@ -140,17 +140,22 @@ def test_path_nibabel_and_array_inputs_agree_and_keep_the_file_header(tmp_path):
     assert int(results[0].masks["object"].header["qform_code"]) == 1
 
 
+@pytest.mark.parametrize("slabs", [[slice(1, 9)], [slice(1, 3), slice(3, 4), slice(4, 9)]])
 @pytest.mark.parametrize("order", [[0, 1, 2, 3], [2, 0, 3, 1], [3, 2, 1, 0]])
-def test_a_tie_goes_to_the_earlier_label_whatever_order_labels_arrive_in(order):
-    """Labels arrive in expert-group order; the map is the most probable label above the threshold, the
-    lowest id on a tie (probabilities on a coarse grid: many exact ties, 1.0 included)."""
+def test_a_tie_goes_to_the_earlier_label_whatever_order_labels_arrive_in(order, slabs):
+    """Labels arrive in expert-group order, each in one box or slab by slab (every label of a group in
+    one slab before the next slab); the map is the most probable label above the threshold, the lowest
+    id on a tie (probabilities on a coarse grid: many exact ties, 1.0 included)."""
     rng = np.random.default_rng(0)
     probabilities = rng.integers(0, 5, size=(4, 9, 8, 7)).astype(np.float32) / 4
     reference = nib.Nifti1Image(np.zeros((9, 8, 7), np.float32), np.eye(4))
     assembler = _Assembler(reference, ["a", "b", "c", "d"], threshold=0.5, keep_probabilities=False)
-    for index in order:
-        box = (slice(1, 9), slice(0, 8), slice(2, 7))
-        assembler.add(index, probabilities[index][box], box)
+    groups = [order[:2], order[2:]]  # two groups of two labels
+    for group in groups:
+        for rows in slabs:
+            for index in group:
+                box = (rows, slice(0, 8), slice(2, 7))
+                assembler.add(index, probabilities[index][box], box)
     inside = np.zeros_like(probabilities, dtype=bool)
     inside[:, 1:, :, 2:] = probabilities[:, 1:, :, 2:] > 0.5
     scores = np.where(inside, probabilities, -1)
@@ -158,6 +163,28 @@ def test_a_tie_goes_to_the_earlier_label_whatever_order_labels_arrive_in(order):
     assert np.array_equal(assembler.segmentation, expected)
     for index, label in enumerate("abcd"):
         assert np.array_equal(np.asarray(assembler.masks[label].dataobj), inside[index])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_the_map_ignores_nan_and_keeps_every_id_of_its_dtype(dtype):
+    """NaN probabilities are never above the threshold nor the best; ids up to the map's dtype (uint16
+    from 256 labels) are written whole."""
+    n = 2 if dtype == np.uint8 else 300
+    labels = [f"l{i}" for i in range(n)]
+    reference = nib.Nifti1Image(np.zeros((4, 3, 2), np.float32), np.eye(4))
+    assembler = _Assembler(reference, labels, threshold=0.5, keep_probabilities=False)
+    assert assembler.segmentation.dtype == dtype
+    first = np.full((4, 3, 2), 0.7, np.float32)
+    first[0] = np.nan
+    last = np.full((4, 3, 2), np.nan, np.float32)
+    last[1:3] = 0.9
+    box = (slice(0, 4), slice(0, 3), slice(0, 2))
+    assembler.add(0, first, box)
+    assembler.add(n - 1, last, box)
+    expected = np.array([0, n, n, 1])[:, None, None] * np.ones((4, 3, 2), int)
+    assert np.array_equal(assembler.segmentation, expected)
+    assert not np.isnan(assembler.best).any() and assembler.best[3].max() == np.float32(0.7)
+    assert np.array_equal(np.asarray(assembler.mask("l0").dataobj)[:, 0, 0], [0, 1, 1, 1])
 
 
 def test_multilabel_map_takes_the_most_probable_label_with_ids_in_prompt_order():
@@ -357,14 +384,18 @@ def test_mapping_labels_back_in_chunks_of_any_size_gives_identical_outputs(monke
     assert np.asarray(together.masks["object"].dataobj).any()  # the comparison is not between empty masks
 
 
+@pytest.mark.parametrize("slab", [50, 1 << 22])  # slabs of a few rows each; one slab
 @pytest.mark.parametrize("budget", [1, 2**40])  # one label per sampling; labels grouped as their boxes allow
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
-def test_masks_mapped_back_only_where_a_label_can_pass_the_threshold_equal_the_whole_mapping(name, budget, monkeypatch):
+def test_masks_mapped_back_only_where_a_label_can_pass_the_threshold_equal_the_whole_mapping(name, budget, slab, monkeypatch):
     """Without kept probabilities each label goes back to the input grid only in the box where it can
-    pass the threshold: masks and the multilabel map are bit-identical to mapping every voxel back."""
+    pass the threshold, slab by slab: masks and the multilabel map are bit-identical to mapping every
+    voxel back."""
+    from lorkd.data import grid
     from lorkd.inference import predictor as predictor_module
 
-    monkeypatch.setattr(predictor_module, "_INVERT_BYTES", budget)
+    monkeypatch.setattr(predictor_module, "_INVERT_CROP_BYTES", budget)
+    monkeypatch.setattr(grid, "SLAB_VOXELS", slab)
     predictor = fake_predictor()
     affine = GEOMETRIES[name][0]
     image = box_image((44, 40, 22))
@@ -380,6 +411,24 @@ def test_masks_mapped_back_only_where_a_label_can_pass_the_threshold_equal_the_w
     masks = {label: np.asarray(whole.masks[label].dataobj) for label in labels}
     assert masks["object"].any() and masks["everywhere"].any() and not masks["nothing"].any()
     assert not masks["everywhere"].all()  # the crop's zeros: part of the grid is outside every mask
+
+
+@pytest.mark.parametrize("edge_padding", [0, 3])
+def test_masks_alone_blend_into_the_grid_before_the_crop_with_the_same_outputs(edge_padding):
+    """Masks alone: each group's probabilities are blended into a zero buffer of the grid before the crop
+    (padded ones copied there); masks and map equal those of the path that keeps probabilities."""
+    predictor = fake_predictor(edge_padding=edge_padding)
+    affine = GEOMETRIES["ras"][0]
+    image = box_image((44, 40, 22))
+    image[:4] = 0.0  # a crop to undo
+    segment_at_half_intensity(predictor, image, affine)
+    labels = ["object", "wide"]
+    boxed = predictor.predict(image, labels, "ct", affine=affine)
+    whole = predictor.predict(image, labels, "ct", affine=affine, return_probabilities=True)
+    for label in labels:
+        assert np.array_equal(np.asarray(boxed.masks[label].dataobj), np.asarray(whole.masks[label].dataobj)), label
+    assert np.array_equal(np.asarray(boxed.segmentation.dataobj), np.asarray(whole.segmentation.dataobj))
+    assert np.asarray(boxed.masks["object"].dataobj).any()
 
 
 def test_multi_region_prompts_run_each_expert_on_its_own_labels(lorkd, routed):

@@ -57,6 +57,21 @@ def test_equals_monai_window_for_window(shape, window, overlap, batch):
     assert sum(len(b) for b in ours_model.batches) == count_windows(shape, window, overlap)
 
 
+@pytest.mark.parametrize(("shape", "window", "overlap", "batch"), CASES[:3])
+def test_blending_into_a_view_of_a_larger_zero_buffer_gives_the_same_floats(shape, window, overlap, batch):
+    """``out``: blended in place when the image needs no padding, else copied there; returned either way,
+    nothing written outside it."""
+    image = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(2))
+    alone = sliding_window_probabilities(image, Recorder(), window, overlap, batch, cval=-1.5)
+    buffer = torch.zeros((3, *(s + 4 for s in shape)))
+    view = buffer[:, 1 : 1 + shape[0], 2 : 2 + shape[1], 3 : 3 + shape[2]]
+    into = sliding_window_probabilities(image, Recorder(), window, overlap, batch, cval=-1.5, out=view)
+    assert into is view and torch.equal(view, alone)
+    assert buffer.sum().item() == pytest.approx(alone.sum().item())  # zeros around the view
+    with pytest.raises(ValueError, match="out must be"):
+        sliding_window_probabilities(image, Recorder(), window, overlap, batch, out=torch.zeros((3, 2, 2, 2)))
+
+
 @pytest.mark.parametrize("window", [(8, 8, 4), (7, 5, 3), (64, 64, 32)])
 def test_gaussian_weights_equal_monai(window):
     expected = monai_utils.compute_importance_map(window, mode="gaussian", sigma_scale=0.125)

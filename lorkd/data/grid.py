@@ -13,7 +13,8 @@ first output axis (the same base grid and the same ``bmm``), so its memory is on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -118,6 +119,31 @@ def _base_axis(steps: int) -> torch.Tensor:
     return torch.linspace(-1, 1, steps, dtype=torch.float32) * (steps - 1) / steps
 
 
+def _slab_grids(
+    theta: torch.Tensor, dst_shape: Sequence[int], box: tuple[slice, slice, slice], slab_voxels: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The grid ``affine_grid(theta)`` of ``dst_shape`` at the output voxels of ``box``, slab by slab of at
+    most ``slab_voxels`` voxels along the first axis: (the slab's first row in the box, its (rows, ny, nz, 3)
+    grid, valid until the next slab)."""
+    xs, ys, zs = (_base_axis(int(n))[b] for n, b in zip(dst_shape, box))
+    nx, ny, nz = len(xs), len(ys), len(zs)
+    if nx * ny * nz == 0:
+        return
+    matrix = theta[0].T  # (4, 3): rows for z, y, x and the constant; columns the grid's coordinates
+    # affine_grid's (z, y, x, 1) @ matrix, summed in its order (z, then y, then x, then the constant): each
+    # product depends on one axis only, so it is computed once per axis, and the sums give the same floats
+    z_part, y_part = zs[:, None] * matrix[0], ys[:, None] * matrix[1]
+    yz = z_part[None] + y_part[:, None]  # (ny, nz, 3)
+    step = min(nx, max(1, slab_voxels // max(ny * nz, 1)))
+    grid = torch.empty((step, ny, nz, 3), dtype=torch.float32)
+    for start in range(0, nx, step):
+        rows = min(step, nx - start)
+        x_part = xs[start : start + rows, None] * matrix[2]  # (rows, 3)
+        torch.add(yz[None], x_part[:, None, None], out=grid[:rows])
+        grid[:rows] += matrix[3]
+        yield start, grid[:rows]
+
+
 def _sample_box(
     img: torch.Tensor,
     theta: torch.Tensor,
@@ -128,26 +154,11 @@ def _sample_box(
 ) -> torch.Tensor:
     """grid_sample of (C, X, Y, Z) ``img`` at the output voxels of ``box`` on the grid ``affine_grid(theta)``
     of ``dst_shape``, slab by slab, into ``out`` (C, *box sizes) (a new tensor when None)."""
-    xs, ys, zs = (_base_axis(int(n))[b] for n, b in zip(dst_shape, box))
-    nx, ny, nz = len(xs), len(ys), len(zs)
     if out is None:
-        out = torch.empty((img.shape[0], nx, ny, nz), dtype=torch.float32)
-    if nx * ny * nz == 0:
-        return out
+        out = torch.empty((img.shape[0], *(b.stop - b.start for b in box)), dtype=torch.float32)
     src = img[None].contiguous()
-    matrix = theta[0].T  # (4, 3): rows for z, y, x and the constant; columns the grid's coordinates
-    # affine_grid's (z, y, x, 1) @ matrix, summed in its order (z, then y, then x, then the constant): each
-    # product depends on one axis only, so it is computed once per axis, and the sums give the same floats
-    z_part, y_part = zs[:, None] * matrix[0], ys[:, None] * matrix[1]
-    yz = z_part[None] + y_part[:, None]  # (ny, nz, 3)
-    step = min(nx, max(1, SLAB_VOXELS // max(ny * nz, 1)))
-    grid = torch.empty((step, ny, nz, 3), dtype=torch.float32)
-    for start in range(0, nx, step):
-        rows = min(step, nx - start)
-        x_part = xs[start : start + rows, None] * matrix[2]  # (rows, 3)
-        torch.add(yz[None], x_part[:, None, None], out=grid[:rows])
-        grid[:rows] += matrix[3]
-        _grid_sample_rows(src, grid[:rows], mode, out[:, start : start + rows])
+    for start, grid in _slab_grids(theta, dst_shape, box, SLAB_VOXELS):
+        _grid_sample_rows(src, grid, mode, out[:, start : start + grid.shape[0]])
     return out
 
 
@@ -210,35 +221,64 @@ def resample(
     source outside which ``array`` is 0 (e.g. a crop put back into its grid); on axis-aligned grids only
     the output voxels that can reach it are sampled, the others are 0 (the same values, less work).
     """
-    return _resample(array, src_affine, dst_affine, dst_shape, mode, support, whole=True)[1]
+    img, shape, box, theta = _plan(array, src_affine, dst_affine, dst_shape, mode, support)
+    if theta is None:
+        return img.numpy()
+    with torch.inference_mode():
+        if box == tuple(slice(0, s) for s in shape):
+            return _sample_box(img, theta, shape, mode, box).numpy()
+        out = torch.zeros((img.shape[0], *shape), dtype=torch.float32)  # never sampled outside the box
+        _sample_box(img, theta, shape, mode, box, out[(slice(None), *box)])
+        return out.numpy()
 
 
-def resample_reach(
+def resample_slabs(
     array: np.ndarray,
     src_affine: np.ndarray,
     dst_affine: np.ndarray,
     dst_shape: Sequence[int],
     mode: str,
     support: Sequence[slice] | None,
-) -> tuple[tuple[slice, slice, slice], np.ndarray]:
-    """:func:`resample` at the output voxels that can reach ``support`` (a box of the source) only: their
-    box in the output and their values, (C, *box sizes). Every other output voxel interpolates source
-    voxels outside ``support`` alone (0 where the array is 0 there; at most their maximum in general).
-    The whole output without ``support``, on rotated grids and where the grids agree."""
-    return _resample(array, src_affine, dst_affine, dst_shape, mode, support, whole=False)
+) -> Iterator[tuple[tuple[slice, slice, slice], np.ndarray]]:
+    """:func:`resample` at the output voxels that can reach ``support`` (a box of the source) only, slab
+    by slab along the first output axis: (the slab's box in the output, its (C, *slab sizes) values, a new
+    array each). Every output voxel outside the slabs interpolates source voxels outside ``support``
+    alone (0 where the array is 0 there; at most their maximum in general). The whole output without
+    ``support``, on rotated grids and where the grids agree (then in one slab, the array itself).
+
+    A slab's values and sampling coordinates together take at most the coordinates of ``SLAB_VOXELS``
+    voxels (48 MiB), so a caller that consumes each slab in turn never holds the whole box."""
+    img, shape, box, theta = _plan(array, src_affine, dst_affine, dst_shape, mode, support)
+    if theta is None:
+        yield box, img.numpy()
+        return
+    src, channels, (xs, ys, zs) = img[None].contiguous(), img.shape[0], box
+    with torch.inference_mode():
+        for start, grid in _slab_grids(theta, shape, box, SLAB_VOXELS * 3 // (3 + channels)):
+            rows = grid.shape[0]
+            values = torch.empty((channels, rows, *grid.shape[1:3]), dtype=torch.float32)
+            _grid_sample_rows(src, grid, mode, values)
+            yield (slice(xs.start + start, xs.start + start + rows), ys, zs), values.numpy()
 
 
-def _resample(
+class _Plan(NamedTuple):
+    """What a resampling needs: the source as a float32 tensor, the output's shape and the box of it to
+    sample, and ``affine_grid``'s theta (None when the grids agree: the source is the output)."""
+
+    img: torch.Tensor
+    shape: tuple[int, int, int]
+    box: tuple[slice, slice, slice]
+    theta: torch.Tensor | None
+
+
+def _plan(
     array: np.ndarray,
     src_affine: np.ndarray,
     dst_affine: np.ndarray,
     dst_shape: Sequence[int],
     mode: str,
     support: Sequence[slice] | None,
-    whole: bool,
-) -> tuple[tuple[slice, slice, slice], np.ndarray]:
-    """(box, values) of :func:`resample_reach`; with ``whole``, the values fill the whole output (0
-    outside the box, sampled in place) and the box is the whole output."""
+) -> _Plan:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     array = np.asarray(array)
@@ -256,12 +296,6 @@ def _resample(
     if shape == tuple(array.shape[1:]) and (
         np.allclose(src, dst, atol=AFFINE_TOL) or np.allclose(xform, np.eye(4), atol=AFFINE_TOL)
     ):
-        return everything, img.numpy()  # type: ignore[return-value]
+        return _Plan(img, shape, everything, None)  # type: ignore[arg-type]
     box = (None if support is None else _reach(xform, array.shape[1:], support, shape)) or everything
-    theta = _grid_theta(xform, array.shape[1:], shape)
-    with torch.inference_mode():
-        if box == everything or not whole:
-            return box, _sample_box(img, theta, shape, mode, box).numpy()  # type: ignore[return-value]
-        out = torch.zeros((img.shape[0], *shape), dtype=torch.float32)  # never sampled outside the box
-        _sample_box(img, theta, shape, mode, box, out[(slice(None), *box)])  # type: ignore[arg-type]
-        return everything, out.numpy()  # type: ignore[return-value]
+    return _Plan(img, shape, box, _grid_theta(xform, array.shape[1:], shape))  # type: ignore[arg-type]

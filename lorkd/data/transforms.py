@@ -28,7 +28,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from lorkd.data.grid import resample, resample_reach, target_grid
+from lorkd.data.grid import resample, resample_slabs, target_grid
 from lorkd.data.io import NAN_POLICIES, CaseError, Volume, check_finite, read_volume, reordered, squeeze_to_3d
 from lorkd.data.manifest import Case, axcodes
 from lorkd.regions import canonical_modality
@@ -330,7 +330,10 @@ def invert_to_original(array: np.ndarray, info: InversionInfo, mode: str = "bili
 
 
 def _uncropped(array: np.ndarray, info: InversionInfo) -> np.ndarray:
-    """A (C, *info.shape) array put back into the resampled grid before the crop (0 outside it), float32."""
+    """A (C, *info.shape) array put back into the resampled grid before the crop (0 outside it), float32;
+    an array already there ((C, *info.resampled_shape), 0 outside the crop) as it is."""
+    if array.ndim == 4 and tuple(array.shape[1:]) == tuple(info.resampled_shape):
+        return array
     if array.ndim != 4 or tuple(array.shape[1:]) != tuple(info.shape):
         raise ValueError(
             f"expected (C, {', '.join(map(str, info.shape))}) in the preprocessed grid, got {array.shape}"
@@ -401,14 +404,15 @@ def _sampling_cost(box: Box, channels: int) -> float:
 
 def invert_group(
     probabilities: np.ndarray, info: InversionInfo, support: Box | None
-) -> tuple[Box, np.ndarray]:
+) -> Iterator[tuple[Box, np.ndarray]]:
     """(L, X, Y, Z) probability maps of the preprocessed grid back onto the original grid (bilinear), only
-    where they can exceed the threshold of :func:`group_above`'s ``support``: (a box of the original grid,
-    its (L, X', Y', Z') values, equal to :func:`invert_to_original`'s there). Every voxel outside the box
-    interpolates values at most ``threshold - ABOVE_MARGIN``; the box is empty for a None ``support``."""
+    where they can exceed the threshold of :func:`group_above`'s ``support``, slab by slab: (a slab's box
+    of the original grid, its (L, X', Y', Z') values, equal to :func:`invert_to_original`'s there). Every
+    voxel outside the slabs interpolates values at most ``threshold - ABOVE_MARGIN``; no slab for a None
+    ``support``. Maps on the grid before the crop (0 outside it) are sampled as they are."""
     if support is None:
-        return (slice(0, 0),) * 3, np.zeros((len(probabilities), 0, 0, 0), dtype=np.float32)  # type: ignore[return-value]
-    return resample_reach(
+        return iter(())
+    return resample_slabs(
         _uncropped(np.asarray(probabilities), info), np.asarray(info.resampled_affine),
         np.asarray(info.original_affine), info.original_shape, "bilinear", support=support,
     )  # fmt: skip
@@ -416,14 +420,20 @@ def invert_group(
 
 def invert_above(
     probabilities: np.ndarray, info: InversionInfo, threshold: float, max_labels: int
-) -> Iterator[tuple[int, Box, np.ndarray]]:
+) -> Iterator[tuple[tuple[int, ...], Box, np.ndarray]]:
     """(L, X, Y, Z) probability maps of the preprocessed grid back onto the original grid only where they
-    can pass ``threshold``, labels grouped by :func:`group_above`: (index, box, that label's values in the
-    box) per label, in label order within each group."""
-    for above in group_above(probabilities, info, threshold, max_labels):
-        box, values = invert_group(probabilities[list(above.indices)], info, above.support)
-        for index, label_values in zip(above.indices, values):
-            yield index, box, label_values
+    can pass ``threshold``, labels grouped by :func:`group_above` (at most ``max_labels`` sampled together):
+    (the group's label indices, a slab's box, their (n, X', Y', Z') values there) per slab of each group.
+    A label that never comes near the threshold has no slab. Maps on the grid before the crop
+    ((L, *info.resampled_shape), 0 outside the crop) are mapped back without a copy."""
+    probabilities = np.asarray(probabilities)
+    cropped = probabilities
+    if probabilities.ndim == 4 and tuple(probabilities.shape[1:]) == tuple(info.resampled_shape):
+        cropped = probabilities[(slice(None), *info.crop_slices)]
+    for above in group_above(cropped, info, threshold, max_labels):
+        labels = slice(above.indices[0], above.indices[-1] + 1)  # a group's labels follow each other
+        for box, values in invert_group(probabilities[labels], info, above.support):
+            yield above.indices, box, values
 
 
 def read_label_map(

@@ -128,8 +128,10 @@ def sliding_window_probabilities(
     device: torch.device | str = "cpu",
     stitch_device: torch.device | str = "cpu",
     cval: float = 0.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Blend ``model`` over ``image`` (1, 1, X, Y, Z) -> (N, X, Y, Z) float32 on ``stitch_device``.
+    """Blend ``model`` over ``image`` (1, 1, X, Y, Z) -> (N, X, Y, Z) float32 on ``stitch_device``, or into
+    ``out``: a zero (N, X, Y, Z) float32 tensor (a view of a larger one, e.g.) that is returned.
 
     An image smaller than the window is padded with ``cval`` (the image's background value, so that
     the network sees background there, not 0: the normalised scan's mean intensity) and the result
@@ -146,6 +148,8 @@ def sliding_window_probabilities(
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     window = tuple(int(w) for w in window)
     size = tuple(int(s) for s in image.shape[2:])
+    if out is not None and tuple(out.shape[1:]) != size:
+        raise ValueError(f"out must be (N, {', '.join(map(str, size))}) like the image, got {tuple(out.shape)}")
     pad = [(max(w - s, 0) // 2, max(w - s, 0) - max(w - s, 0) // 2) for s, w in zip(size, window)]
     if any(any(p) for p in pad):
         flat = [v for p in reversed(pad) for v in p]  # F.pad takes the last axis first
@@ -159,7 +163,8 @@ def sliding_window_probabilities(
     device, stitch_device = torch.device(device), torch.device(stitch_device)
     weights = gaussian_weights(window).to(device=device, dtype=image.dtype)
     weights_out = weights.to(stitch_device)
-    output: torch.Tensor | None = None
+    unpadded = padded == size and out is not None and out.device == stitch_device
+    output: torch.Tensor | None = out if unpadded else None  # blended in place
     norm = torch.zeros(padded, dtype=image.dtype, device=stitch_device)
     for box in boxes:
         norm[box] += weights_out
@@ -177,4 +182,6 @@ def sliding_window_probabilities(
     output /= norm
     del norm
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pad, size))
-    return output[(slice(None), *crop)]
+    if output is out:
+        return out
+    return output[(slice(None), *crop)] if out is None else out.copy_(output[(slice(None), *crop)])

@@ -1,6 +1,6 @@
 """Mapping labels back to the input grid: every voxel, the crop's support box, or only where a label can pass the threshold.
 
-    python scripts/benchmarks/inversion.py [--labels 1] [--group 2] [--rounds 3] [--threads N]
+    python scripts/benchmarks/inversion.py [--labels 1] [--group 8] [--rounds 3] [--threads N]
 
 One process: the synthetic CT of ``predict.py``'s benchmark (512x512x120 at 0.8x0.8x2.5 mm) preprocessed
 to SAT's 1x1x3 mm grid with its foreground crop. Each label's probability map on the cropped grid is 0.9 on
@@ -12,8 +12,8 @@ masks and the multilabel map (``Predictor.predict``'s ``_Assembler``):
   crop box        ``invert_to_original`` with ``resample(..., support=crop)`` (what ``predict`` does when
                   it keeps probabilities), the whole grid added;
   threshold box   ``invert_above`` (``group_above`` + ``invert_group``): only the box where a label can pass the threshold is
-                  sampled and added, labels whose boxes overlap enough sampled together (at most
-                  ``--group`` labels; what ``predict`` does otherwise).
+                  sampled and added, slab by slab, labels whose boxes overlap enough sampled together (at
+                  most ``--group`` labels; what ``predict`` does otherwise).
 
 The rows take turns within each round; the table shows the median seconds per label and whether the masks
 and the multilabel map equal the first row's.
@@ -76,7 +76,7 @@ def assemble(reference: nib.Nifti1Image, maps: np.ndarray, invert: Callable) -> 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", type=int, default=1, help="labels mapped back per round")
-    parser.add_argument("--group", type=int, default=2, help="labels sampled together at most (predict: 2 on a CT)")
+    parser.add_argument("--group", type=int, default=8, help="labels sampled together at most (predict: 8 on a CT)")
 
 
 def main() -> None:
@@ -91,8 +91,9 @@ def main() -> None:
             outputs.add(index, invert_to_original(probability[None], info)[0])
 
     def boxed(outputs: _Assembler, maps: np.ndarray) -> None:
-        for index, box, probability in invert_above(maps, info, THRESHOLD, args.group):
-            outputs.add(index, probability, box)
+        for indices, box, values in invert_above(maps, info, THRESHOLD, args.group):
+            for index, probability in zip(indices, values):
+                outputs.add(index, probability, box)
 
     rows = {"every voxel": (every_voxel, whole), "crop box": (grid.resample, whole), "threshold box": (grid.resample, boxed)}
     seconds: dict[str, list[float]] = {name: [] for name in rows}
@@ -112,7 +113,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, outputs in results.items():
         same = np.array_equal(outputs.segmentation, first.segmentation) and all(
-            np.array_equal(np.asarray(outputs.masks[k].dataobj), np.asarray(first.masks[k].dataobj)) for k in first.masks
+            np.array_equal(np.asarray(outputs.mask(k).dataobj), np.asarray(first.mask(k).dataobj)) for k in first.masks
         )
         median = statistics.median(seconds[name])
         print(f"| {name} | {median:.2f} | {median / base:.2f}x | {same} |")

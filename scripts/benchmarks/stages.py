@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -58,11 +58,24 @@ class StageTimer:
         def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
             finally:
                 self.seconds[stage] += time.perf_counter() - start
+            return self._consumed(stage, result) if isinstance(result, Iterator) else result
 
         return timed
+
+    def _consumed(self, stage: str, items: Iterator) -> Iterator:
+        """``items``, timing the work of each item (a generator's work happens as it is consumed)."""
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                self.seconds[stage] += time.perf_counter() - start
+            yield item
 
 
 def startup_seconds() -> float:
