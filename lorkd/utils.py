@@ -3,6 +3,7 @@ callback/logger groups, gathering objects from every rank."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from pathlib import Path
@@ -49,6 +50,14 @@ def single_log_stream() -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+
+
+def freeze_startup_objects() -> None:
+    """Leave every object made so far (modules, the loaded model) out of all later garbage collections,
+    the interpreter's at exit included (``gc.freeze``): torch's few hundred thousand objects made the exit
+    of ``python predict.py`` 0.3 s slower. For a command once its start-up is done: these objects live
+    until the process ends anyway."""
+    gc.freeze()
 
 
 def plain(value: Any) -> Any:

@@ -89,10 +89,11 @@ def test_reordered_is_numpy_asarray_in_the_other_order(order, dtype, to):
     data = (rng.standard_normal((130, 70, 33)) * 100).astype(dtype)
     data[:, 40:] = 0  # whole zero blocks
     source = np.asfortranarray(data) if order == "C" else np.ascontiguousarray(data)  # from the other order
-    out = reordered(source, order, to)
     expected = np.asarray(source, dtype=to, order=order)
-    assert out.dtype == expected.dtype and out.flags[f"{order}_CONTIGUOUS"]
-    assert np.array_equal(out, expected)
+    for threads in (1, 3):  # the blocks shared among threads: the same array
+        out = reordered(source, order, to, threads)
+        assert out.dtype == expected.dtype and out.flags[f"{order}_CONTIGUOUS"]
+        assert np.array_equal(out, expected)
     assert reordered(expected, order) is expected  # in order already: no copy
     with pytest.raises(ValueError, match="3-D"):
         reordered(data[0], order)

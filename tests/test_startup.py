@@ -71,8 +71,9 @@ try:
 except SystemExit as exc:
     assert not exc.code, exc.code
 heavy = ("peft", "lightning", "wandb", "torchmetrics", "monai", "transformers")
+import gc
 print(json.dumps({"imported": sorted(m for m in heavy if m in sys.modules), "transformers": found.get("transformers"),
-                  "compositions": len(compositions)}))
+                  "compositions": len(compositions), "frozen": gc.get_freeze_count()}))
 """
 
 
@@ -89,6 +90,7 @@ def test_predict_py_with_a_lorkd_checkpoint_imports_no_heavy_package(
     # peft (the student's experts), lightning (one process), W&B, MONAI, transformers (prompts cached)
     assert report["imported"] == [] and report["transformers"] is None, report
     assert report["compositions"] == 1, report  # Hydra's extra pass for hydra.mode is skipped
+    assert report["frozen"] > 100_000, report  # start-up's objects (torch's) left out of garbage collection
 
 
 def test_the_mode_pass_is_kept_where_the_mode_may_be_set(tmp_path):

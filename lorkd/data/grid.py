@@ -163,7 +163,14 @@ def _sample_box(
 
 
 def _grid_sample_rows(src: torch.Tensor, grid: torch.Tensor, mode: str, out: torch.Tensor) -> None:
-    """grid_sample of (1, C, ...) ``src`` at the (rows, ny, nz, 3) ``grid`` into ``out`` (C, rows, ny, nz).
+    """grid_sample of (1, C, ...) ``src`` at the (rows, ny, nz, 3) ``grid`` into ``out`` (C, rows, ny, nz)."""
+    for first, values in _sampled_parts(src, grid, mode):
+        out[:, first : first + values.shape[1]] = values
+
+
+def _sampled_parts(src: torch.Tensor, grid: torch.Tensor, mode: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """grid_sample of (1, C, ...) ``src`` at the (rows, ny, nz, 3) ``grid``, part by part of the rows: (the
+    part's first row, its (C, part rows, ny, nz) values).
 
     PyTorch's CPU kernel for 3-D grids runs its threads over the batch only, so the rows go in as a batch
     of up to ``torch.get_num_threads()`` parts (each voxel's arithmetic is unchanged: the same values)."""
@@ -172,14 +179,16 @@ def _grid_sample_rows(src: torch.Tensor, grid: torch.Tensor, mode: str, out: tor
     even = rows - rows % parts
     for first, stop, batch in ((0, even, parts), (even, rows, rows - even)):
         if stop > first:
+            step = (stop - first) // batch
             sampled = F.grid_sample(
                 src.expand(batch, *src.shape[1:]),
-                grid[first:stop].reshape(batch, (stop - first) // batch, *grid.shape[1:]),
+                grid[first:stop].reshape(batch, step, *grid.shape[1:]),
                 mode=mode,
                 padding_mode="border",
                 align_corners=False,
-            )  # (batch, C, rows / batch, ny, nz)
-            out[:, first:stop] = sampled.transpose(0, 1).reshape(out.shape[0], stop - first, *out.shape[2:])
+            )  # (batch, C, step, ny, nz)
+            for part in range(batch):
+                yield first + part * step, sampled[part]
 
 
 def _reach(
@@ -255,10 +264,9 @@ def resample_slabs(
     src, channels, (xs, ys, zs) = img[None].contiguous(), img.shape[0], box
     with torch.inference_mode():
         for start, grid in _slab_grids(theta, shape, box, SLAB_VOXELS * 3 // (3 + channels)):
-            rows = grid.shape[0]
-            values = torch.empty((channels, rows, *grid.shape[1:3]), dtype=torch.float32)
-            _grid_sample_rows(src, grid, mode, values)
-            yield (slice(xs.start + start, xs.start + start + rows), ys, zs), values.numpy()
+            for first, values in _sampled_parts(src, grid, mode):  # slabs of a slab: no copy
+                first += xs.start + start
+                yield (slice(first, first + values.shape[1]), ys, zs), values.numpy()
 
 
 class _Plan(NamedTuple):

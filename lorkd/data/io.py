@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +43,15 @@ def squeeze_to_3d(array: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
-def reordered(data: np.ndarray, order: str = "C", dtype: type | np.dtype | None = None) -> np.ndarray:
+def reordered(
+    data: np.ndarray, order: str = "C", dtype: type | np.dtype | None = None, threads: int = 1
+) -> np.ndarray:
     """``np.asarray(data, dtype, order=order)`` for a 3-D array: C or Fortran (NIfTI's on-disk) order, cast
     to ``dtype`` (None: kept); ``data`` itself when nothing changes.
 
     Between the two orders the copy goes block by block: numpy's one pass is 2-3x slower (every voxel far
-    from the last one in one of the arrays). All-zero blocks of integer or boolean data (most of a mask)
-    are not copied: the new array is zero there.
+    from the last one in one of the arrays), on ``threads`` threads. All-zero blocks of integer or boolean
+    data (most of a mask) are not copied: the new array is zero there.
     """
     if data.ndim != 3:
         raise ValueError(f"expected a 3-D array, got shape {data.shape}")
@@ -57,12 +61,27 @@ def reordered(data: np.ndarray, order: str = "C", dtype: type | np.dtype | None 
     out = np.zeros(data.shape, dtype=target, order=order)
     dst, src = (out.T, data.T) if order == "F" else (out, data)  # ``dst`` is C-ordered
     skip_zeros = data.dtype.kind in "biu"
-    for corner in itertools.product(*(range(0, n, b) for n, b in zip(dst.shape, _BLOCK))):
-        block = tuple(slice(c, c + b) for c, b in zip(corner, _BLOCK))
-        part = src[block]
-        if not skip_zeros or part.any():
-            dst[block] = part
+    corners = list(itertools.product(*(range(0, n, b) for n, b in zip(dst.shape, _BLOCK))))
+
+    def copy(share: list[tuple[int, ...]]) -> None:
+        for corner in share:
+            block = tuple(slice(c, c + b) for c, b in zip(corner, _BLOCK))
+            part = src[block]
+            if not skip_zeros or part.any():
+                dst[block] = part
+
+    if threads > 1:  # numpy's copies release the GIL
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(copy, [corners[i::threads] for i in range(threads)]))
+    else:
+        copy(corners)
     return out
+
+
+def available_cores(most: int = 4) -> int:
+    """CPU cores this process may run on (its affinity), at most ``most``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(most, cores))
 
 
 def header_shape(path: str | Path) -> tuple[int, ...]:
@@ -118,7 +137,7 @@ def read_volume(path: str | Path, nan_policy: str = "error", dtype: type | None 
     if data.dtype.fields is not None:
         raise CaseError(f"{name}: voxels of type {data.dtype} (e.g. RGB) are not supported; give one grey channel")
     data = squeeze_to_3d(data, name)
-    data = check_finite(reordered(data, "C", dtype), name, nan_policy)  # NIfTI data come in Fortran order
+    data = check_finite(reordered(data, "C", dtype, available_cores()), name, nan_policy)  # NIfTI's Fortran order
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise CaseError(f"{name}: invalid (singular or non-finite) affine {affine.tolist()}")
     return Volume(data=data, affine=affine, name=name)

@@ -29,7 +29,16 @@ import nibabel as nib
 import numpy as np
 
 from lorkd.data.grid import resample, resample_slabs, target_grid
-from lorkd.data.io import NAN_POLICIES, CaseError, Volume, check_finite, read_volume, reordered, squeeze_to_3d
+from lorkd.data.io import (
+    NAN_POLICIES,
+    CaseError,
+    Volume,
+    available_cores,
+    check_finite,
+    read_volume,
+    reordered,
+    squeeze_to_3d,
+)
 from lorkd.data.manifest import Case, axcodes
 from lorkd.regions import canonical_modality
 
@@ -250,7 +259,7 @@ def _as_volume(
         raise TypeError(f"preprocess_image: unsupported image type {type(image).__name__}")
     if affine.shape != (4, 4):
         raise CaseError(f"{name}: affine must be 4x4, got shape {affine.shape}")
-    data = reordered(data, "C", np.float32)
+    data = reordered(data, "C", np.float32, available_cores())
     return Volume(check_finite(data, name, nan_policy), affine, name)
 
 

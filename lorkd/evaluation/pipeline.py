@@ -36,7 +36,7 @@ from lorkd.evaluation.report import render_comparison
 from lorkd.evaluation.settings import MetricSettings, run_fingerprint
 from lorkd.exit_codes import NotStarted
 from lorkd.io import check_writable_folder
-from lorkd.utils import PROJECT_ROOT, instantiate_group, plain
+from lorkd.utils import PROJECT_ROOT, freeze_startup_objects, instantiate_group, plain
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     except Exception as exc:  # bad config, manifest, checkpoint or output folder: nothing ran
         log.debug("the run could not start", exc_info=True)
         raise NotStarted(str(exc)) from exc
+    freeze_startup_objects()
     if trainer is None:
         run_cases(task, cases, predictor, device, cfg.overwrite, progress=_progress_bar(cfg))
         return load_summary(cfg.paths.output_dir)

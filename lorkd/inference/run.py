@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from lorkd.data.manifest import Case
 from lorkd.exit_codes import NotStarted
 from lorkd.io import check_writable_folder, file_identity
-from lorkd.utils import plain
+from lorkd.utils import freeze_startup_objects, plain
 
 if TYPE_CHECKING:
     from lorkd.inference.predictor import Predictor
@@ -114,6 +114,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     except Exception as exc:  # bad config, input, checkpoint or output folder: nothing ran
         log.debug("the run could not start", exc_info=True)
         raise NotStarted(str(exc)) from exc
+    freeze_startup_objects()
     if trainer is None or trainer.is_global_zero:
         log.info(
             "predicting %d case(s) with %s into %s", len(cases), cfg.ckpt_path, Path(cfg.output_dir).resolve()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from lorkd.data.io import reordered
+from lorkd.data.io import available_cores, reordered
 from lorkd.inference.predictor import Prediction
 from lorkd.io import atomic_write, folder_inside, path_inside, remove_temporaries, safe_name, write_json
 
@@ -127,7 +126,7 @@ def _remove_stale(folder: Path, names: set[str]) -> None:
             path.unlink()
 
 
-_WRITERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+_WRITERS = available_cores()
 
 
 def save_nifti(image: nib.Nifti1Image, path: str | Path) -> None:
@@ -182,8 +181,10 @@ def save_prediction(
             drawing = pool.submit(atomic_write, folder / "preview.png", lambda tmp: save_preview(prediction, tmp))
 
         def put_images(images: dict[str, nib.Nifti1Image]) -> None:
-            done = [pool.submit(atomic_write, folder / name, lambda tmp, im=im: save_nifti(im, tmp))
-                    for name, im in images.items()]  # fmt: skip
+            # the multilabel map first: the slowest to compress (many values), it must not start last
+            order = sorted(images, key=lambda name: name != "segmentation.nii.gz")
+            done = [pool.submit(atomic_write, folder / name, lambda tmp, im=images[name]: save_nifti(im, tmp))
+                    for name in order]  # fmt: skip
             for future in done:
                 future.result()
             files.extend(images)

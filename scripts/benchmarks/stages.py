@@ -10,8 +10,10 @@ preprocessing, the network (every window batch through :class:`WindowModel`), st
 sliding window: cutting windows, gaussian blending), inversion to the input grid, assembling masks and
 the multilabel map, writing the case folder (NIfTI masks, segmentation, preview); the body mask (where masks
 may lie) and ``other`` (the rest of ``Predictor.predict``: planning, queries, copies) complete its wall time.
-``start-up`` is a fresh interpreter importing what ``python predict.py`` imports (measured once, before the
-presets).
+``start-up`` is a fresh interpreter importing what ``python predict.py`` imports, from its launch to the end
+of those imports, and ``exit`` the same interpreter's exit after them (with the objects of start-up frozen
+out of garbage collection, as ``predict.py`` does once its model is loaded); both measured once, before
+the presets.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ from scripts.benchmarks.predict import build_model, ct_volume  # noqa: E402
 
 STAGES = ("reading", "preprocessing", "body mask", "network", "stitching", "inversion", "assembling", "other", "writing")
 # what ``python predict.py`` imports before its first case (the one-process path: no Lightning, peft or MONAI)
-STARTUP = "import lorkd.cli, lorkd.inference.run, lorkd.inference.runner, lorkd.inference.predictor, lorkd.inference.writer"
+STARTUP = (
+    "import lorkd.cli, lorkd.inference.run, lorkd.inference.runner, lorkd.inference.predictor, lorkd.inference.writer"
+    "; import time; from lorkd.utils import freeze_startup_objects; freeze_startup_objects(); print(time.time())"
+)
 
 
 class StageTimer:
@@ -78,12 +83,12 @@ class StageTimer:
             yield item
 
 
-def startup_seconds() -> float:
-    """A fresh interpreter importing predict's modules (the checkpoint loading is not included)."""
-    start = time.perf_counter()
+def startup_seconds() -> tuple[float, float]:
+    """(start-up, exit) of a fresh interpreter importing predict's modules (the checkpoint loading is not included)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    subprocess.run([sys.executable, "-c", STARTUP], cwd=ROOT, check=True, env=env)
-    return time.perf_counter() - start
+    launched = time.time()
+    imported = float(subprocess.run([sys.executable, "-c", STARTUP], cwd=ROOT, check=True, env=env, capture_output=True, text=True).stdout)
+    return imported - launched, time.time() - imported
 
 
 def install(timer: StageTimer) -> None:
@@ -122,11 +127,11 @@ def main() -> None:
     volume = volume[: args.size[0], : args.size[1], : args.size[2]]
     timer = StageTimer()
     install(timer)
-    startup = startup_seconds()
+    startup, exit_ = startup_seconds()
     print(f"# load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {volume.shape} CT, {len(labels)} labels, overlap {args.overlap}, sw_batch_size {args.sw_batch_size}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
-    print("| preset | window | windows | " + " | ".join(STAGES) + " | start-up | total | network share | non-network share |")
-    print("|---|---|---|" + "---|" * (len(STAGES) + 4))
+    print("| preset | window | windows | " + " | ".join(STAGES) + " | start-up | exit | total | network share | non-network share |")
+    print("|---|---|---|" + "---|" * (len(STAGES) + 5))
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "ct.nii.gz"
         nib.save(nib.Nifti1Image(np.rint(volume).astype(np.int16), affine), image)  # stored as CTs are: int16 HU
@@ -148,9 +153,9 @@ def main() -> None:
             s = dict(timer.seconds)
             s["stitching"] = s.pop("sliding window") - s["network"]
             s["other"] = wall - sum(v for k, v in s.items() if k != "writing")
-            total = sum(s[k] for k in STAGES) + startup
+            total = sum(s[k] for k in STAGES) + startup + exit_
             cells = " | ".join(f"{s[k]:.1f}" for k in STAGES)
-            print(f"| {preset} | {'x'.join(map(str, predictor.window))} | {windows[0]} | {cells} | {startup:.1f} | {total:.1f} "
+            print(f"| {preset} | {'x'.join(map(str, predictor.window))} | {windows[0]} | {cells} | {startup:.1f} | {exit_:.1f} | {total:.1f} "
                   f"| {s['network'] / total:.0%} | {1 - s['network'] / total:.0%} |", flush=True)  # fmt: skip
 
 
