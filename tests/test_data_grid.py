@@ -22,8 +22,8 @@ def monai_target_grid(shape, affine, orientation, spacing):
     return np.asarray(t.peek_pending_affine(), dtype=np.float64), tuple(int(s) for s in t.peek_pending_shape())
 
 
-def monai_resample(array, src_affine, dst_affine, dst_shape, mode, support=None):
-    """MONAI's SpatialResample (``support`` is ours alone: MONAI samples every output voxel)."""
+def monai_resample(array, src_affine, dst_affine, dst_shape, mode, support=None, within=None):
+    """MONAI's SpatialResample (``support`` and ``within`` are ours alone: MONAI samples every output voxel)."""
     src = monai_data.MetaTensor(
         torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
         affine=torch.as_tensor(src_affine, dtype=torch.float64),
@@ -31,7 +31,8 @@ def monai_resample(array, src_affine, dst_affine, dst_shape, mode, support=None)
     out = monai_transforms.SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)(
         src, dst_affine=torch.as_tensor(dst_affine, dtype=torch.float64), spatial_size=tuple(dst_shape)
     )
-    return np.asarray(out.as_tensor() if isinstance(out, monai_data.MetaTensor) else out, dtype=np.float32)
+    out = np.asarray(out.as_tensor() if isinstance(out, monai_data.MetaTensor) else out, dtype=np.float32)
+    return out if within is None else out[(slice(None), *within)]
 
 
 def oblique(angles_deg, spacing, origin):
@@ -201,6 +202,49 @@ def test_same_grid_returns_the_array_and_bad_input_is_named():
         grid.resample(array, np.eye(4), np.eye(4), (2, 3, 4), "cubic")
     with pytest.raises(ValueError, match="not invertible"):
         grid.resample(array, np.zeros((4, 4)), np.eye(4), (2, 3, 4), "nearest")
+    box = (slice(0, 1), slice(1, 3), slice(0, 4))
+    with pytest.raises(ValueError, match="support or within"):
+        grid.resample(array, np.eye(4), np.eye(4), (2, 3, 4), "nearest", support=box, within=box)
+    np.testing.assert_array_equal(grid.resample(array, np.eye(4), np.eye(4), (2, 3, 4), "nearest", within=box), array[(slice(None), *box)])
+
+
+@pytest.mark.parametrize("content", ["body", "on the faces", "one voxel", "nothing"])
+@pytest.mark.parametrize("margin", [0.0, 2.5])
+def test_resampling_only_the_reach_of_the_foreground_crops_the_same(case, content, margin, monkeypatch):
+    """preprocess_image resamples only the box that reads the voxels > 0 (and the crop's margin): the same
+    array and InversionInfo as resampling the whole grid and cropping it."""
+    import lorkd.data.transforms as transforms
+
+    shape, affine, orientation, spacing = case
+    image = np.full(shape, -1000.0, np.float32)  # air
+    inner = tuple(slice(n // 4, max(n // 4 + 1, n - n // 3)) for n in shape)
+    if content == "body":
+        image[inner] = np.random.default_rng(4).normal(60, 30, [s.stop - s.start for s in inner])
+    elif content == "on the faces":
+        image[:, : shape[1] // 2] = 40.0
+        image[-1] = 80.0
+    elif content == "one voxel":
+        image[tuple(s.start for s in inner)] = 500.0
+    cfg = PreprocessConfig(orientation=orientation, spacing=spacing, crop_margin_mm=margin)
+    ours, ours_info = preprocess_image(image, "ct", cfg, affine=affine)
+    monkeypatch.setattr(transforms, "reach", lambda *args, **kwargs: None)  # the whole grid, then the crop
+    whole, whole_info = preprocess_image(image, "ct", cfg, affine=affine)
+    np.testing.assert_array_equal(ours, whole)
+    assert ours_info == whole_info
+
+
+def test_a_voxel_no_resampled_voxel_reads_leaves_the_whole_volume(monkeypatch):
+    """Downsampled 3x, a source voxel between two sampled ones has weight 0: nothing > 0 after
+    resampling although the source has a voxel > 0, so the whole volume is kept (not the reach's box)."""
+    import lorkd.data.transforms as transforms
+
+    image = np.full((30, 30, 30), -1000.0, np.float32)
+    image[14, 14, 14] = 500.0
+    cfg = PreprocessConfig(orientation=None, spacing=(3.0, 3.0, 3.0))
+    out, info = preprocess_image(image, "ct", cfg, affine=np.eye(4))
+    assert info.foreground_empty and out.shape[1:] == info.resampled_shape == (11, 11, 11)
+    monkeypatch.setattr(transforms, "reach", lambda *args, **kwargs: None)
+    np.testing.assert_array_equal(preprocess_image(image, "ct", cfg, affine=np.eye(4))[0], out)
 
 
 def test_preprocessing_round_trips_equal_monai(monkeypatch):

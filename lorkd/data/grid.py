@@ -214,6 +214,25 @@ def _reach(
     return tuple(box)  # type: ignore[return-value]
 
 
+def reach(
+    src_shape: Sequence[int],
+    src_affine: np.ndarray,
+    dst_affine: np.ndarray,
+    dst_shape: Sequence[int],
+    support: Sequence[slice],
+    margin: Sequence[int] = (0, 0, 0),
+) -> tuple[slice, slice, slice] | None:
+    """Box of the output grid (``dst_affine``, ``dst_shape``) whose voxels may read the source voxels in
+    ``support`` when resampled from ``src_affine``, grown by ``margin`` voxels per axis (within the
+    output); every output voxel outside it reads only source voxels outside ``support``. None for a
+    rotated grid."""
+    xform = np.linalg.solve(np.asarray(src_affine, dtype=np.float64), np.asarray(dst_affine, dtype=np.float64))
+    box = _reach(xform, src_shape, support, dst_shape)
+    if box is None:
+        return None
+    return tuple(slice(max(0, b.start - m), min(int(n), b.stop + m)) for b, m, n in zip(box, margin, dst_shape))  # type: ignore[return-value]
+
+
 def resample(
     array: np.ndarray,
     src_affine: np.ndarray,
@@ -221,6 +240,7 @@ def resample(
     dst_shape: Sequence[int],
     mode: str,
     support: Sequence[slice] | None = None,
+    within: Sequence[slice] | None = None,
 ) -> np.ndarray:
     """Resample a channel-first (C, X, Y, Z) array from the grid ``src_affine`` to (``dst_affine``,
     ``dst_shape``): ``mode`` "bilinear" (trilinear) or "nearest", border padding, float32 result.
@@ -229,8 +249,17 @@ def resample(
     shape return the array as float32 without resampling, as MONAI does. ``support``: a box of the
     source outside which ``array`` is 0 (e.g. a crop put back into its grid); on axis-aligned grids only
     the output voxels that can reach it are sampled, the others are 0 (the same values, less work).
+    ``within``: a box of the output; only its voxels are sampled and returned, (C, *box sizes).
     """
+    if within is not None and support is not None:
+        raise ValueError("give support or within, not both")
     img, shape, box, theta = _plan(array, src_affine, dst_affine, dst_shape, mode, support)
+    if within is not None:
+        within = tuple(within)
+        if theta is None:
+            return img.numpy()[(slice(None), *within)]
+        with torch.inference_mode():
+            return _sample_box(img, theta, shape, mode, within).numpy()  # type: ignore[arg-type]
     if theta is None:
         return img.numpy()
     with torch.inference_mode():

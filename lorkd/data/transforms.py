@@ -28,7 +28,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from lorkd.data.grid import resample, resample_slabs, target_grid
+from lorkd.data.grid import reach, resample, resample_slabs, target_grid
 from lorkd.data.io import (
     NAN_POLICIES,
     CaseError,
@@ -263,6 +263,17 @@ def _as_volume(
     return Volume(check_finite(data, name, nan_policy), affine, name)
 
 
+def _foreground_reach(
+    vol: Volume, dst_affine: np.ndarray, dst_shape: Sequence[int], margin: Sequence[int]
+) -> tuple[slice, slice, slice] | None:
+    """The box of the resampled grid that reads the volume's voxels > 0, grown by ``margin``: the
+    foreground crop lies inside (None: no such voxel, or a rotated grid)."""
+    found = foreground_box(vol.data)
+    if found is None:
+        return None
+    return reach(vol.data.shape, vol.affine, dst_affine, dst_shape, [slice(a, b) for a, b in zip(*found)], margin)
+
+
 def preprocess_image(
     image: str | Path | nib.spatialimages.SpatialImage | np.ndarray,
     modality: str,
@@ -280,11 +291,16 @@ def preprocess_image(
     vol = _as_volume(image, affine, cfg.nan_policy, name)
     codes = axcodes(orientation, "orientation") if orientation else cfg.orientation
     dst_affine, dst_shape = target_grid(vol.data.shape, vol.affine, codes, cfg.spacing)
-    resampled = resample(vol.data[None], vol.affine, dst_affine, dst_shape, cfg.interpolation)[0]
+    margin = margin_voxels(cfg.crop_margin_mm, dst_affine)
+    # a resampled voxel is > 0 only where it reads a source voxel > 0: the crop lies in their reach
+    region = _foreground_reach(vol, dst_affine, dst_shape, margin) if cfg.crop_foreground else None
+    resampled = resample(vol.data[None], vol.affine, dst_affine, dst_shape, cfg.interpolation, within=region)[0]
 
     start, end, empty = (0, 0, 0), dst_shape, False
     if cfg.crop_foreground:
-        box = foreground_box(resampled, margin_voxels(cfg.crop_margin_mm, dst_affine))
+        box = foreground_box(resampled, margin)  # clipped to the region: as to the grid (margin included)
+        if box is None and region is not None:  # source voxels > 0 that no resampled voxel reads
+            resampled = resample(vol.data[None], vol.affine, dst_affine, dst_shape, cfg.interpolation)[0]
         if box is None:
             empty = True
             log.warning(
@@ -293,9 +309,10 @@ def preprocess_image(
                 canonical_modality(modality),
             )
         else:
-            start, end = box
-    cropped = resampled[tuple(slice(s, e) for s, e in zip(start, end))]
-    normalised, background = normalize_intensity(cropped, modality, cfg)
+            offset = (0, 0, 0) if region is None else tuple(r.start for r in region)
+            start, end = (tuple(o + b for o, b in zip(offset, bound)) for bound in box)
+            resampled = resampled[tuple(slice(s, e) for s, e in zip(*box))]
+    normalised, background = normalize_intensity(resampled, modality, cfg)
     info = InversionInfo(
         original_shape=tuple(int(s) for s in vol.data.shape),  # type: ignore[arg-type]
         original_affine=_affine_tuple(vol.affine),

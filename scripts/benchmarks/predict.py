@@ -183,9 +183,9 @@ def ours(predictor: Predictor, case: Case) -> None:
     predictor.predict(case.image, case.labels, case.modality, affine=case.affine)
 
 
-def monai_resample(array, src_affine, dst_affine, dst_shape, mode, support=None) -> np.ndarray:
+def monai_resample(array, src_affine, dst_affine, dst_shape, mode, support=None, within=None) -> np.ndarray:
     """MONAI's ``SpatialResample`` with :func:`lorkd.data.grid.resample`'s arguments (it samples every
-    output voxel: ``support`` is not used)."""
+    output voxel: ``support`` is not used, ``within`` cuts its box from the whole output)."""
     from monai.data import MetaTensor
     from monai.transforms import SpatialResample
 
@@ -196,7 +196,8 @@ def monai_resample(array, src_affine, dst_affine, dst_shape, mode, support=None)
     out = SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)(
         src, dst_affine=torch.as_tensor(dst_affine, dtype=torch.float64), spatial_size=tuple(dst_shape)
     )
-    return np.asarray(out.as_tensor() if isinstance(out, MetaTensor) else out, dtype=np.float32)
+    out = np.asarray(out.as_tensor() if isinstance(out, MetaTensor) else out, dtype=np.float32)
+    return out if within is None else out[(slice(None), *within)]
 
 
 def naive(predictor: Predictor, case: Case) -> None:
