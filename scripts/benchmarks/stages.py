@@ -156,7 +156,7 @@ def main() -> None:
             total = sum(s[k] for k in STAGES) + startup + exit_
             cells = " | ".join(f"{s[k]:.1f}" for k in STAGES)
             print(f"| {preset} | {'x'.join(map(str, predictor.window))} | {windows[0]} | {cells} | {startup:.1f} | {exit_:.1f} | {total:.1f} "
-                  f"| {s['network'] / total:.0%} | {1 - s['network'] / total:.0%} |", flush=True)  # fmt: skip
+                  f"| {s['network'] / total:.1%} | {1 - s['network'] / total:.1%} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
