@@ -6,9 +6,10 @@
     result.segmentation        # multilabel map, id j+1 = labels[j] (result.label_ids)
 
 Pipeline: the checkpoint's preprocessing (orientation, spacing, foreground crop, intensity) → labels
-grouped by region expert (:mod:`lorkd.inference.routing`) → per group, MONAI sliding-window
-inference with that expert (:mod:`lorkd.inference.sliding_window`) → sigmoid → back to the input's
-grid (crop, spacing and orientation undone) → threshold.
+grouped by region expert (:mod:`lorkd.inference.routing`) → per group, sliding-window inference with
+that expert (:mod:`lorkd.inference.sliding_window`, MONAI's arithmetic) → sigmoid → back to the input's
+grid (crop, spacing and orientation undone; for masks alone, only where a label can pass the threshold,
+slab by slab) → threshold.
 
 Against masks outside the body (SAT's behaviour: ``background_padding=False, edge_padding=0,
 body_mask=False``): windows past the image see its background (``InversionInfo.background``; 0 is
