@@ -7,8 +7,10 @@ not change (``tests/test_data_grid.py`` compares against MONAI). Importing MONAI
 every submodule), which ``predict.py``'s start-up cannot afford.
 
 :func:`resample` builds ``torch.nn.functional.affine_grid``'s sampling grid slab by slab along the
-first output axis (the same base grid and the same ``bmm``), so its memory is one slab's grid, not
-12 bytes per output voxel.
+first output axis (the same base grid, its per-axis products summed in ``affine_grid``'s order: the same
+floats), so its memory is one slab's grid, not 12 bytes per output voxel; :func:`resample_slabs` hands
+the values over slab by slab as well. Only output voxels that can matter are sampled: those that reach a
+box of the source (``support``, :func:`reach`) or lie in a box of the output (``within``).
 """
 
 from __future__ import annotations
