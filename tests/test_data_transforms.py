@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+import lorkd.data.transforms as transforms
 from lorkd.data.io import CaseError, reordered
 from lorkd.data.manifest import Case
 from lorkd.data.transforms import (
@@ -272,6 +273,7 @@ def test_maps_already_in_the_grid_before_the_crop_go_back_to_the_same_slabs():
     maps[2] = 0.7  # the whole crop
     full = np.zeros((3, *info.resampled_shape), np.float32)
     full[(slice(None), *info.crop_slices)] = maps
+    assert transforms._uncropped(full, info) is full  # sampled as it is: no copy
     cropped, uncropped = list(invert_above(maps, info, 0.5, 2)), list(invert_above(full, info, 0.5, 2))
     assert [(i, b) for i, b, _ in cropped] == [(i, b) for i, b, _ in uncropped] and len(cropped) >= 2
     for (_, _, a), (_, _, b) in zip(cropped, uncropped):

@@ -355,10 +355,15 @@ def invert_to_original(array: np.ndarray, info: InversionInfo, mode: str = "bili
     return out.astype(array.dtype) if mode == "nearest" else out
 
 
+def _before_crop(array: np.ndarray, info: InversionInfo) -> bool:
+    """Whether a (C, X, Y, Z) array lies on the resampled grid before the crop, (C, *info.resampled_shape)."""
+    return array.ndim == 4 and tuple(array.shape[1:]) == tuple(info.resampled_shape)
+
+
 def _uncropped(array: np.ndarray, info: InversionInfo) -> np.ndarray:
     """A (C, *info.shape) array put back into the resampled grid before the crop (0 outside it), float32;
     an array already there ((C, *info.resampled_shape), 0 outside the crop) as it is."""
-    if array.ndim == 4 and tuple(array.shape[1:]) == tuple(info.resampled_shape):
+    if _before_crop(array, info):
         return array
     if array.ndim != 4 or tuple(array.shape[1:]) != tuple(info.shape):
         raise ValueError(
@@ -453,9 +458,7 @@ def invert_above(
     A label that never comes near the threshold has no slab. Maps on the grid before the crop
     ((L, *info.resampled_shape), 0 outside the crop) are mapped back without a copy."""
     probabilities = np.asarray(probabilities)
-    cropped = probabilities
-    if probabilities.ndim == 4 and tuple(probabilities.shape[1:]) == tuple(info.resampled_shape):
-        cropped = probabilities[(slice(None), *info.crop_slices)]
+    cropped = probabilities[(slice(None), *info.crop_slices)] if _before_crop(probabilities, info) else probabilities
     for above in group_above(cropped, info, threshold, max_labels):
         labels = slice(above.indices[0], above.indices[-1] + 1)  # a group's labels follow each other
         for box, values in invert_group(probabilities[labels], info, above.support):

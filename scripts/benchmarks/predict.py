@@ -4,7 +4,8 @@ Both run the same network (random weights, a student with its 8 region experts) 
 in one process, one after the other:
   ours   Predictor.predict: preprocessing, labels grouped by expert, each window encoded once and
          decoded ``max_queries`` prompts at a time, stitching on the CPU when the volume is large,
-         each label mapped back to the input grid on its own, masks and the multilabel map.
+         labels mapped back to the input grid only where they can pass the threshold, slab by slab
+         (labels whose boxes overlap in one sampling), masks and the multilabel map.
   naive  per expert ``sliding_window_inference`` with all of that expert's prompts decoded at once and
          stitching on the device, then every label mapped back at once and thresholded; resampling
          (preprocessing and mapping back) by MONAI's ``SpatialResample``, as when issue 13 was filed
