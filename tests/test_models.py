@@ -1,4 +1,5 @@
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,23 @@ def test_tiny_forward_any_multiple_of_the_stride():
         net(torch.randn(2, 1, 40, 64, 32), q)
     with pytest.raises(ValueError, match="input channels"):
         net(torch.randn(2, 2, 64, 64, 32), q)
+
+
+def test_decoder_frees_each_concatenation_after_its_first_conv_without_autograd():
+    net = tiny_sat().eval()
+    x, q = torch.randn(2, 1, 32, 32, 16), torch.randn(3, 64)
+    with torch.no_grad():
+        before = net(x, q)
+    stages = net.backbone.decoder.stages
+    held, alive = [], []
+    for stage in stages:
+        first, second = stage.convs[0], stage.convs[1]
+        first.register_forward_pre_hook(lambda m, args: held.append(weakref.ref(args[0])))
+        second.register_forward_pre_hook(lambda m, args: alive.append(held[-1]() is not None))
+    with torch.inference_mode():
+        after = net(x, q)
+    assert alive == [False] * len(stages)
+    assert torch.equal(after, before)
 
 
 def test_queries_are_decoded_independently():

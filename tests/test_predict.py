@@ -298,6 +298,22 @@ def test_bad_arguments_fail_clearly():
         fake_predictor(fallback="nearest")
 
 
+def test_windows_per_forward_follow_the_window_size_on_the_cpu(caplog):
+    small = fake_predictor()  # 16x16x8 windows: two per forward (one takes a slow conv path)
+    assert small.sw_batch_size == 2
+    large = fake_predictor(window=(128, 64, 64))  # 2**19 voxels: one per forward, half the memory
+    assert large.sw_batch_size == 1
+    image = np.random.default_rng(0).normal(size=(1, 192, 64, 64)).astype(np.float32)
+    large.predict_preprocessed(image, ["object"], "ct")
+    assert [w.shape[0] for w in large.model.net.seen] == [1, 1]
+    assert fake_predictor(window=(128, 64, 64), sw_batch_size=3).sw_batch_size == 3
+    with caplog.at_level("WARNING"):
+        assert fake_predictor(sw_batch_size=1).sw_batch_size == 2
+    assert any("slow for 16x16x8 windows" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="sw_batch_size must be >= 1"):
+        fake_predictor(sw_batch_size=0)
+
+
 def test_count_windows_matches_monai():
     from monai.data.utils import dense_patch_slices
 

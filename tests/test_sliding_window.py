@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -70,6 +72,19 @@ def test_blending_into_a_view_of_a_larger_zero_buffer_gives_the_same_floats(shap
     assert buffer.sum().item() == pytest.approx(alone.sum().item())  # zeros around the view
     with pytest.raises(ValueError, match="out must be"):
         sliding_window_probabilities(image, Recorder(), window, overlap, batch, out=torch.zeros((3, 2, 2, 2)))
+
+
+def test_a_window_batch_is_freed_before_the_next_one_runs():
+    recorder, outputs, alive = Recorder(), [], []
+
+    def model(windows: torch.Tensor) -> torch.Tensor:
+        alive.append(any(ref() is not None for ref in outputs))
+        out = recorder(windows)
+        outputs.append(weakref.ref(out))
+        return out
+
+    sliding_window_probabilities(torch.randn(1, 1, 20, 17, 9), model, (8, 8, 4), 0.5, sw_batch_size=2)
+    assert len(alive) > 2 and not any(alive)
 
 
 @pytest.mark.parametrize("window", [(8, 8, 4), (7, 5, 3), (64, 64, 32)])

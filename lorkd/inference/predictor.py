@@ -52,6 +52,7 @@ from lorkd.inference.routing import PromptGroup, check_fallback, plan_groups
 from lorkd.inference.sliding_window import (
     WindowModel,
     count_windows,
+    default_sw_batch_size,
     sliding_window_probabilities,
 )
 from lorkd.labels import HINT as LABELS_HINT
@@ -221,7 +222,8 @@ class Predictor:
         window: sliding-window size in voxels of the preprocessed grid (default: the training patch
             size recorded in the checkpoint, else SAT's 288×288×96), rounded up to the network's size divisor.
         overlap: window overlap (0.5, gaussian blending).
-        sw_batch_size: windows per forward; at least 2 on the CPU (batch 1 hits a slow conv path).
+        sw_batch_size: windows per forward (default: :func:`default_sw_batch_size`, 1 for large CPU
+            windows, else 2); at least 2 for small CPU windows, where one window takes a slow conv path.
         max_queries: prompts decoded per pass (bounds the logits' memory; results do not depend on it).
         threshold: probability above which a voxel belongs to a label.
         fallback: who segments labels without an expert: None (error), ``"base"`` or ``"teacher"``.
@@ -243,7 +245,7 @@ class Predictor:
         device: torch.device | str | None = None,
         window: Sequence[int] | None = None,
         overlap: float = 0.5,
-        sw_batch_size: int = 2,
+        sw_batch_size: int | None = None,
         max_queries: int = 16,
         threshold: float = 0.5,
         fallback: str | None = None,
@@ -270,6 +272,8 @@ class Predictor:
             raise ValueError(f"stitch_device must be one of {STITCH_DEVICES}, got {stitch_device!r}")
         if int(max_queries) < 1:
             raise ValueError(f"max_queries must be >= 1, got {max_queries}")
+        if sw_batch_size is not None and int(sw_batch_size) < 1:
+            raise ValueError(f"sw_batch_size must be >= 1 (or None: chosen per device and window), got {sw_batch_size}")
         if float(body_margin_mm) < 0:
             raise ValueError(f"body_margin_mm must be >= 0, got {body_margin_mm}")
         if int(edge_padding) < 0:
@@ -294,7 +298,7 @@ class Predictor:
         if window is None:
             window = schema.patch_size(model.data)
         self.window = fixed or window_size(window, divisor)
-        self._sw_batch_size = int(sw_batch_size)
+        self._sw_batch_size = None if sw_batch_size is None else int(sw_batch_size)
         self._amp = amp
         self.device = torch.device("cpu")
         self.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -330,12 +334,14 @@ class Predictor:
             if loaded is not None:
                 loaded.to(self.device)
         self.amp = self.device.type == "cuda" and (self._amp is None or bool(self._amp))
-        self.sw_batch_size = self._sw_batch_size
-        if self.device.type == "cpu" and self.sw_batch_size < 2:
+        default = default_sw_batch_size(self.device, self.window)
+        self.sw_batch_size = self._sw_batch_size or default
+        if self.sw_batch_size < default:
             log.warning(
-                "sw_batch_size=%d on the CPU is slow (batch-1 3-D convs); using 2", self.sw_batch_size
-            )
-            self.sw_batch_size = 2
+                "sw_batch_size=%d is slow for %s windows on the CPU (batch-1 3-D convs); using %d",
+                self.sw_batch_size, "x".join(map(str, self.window)), default,
+            )  # fmt: skip
+            self.sw_batch_size = default
         return self
 
     def _stitch_on(self, channels: int, shape: Sequence[int]) -> torch.device:

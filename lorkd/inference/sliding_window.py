@@ -33,6 +33,21 @@ def route(
     return route_experts(model, region_index, per_sample_weights)
 
 
+# CPU windows of at least this many voxels run one per forward: as fast per window as two at a time
+# (0.88-0.96x from 128x128x32 up, 1.06x for the Nano student at 288x288x96) for half the activation
+# memory (7.3 against 14.0 GB there); smaller ones run two at a time, as one takes a slower conv path
+# (1.7x at 64x64x32). Measured by scripts/benchmarks/network.py --batch-sweep (RESULTS.md).
+CPU_SINGLE_WINDOW_VOXELS = 2**19
+
+
+def default_sw_batch_size(device: torch.device, window: Sequence[int]) -> int:
+    """Windows per forward when none is asked for: on the CPU 1 for windows of at least
+    :data:`CPU_SINGLE_WINDOW_VOXELS` voxels, else 2; 2 on GPUs."""
+    if device.type == "cpu" and math.prod(window) >= CPU_SINGLE_WINDOW_VOXELS:
+        return 1
+    return 2
+
+
 def autocast_dtype() -> torch.dtype:
     """bfloat16 where the GPU supports it (no overflow), else float16 (SAT's choice)."""
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -178,6 +193,7 @@ def sliding_window_probabilities(
             output = torch.zeros((probs.shape[1], *padded), dtype=image.dtype, device=stitch_device)
         for box, p in zip(batch, probs):
             output[(slice(None), *box)] += p
+        del windows, probs, p  # not held while the next batch runs (the network's peak)
     assert output is not None  # at least one window
     output /= norm
     del norm

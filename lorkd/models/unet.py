@@ -75,7 +75,9 @@ class Decoder(nn.Module):
         """Returns the decoder stage outputs, largest (full resolution) first."""
         x, outputs = skips[-1], []
         for i, (up, stage) in enumerate(zip(self.transpconvs, self.stages)):
-            x = stage(torch.cat((up(x), skips[-(i + 2)]), dim=1))
+            x = torch.cat((up(x), skips[-(i + 2)]), dim=1)
+            for unit in stage.convs:  # unit by unit, so that without autograd the concatenation is freed
+                x = unit(x)  # after the first one (2 x the stage's output at full resolution)
             outputs.append(x)
         return outputs[::-1]
 

@@ -25,6 +25,7 @@ python scripts/benchmarks/predict.py [--device cpu|cuda] [--presets tiny nano] [
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import sys
 import threading
@@ -201,14 +202,15 @@ def monai_resample(array, src_affine, dst_affine, dst_shape, mode, support=None,
     return out if within is None else out[(slice(None), *within)]
 
 
-def naive(predictor: Predictor, case: Case) -> None:
+def naive(predictor: Predictor, case: Case, sw_batch_size: int = 2) -> None:
     """The textbook MONAI loop, resampling with MONAI's ``SpatialResample``."""
     with mock.patch.object(transforms_module, "resample", monai_resample):
-        naive_our_resampling(predictor, case)
+        naive_our_resampling(predictor, case, sw_batch_size)
 
 
-def naive_our_resampling(predictor: Predictor, case: Case) -> None:
-    """The textbook MONAI loop: all of an expert's prompts in one decode, stitching where the network runs."""
+def naive_our_resampling(predictor: Predictor, case: Case, sw_batch_size: int = 2) -> None:
+    """The textbook MONAI loop: all of an expert's prompts in one decode, ``sw_batch_size`` windows per
+    forward, stitching where the network runs."""
     from monai.inferers import sliding_window_inference
 
     _, array, info = predictor.preprocess_input(case.image, case.modality, case.affine)
@@ -231,7 +233,7 @@ def naive_our_resampling(predictor: Predictor, case: Case) -> None:
             out = sliding_window_inference(
                 image,
                 predictor.window,
-                predictor.sw_batch_size,
+                sw_batch_size,
                 network,
                 overlap=predictor.overlap,
                 mode="gaussian",
@@ -274,7 +276,8 @@ def main() -> None:
     parser.add_argument("--window-tiny", type=int, nargs=3, default=[64, 64, 32])
     parser.add_argument("--window-nano", type=int, nargs=3, default=[288, 288, 96])
     parser.add_argument("--ct-labels", type=int, default=24, help="abdominal prompts on the CT volume")
-    parser.add_argument("--sw-batch-size", type=int, default=2)
+    parser.add_argument("--sw-batch-size", type=int, default=None, help="ours (default: the Predictor's choice)")
+    parser.add_argument("--naive-sw-batch-size", type=int, default=2, help="the naive loop's")
     parser.add_argument("--max-queries", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
@@ -300,7 +303,8 @@ def main() -> None:
         f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'})"
     )
     print(
-        f"overlap {args.overlap}, gaussian; sw_batch_size {args.sw_batch_size}; ours: max_queries {args.max_queries}, stitch auto\n"
+        f"overlap {args.overlap}, gaussian; naive: sw_batch_size {args.naive_sw_batch_size}; ours: sw_batch_size "
+        f"{args.sw_batch_size or 'the Predictor default'}, max_queries {args.max_queries}, stitch auto\n"
     )
     print(
         "| workload | preset | window | cases | labels/case | ours s/case | naive s/case | ours/naive time "
@@ -308,13 +312,19 @@ def main() -> None:
         "| naive, our resampling peak MB | ours/that memory |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    methods = {"ours": ours, "naive": naive, "naive, our resampling": naive_our_resampling}
+    batch = args.naive_sw_batch_size
+    methods = {
+        "ours": ours,
+        "naive": functools.partial(naive, sw_batch_size=batch),
+        "naive, our resampling": functools.partial(naive_our_resampling, sw_batch_size=batch),
+    }
     for preset in args.presets:
         window = args.window_tiny if preset == "tiny" else args.window_nano
         predictor = Predictor(
             build_model(preset, window, regions, labels), device=device, overlap=args.overlap,
             sw_batch_size=args.sw_batch_size, max_queries=args.max_queries,
         )  # fmt: skip
+        print(f"# {preset}: ours runs {predictor.sw_batch_size} window(s) per forward", flush=True)
         for name, cases in workloads.items():
             ours(predictor, warm_up)  # imports and one-time allocations outside the timings
             naive(predictor, warm_up)

@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--window-tiny", type=int, nargs=3, default=[64, 64, 32])
     parser.add_argument("--window-nano", type=int, nargs=3, default=[64, 64, 32])
     parser.add_argument("--overlap", type=float, default=0.5)
-    parser.add_argument("--sw-batch-size", type=int, default=2)
+    parser.add_argument("--sw-batch-size", type=int, default=None, help="default: the Predictor's choice")
     parser.add_argument("--size", type=int, nargs=3, default=[512, 512, 120], help="CT voxels (0.8x0.8x2.5 mm)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -128,7 +128,7 @@ def main() -> None:
     timer = StageTimer()
     install(timer)
     startup, exit_ = startup_seconds()
-    print(f"# load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {volume.shape} CT, {len(labels)} labels, overlap {args.overlap}, sw_batch_size {args.sw_batch_size}, "
+    print(f"# load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {volume.shape} CT, {len(labels)} labels, overlap {args.overlap}, sw_batch_size {args.sw_batch_size or 'the Predictor default'}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
     print("| preset | window | windows | " + " | ".join(STAGES) + " | start-up | exit | total | network share | non-network share |")
     print("|---|---|---|" + "---|" * (len(STAGES) + 5))
