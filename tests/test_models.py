@@ -92,21 +92,26 @@ def test_tiny_forward_any_multiple_of_the_stride():
         net(torch.randn(2, 2, 64, 64, 32), q)
 
 
-def test_decoder_frees_each_concatenation_after_its_first_conv_without_autograd():
+def test_without_autograd_skips_and_concatenations_are_freed_once_used():
     net = tiny_sat().eval()
     x, q = torch.randn(2, 1, 32, 32, 16), torch.randn(3, 64)
-    with torch.no_grad():
-        before = net(x, q)
-    stages = net.backbone.decoder.stages
-    held, alive = [], []
-    for stage in stages:
+    kept = net.backbone(net.check_input(x), pool=net.pool_kernels)  # autograd on: training keeps every skip
+    assert len(kept.skips) == len(net.backbone.encoder.stages)
+    trained = net(x, q).detach()
+    skips, cats, alive = [], [], []
+    for stage in net.backbone.encoder.stages:
+        stage.register_forward_hook(lambda m, args, out: skips.append(weakref.ref(out)))
+    for i, stage in enumerate(net.backbone.decoder.stages):
         first, second = stage.convs[0], stage.convs[1]
-        first.register_forward_pre_hook(lambda m, args: held.append(weakref.ref(args[0])))
-        second.register_forward_pre_hook(lambda m, args: alive.append(held[-1]() is not None))
+        first.register_forward_pre_hook(lambda m, args: cats.append(weakref.ref(args[0])))
+        # the skip this stage concatenated, and the concatenation itself, once the first conv is done
+        second.register_forward_pre_hook(lambda m, args, i=i: alive.append((skips[-(i + 2)]() is not None, cats[-1]() is not None)))
     with torch.inference_mode():
-        after = net(x, q)
-    assert alive == [False] * len(stages)
-    assert torch.equal(after, before)
+        released = net.backbone(net.check_input(x), pool=net.pool_kernels)
+        inferred = net(x, q)
+    assert released.skips == [] and [p.shape for p in released.pooled] == [p.shape for p in kept.pooled]
+    assert alive == [(False, False)] * 2 * len(net.backbone.decoder.stages)
+    assert torch.equal(inferred, trained)
 
 
 def test_queries_are_decoded_independently():

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorkd.models.decoder import QueryDecoder
@@ -132,12 +131,8 @@ class SAT(nn.Module):
         return self._pos_cache[grid].to(device=ref.device, dtype=ref.dtype)[None]
 
     def encode(self, image: torch.Tensor) -> ImageFeatures:
-        out = self.backbone(self.check_input(image))
-        pooled = [
-            F.avg_pool3d(skip, kernel_size=k, stride=k) if k > 1 else skip
-            for skip, k in zip(out.skips, self.pool_kernels)
-        ]
-        latent = torch.cat(pooled, dim=1)
+        out = self.backbone(self.check_input(image), pool=self.pool_kernels)
+        latent = torch.cat(out.pooled, dim=1)
         tokens = latent.flatten(2).transpose(1, 2)  # (B, h*w*d, C), d fastest
         memory = self.projection_layer(tokens)
         n_maps = 1 + (len(self.mid_mask_embed_proj) if self.deep_supervision else 0)

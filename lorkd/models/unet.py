@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -71,11 +72,13 @@ class Decoder(nn.Module):
         self.transpconvs = nn.ModuleList(transp)
         self.stages = nn.ModuleList(stages)
 
-    def forward(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Returns the decoder stage outputs, largest (full resolution) first."""
-        x, outputs = skips[-1], []
-        for i, (up, stage) in enumerate(zip(self.transpconvs, self.stages)):
-            x = torch.cat((up(x), skips[-(i + 2)]), dim=1)
+    def forward(self, skips: list[torch.Tensor], release: bool = False) -> list[torch.Tensor]:
+        """Returns the decoder stage outputs, largest (full resolution) first. ``release``: pop each skip
+        off ``skips`` as it is used, so that nothing here keeps it once concatenated."""
+        skips = skips if release else list(skips)
+        x, outputs = skips.pop(), []
+        for up, stage in zip(self.transpconvs, self.stages):
+            x = torch.cat((up(x), skips.pop()), dim=1)
             for unit in stage.convs:  # unit by unit, so that without autograd the concatenation is freed
                 x = unit(x)  # after the first one (2 x the stage's output at full resolution)
             outputs.append(x)
@@ -84,8 +87,9 @@ class Decoder(nn.Module):
 
 @dataclass(frozen=True)
 class UNetOutput:
-    skips: list[torch.Tensor]  # encoder stage outputs, shallow to deep
+    skips: list[torch.Tensor]  # encoder stage outputs, shallow to deep ([] once released, see forward)
     decoded: list[torch.Tensor]  # decoder stage outputs, full resolution first
+    pooled: list[torch.Tensor] | None = None  # the skips average-pooled by forward's ``pool`` kernels
 
 
 class PlainConvUNet(nn.Module):
@@ -128,9 +132,19 @@ class PlainConvUNet(nn.Module):
             out.append(acc)
         return out
 
-    def forward(self, x: torch.Tensor) -> UNetOutput:
+    def forward(self, x: torch.Tensor, pool: Sequence[int] | None = None) -> UNetOutput:
+        """``pool``: one kernel per encoder stage; each skip is average-pooled by it (``pooled``) before
+        the decoder runs. Without autograd the skips are then released as the decoder uses them (the
+        full-resolution skip is among the largest maps of a window)."""
         skips = self.encoder(x)
-        return UNetOutput(skips=skips, decoded=self.decoder(skips))
+        if pool is None:
+            return UNetOutput(skips=skips, decoded=self.decoder(skips))
+        pooled = [
+            F.avg_pool3d(skip, kernel_size=k, stride=k) if k > 1 else skip
+            for skip, k in zip(skips, pool, strict=True)
+        ]
+        release = not torch.is_grad_enabled()
+        return UNetOutput(skips=[] if release else skips, decoded=self.decoder(skips, release), pooled=pooled)
 
 
 def _init_he(module: nn.Module) -> None:
