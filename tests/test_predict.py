@@ -447,6 +447,15 @@ def test_masks_alone_blend_into_the_grid_before_the_crop_with_the_same_outputs(e
     assert np.asarray(boxed.masks["object"].dataobj).any()
 
 
+def test_one_large_window_per_forward_gives_two_per_forwards_probabilities_within_rounding(tiny_lorkd_ckpt):
+    single = Predictor.from_checkpoint(tiny_lorkd_ckpt, device="cpu", window=(128, 128, 32))  # 2**19 voxels
+    double = Predictor.from_checkpoint(tiny_lorkd_ckpt, device="cpu", window=(128, 128, 32), sw_batch_size=2)
+    assert (single.sw_batch_size, double.sw_batch_size) == (1, 2)
+    image = np.random.default_rng(3).normal(size=(1, 192, 128, 32)).astype(np.float32)  # two windows
+    one, two = (p.predict_preprocessed(image, ["liver", "spleen"], "ct", region="abdomen") for p in (single, double))
+    np.testing.assert_allclose(one, two, rtol=0, atol=1e-5)  # another conv kernel: float32 rounding apart
+
+
 def test_multi_region_prompts_run_each_expert_on_its_own_labels(lorkd, routed):
     image, affine = ct_volume()
     experts = lorkd.model.experts
