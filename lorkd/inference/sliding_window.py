@@ -33,10 +33,10 @@ def route(
     return route_experts(model, region_index, per_sample_weights)
 
 
-# CPU windows of at least this many voxels run one per forward: as fast per window as two at a time
-# (0.88-0.96x from 128x128x32 up, 1.06x for the Nano student at 288x288x96) for half the activation
-# memory (7.3 against 14.0 GB there); smaller ones run two at a time, as one takes a slower conv path
-# (1.7x at 64x64x32). Measured by scripts/benchmarks/network.py --batch-sweep (RESULTS.md).
+# CPU windows of at least this many voxels run one per forward: about as fast per window as two at a
+# time (0.88-1.04x from 128x128x32 up; 1.04x for the Nano student at 288x288x96) for about half the peak
+# memory (6.6 against 13.1 GB there); smaller ones run two at a time, as one takes a slower conv path
+# (2.0x at 64x64x32). Measured by scripts/benchmarks/network.py --batch-sweep (RESULTS.md, eighth round).
 CPU_SINGLE_WINDOW_VOXELS = 2**19
 
 
