@@ -44,13 +44,13 @@ def squeeze_to_3d(array: np.ndarray, name: str) -> np.ndarray:
 
 
 def reordered(
-    data: np.ndarray, order: str = "C", dtype: type | np.dtype | None = None, threads: int = 1
+    data: np.ndarray, order: str = "C", dtype: type | np.dtype | None = None, threads: int | None = None
 ) -> np.ndarray:
     """``np.asarray(data, dtype, order=order)`` for a 3-D array: C or Fortran (NIfTI's on-disk) order, cast
     to ``dtype`` (None: kept); ``data`` itself when nothing changes.
 
     Between the two orders the copy goes block by block: numpy's one pass is 2-3x slower (every voxel far
-    from the last one in one of the arrays), on ``threads`` threads. All-zero blocks of integer or boolean
+    from the last one in one of the arrays), on ``threads`` threads (None: :func:`available_cores`). All-zero blocks of integer or boolean
     data (most of a mask) are not copied: the new array is zero there.
     """
     if data.ndim != 3:
@@ -61,6 +61,7 @@ def reordered(
     out = np.zeros(data.shape, dtype=target, order=order)
     dst, src = (out.T, data.T) if order == "F" else (out, data)  # ``dst`` is C-ordered
     skip_zeros = data.dtype.kind in "biu"
+    threads = available_cores() if threads is None else threads
     corners = list(itertools.product(*(range(0, n, b) for n, b in zip(dst.shape, _BLOCK))))
 
     def copy(share: list[tuple[int, ...]]) -> None:
@@ -137,7 +138,7 @@ def read_volume(path: str | Path, nan_policy: str = "error", dtype: type | None 
     if data.dtype.fields is not None:
         raise CaseError(f"{name}: voxels of type {data.dtype} (e.g. RGB) are not supported; give one grey channel")
     data = squeeze_to_3d(data, name)
-    data = check_finite(reordered(data, "C", dtype, available_cores()), name, nan_policy)  # NIfTI's Fortran order
+    data = check_finite(reordered(data, "C", dtype), name, nan_policy)  # NIfTI's Fortran order
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise CaseError(f"{name}: invalid (singular or non-finite) affine {affine.tolist()}")
     return Volume(data=data, affine=affine, name=name)

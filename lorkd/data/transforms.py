@@ -33,7 +33,6 @@ from lorkd.data.io import (
     NAN_POLICIES,
     CaseError,
     Volume,
-    available_cores,
     check_finite,
     read_volume,
     reordered,
@@ -259,7 +258,7 @@ def _as_volume(
         raise TypeError(f"preprocess_image: unsupported image type {type(image).__name__}")
     if affine.shape != (4, 4):
         raise CaseError(f"{name}: affine must be 4x4, got shape {affine.shape}")
-    data = reordered(data, "C", np.float32, available_cores())
+    data = reordered(data, "C", np.float32)
     return Volume(check_finite(data, name, nan_policy), affine, name)
 
 

@@ -39,7 +39,7 @@ import torch
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.loading import LoadedModel, load_model
 from lorkd.data.body import body_mask
-from lorkd.data.io import CaseError, available_cores, check_finite, read_volume, reordered, squeeze_to_3d
+from lorkd.data.io import CaseError, check_finite, read_volume, reordered, squeeze_to_3d
 from lorkd.data.transforms import (
     InversionInfo,
     PreprocessConfig,
@@ -132,7 +132,7 @@ def read_input(
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise CaseError(f"{name}: affine must be 4x4, got shape {affine.shape}")
-    data = check_finite(reordered(data, "C", np.float32, available_cores()), name, nan_policy)
+    data = check_finite(reordered(data, "C", np.float32), name, nan_policy)
     return _like(data, affine, header)
 
 

@@ -134,7 +134,7 @@ def save_nifti(image: nib.Nifti1Image, path: str | Path) -> None:
     (the same file: nibabel would otherwise reorder it slice by slice, several times slower)."""
     data = image.dataobj
     if isinstance(data, np.ndarray) and data.ndim == 3 and not data.flags.f_contiguous:
-        image = type(image)(reordered(data, "F"), image.affine, image.header)
+        image = type(image)(reordered(data, "F", threads=1), image.affine, image.header)  # writers: a file each
     nib.save(image, str(path))
 
 
