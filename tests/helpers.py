@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from lorkd.checkpoints.sat import official_vision_state as official_vision_layout  # noqa: F401 (used by tests)
 from lorkd.models.sat import SAT
 from lorkd.utils import CONFIG_DIR, register_resolvers
 
@@ -28,27 +28,6 @@ def compose_config(name: str = "train", overrides: Sequence[str] = ()) -> DictCo
 def tiny_sat(**overrides) -> SAT:
     torch.manual_seed(0)
     return SAT(**{**TINY, **overrides})
-
-
-def official_vision_layout(model: SAT) -> dict[str, torch.Tensor]:
-    """What SAT's DDP-wrapped Maskformer saves: ``module.`` prefix, ``all_modules`` aliases, stacked in_proj."""
-    out: dict[str, torch.Tensor] = {}
-    state = model.state_dict()
-    qkv = re.compile(r"^(.*\.multihead_attn)\.(q|k|v)_proj\.(weight|bias)$")
-    for key, value in state.items():
-        m = qkv.match(key)
-        if m:
-            base, which, kind = m.groups()
-            if which == "q":
-                parts = [state[f"{base}.{p}_proj.{kind}"] for p in "qkv"]
-                out[f"module.{base}.in_proj_{kind}"] = torch.cat(parts, 0).clone()
-            continue
-        out[f"module.{key}"] = value.clone()
-        unit = re.match(r"^(.*\.convs\.\d+)\.(conv|norm)\.(weight|bias)$", key)
-        if unit:
-            base, mod, kind = unit.groups()
-            out[f"module.{base}.all_modules.{0 if mod == 'conv' else 1}.{kind}"] = out[f"module.{key}"]
-    return out
 
 
 def official_text_layout(folder: Path, query_dim: int, layers: int = 1) -> tuple[dict[str, torch.Tensor], Path, torch.nn.Module]:

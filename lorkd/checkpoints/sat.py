@@ -54,6 +54,28 @@ def sat_vision_to_model_keys(state: Mapping[str, torch.Tensor], report: KeyRepor
     return out
 
 
+def official_vision_state(model: SAT) -> dict[str, torch.Tensor]:
+    """``model``'s state as SAT's DDP-wrapped Maskformer saves it (what ``load_sat_vision`` reads): the
+    ``module.`` prefix, ``all_modules`` aliases of each conv unit, q|k|v stacked into ``in_proj``."""
+    out: dict[str, torch.Tensor] = {}
+    state = model.state_dict()
+    qkv = re.compile(r"^(.*\.multihead_attn)\.(q|k|v)_proj\.(weight|bias)$")
+    for key, value in state.items():
+        m = qkv.match(key)
+        if m:
+            base, which, kind = m.groups()
+            if which == "q":
+                parts = [state[f"{base}.{p}_proj.{kind}"] for p in "qkv"]
+                out[f"module.{base}.in_proj_{kind}"] = torch.cat(parts, 0).clone()
+            continue
+        out[f"module.{key}"] = value.clone()
+        unit = re.match(r"^(.*\.convs\.\d+)\.(conv|norm)\.(weight|bias)$", key)
+        if unit:
+            base, mod, kind = unit.groups()
+            out[f"module.{base}.all_modules.{0 if mod == 'conv' else 1}.{kind}"] = out[f"module.{key}"]
+    return out
+
+
 def infer_sat_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Architecture arguments of ``SAT`` read off an official vision state_dict (heads default to 8)."""
     state = strip_prefix(state)
