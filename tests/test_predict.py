@@ -489,6 +489,27 @@ def test_unknown_labels_and_regions_without_experts_are_clear_errors(lorkd):
         lorkd.check(["liver"], "ct", region="chest")
 
 
+def test_every_unknown_label_of_a_case_is_reported_with_its_closest_names(lorkd):
+    with pytest.raises(UnknownLabelError) as caught:
+        lorkd.check(["livr", "liver", "bone", "spleeen"], "ct")
+    message = str(caught.value)
+    assert "unknown label 'livr' for modality 'ct' (closest known labels: liver" in message
+    assert "unknown label 'spleeen' for modality 'ct' (closest known labels: spleen" in message
+    assert "label 'bone' (ct) belongs to region 'whole_body', which has no expert" in message
+
+
+def test_fallback_warns_once_for_each_label_not_in_the_catalogue(tiny_lorkd_ckpt, caplog):
+    predictor = Predictor.from_checkpoint(tiny_lorkd_ckpt, device="cpu", fallback="base")
+    with caplog.at_level("WARNING", logger="lorkd.inference.predictor"):
+        for _ in range(2):  # two cases: one warning per label
+            groups = predictor.plan(["livr", "liver", "bone", "spleeen"], "ct")
+    assert {g.route for g in groups} == {"base", "abdomen"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings  # 'bone' is in the catalogue (a region without expert): no warning
+    assert "label 'livr' for modality 'ct' (closest known labels: liver" in warnings[0]
+    assert "routing.fallback=base" in warnings[0] and "'spleeen'" in warnings[1]
+
+
 def test_fallback_base_runs_the_shared_weights(tiny_lorkd_ckpt, routed):
     predictor = Predictor.from_checkpoint(tiny_lorkd_ckpt, device="cpu", fallback="base")
     image, affine = ct_volume(shape=(20, 18, 4))

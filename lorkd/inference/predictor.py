@@ -259,6 +259,7 @@ class Predictor:
     ) -> None:
         self.model = model
         self.fallback = check_fallback(fallback)
+        self._warned: set[str] = set()
         if fallback == "teacher" and model.experts and teacher is None:
             raise ValueError(
                 f"fallback='teacher' needs the teacher of {model.source} (Predictor(..., teacher=...))"
@@ -372,7 +373,14 @@ class Predictor:
             region,
             self.fallback,
             self.model.source,
+            self._warn_once,
         )
+
+    def _warn_once(self, message: str) -> None:
+        """Log a routing warning the first time this predictor meets it (not once per case)."""
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)
 
     def check(
         self, labels: Sequence[str] | str, modality: str, region: str | None = None

@@ -9,11 +9,11 @@ no expert (SAT's ``whole_body``), is an error unless ``fallback`` names who segm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from lorkd.labels import HINT as LABELS_HINT
-from lorkd.regions import RegionMap, UnknownLabelError, canonical_modality, normalize_label
+from lorkd.regions import RegionMap, UnknownLabelError, canonical_modality, mod_label, normalize_label
 
 FALLBACKS = (None, "base", "teacher")
 _FALLBACK_HINT = (
@@ -47,8 +47,14 @@ def plan_groups(
     region: str | None = None,
     fallback: str | None = None,
     source: str = "the model",
+    warn: Callable[[str], None] | None = None,
 ) -> list[PromptGroup]:
-    """Group label indices by the network that segments them, in order of first appearance."""
+    """Group label indices by the network that segments them, in order of first appearance.
+
+    Without a fallback, every label the map does not know or whose region has no expert is reported in
+    one error (each unknown one with its closest known names). With a fallback, ``warn`` is called once per
+    label that the map does not know (a typo would otherwise be segmented from its prompt alone).
+    """
     check_fallback(fallback)
     if not experts:
         return [PromptGroup("model", None, list(range(len(labels))))]
@@ -57,13 +63,50 @@ def plan_groups(
     modality = canonical_modality(modality)
     forced = _forced_expert(region, experts, source)
     groups: dict[str, PromptGroup] = {}
+    unknown: list[str] = []
+    without_expert: list[str] = []
     for i, label in enumerate(labels):
         if forced is not None:
             route, index = experts[forced], forced
         else:
-            route, index = _route_of(normalize_label(label), modality, experts, region_map, fallback, source)
+            label = normalize_label(label)
+            region_of = region_map.label_region.get(mod_label(modality, label))
+            if region_of is None:
+                problem = f"label {label!r} for modality {modality!r}{_closest(region_map.closest(modality, label))}"
+                if fallback is None:
+                    unknown.append(f"unknown {problem}")
+                elif warn is not None:
+                    warn(f"{problem} is not in the catalogue of {source}: routing.fallback={fallback} segments it "
+                         f"from its prompt alone (check the spelling; {LABELS_HINT})")  # fmt: skip
+            if region_of in experts:
+                route, index = region_of, list(experts).index(region_of)
+            elif fallback is not None:
+                route, index = _fallback(fallback)
+            else:
+                if region_of is not None:
+                    without_expert.append(f"label {label!r} ({modality}) belongs to region {region_of!r}")
+                continue
         groups.setdefault(route, PromptGroup(route, index)).indices.append(i)
+    if unknown or without_expert:
+        raise _routing_error(unknown, without_expert, experts, source)
     return list(groups.values())
+
+
+def _closest(names: Sequence[str]) -> str:
+    return f" (closest known labels: {', '.join(names)})" if names else " (no known label is close)"
+
+
+def _routing_error(
+    unknown: Sequence[str], without_expert: Sequence[str], experts: Sequence[str], source: str
+) -> Exception:
+    """One error naming every label that cannot be routed: unknown ones, each with its closest known
+    names (an :class:`UnknownLabelError`), and those whose region has no expert (a ValueError)."""
+    parts = list(unknown)
+    if without_expert:
+        verb = "has" if len(without_expert) == 1 else "have"
+        parts.append(f"{'; '.join(without_expert)}, which {verb} no expert in {source} (experts: {', '.join(experts)})")
+    text = "; ".join(parts) + _FALLBACK_HINT
+    return UnknownLabelError(text) if unknown else ValueError(text)
 
 
 def _forced_expert(region: str | None, experts: Sequence[str], source: str) -> int | None:
@@ -73,30 +116,6 @@ def _forced_expert(region: str | None, experts: Sequence[str], source: str) -> i
     if name not in experts:
         raise ValueError(f"region {region!r} has no expert in {source}; expected one of {list(experts)}")
     return list(experts).index(name)
-
-
-def _route_of(
-    label: str,
-    modality: str,
-    experts: Sequence[str],
-    region_map: RegionMap,
-    fallback: str | None,
-    source: str,
-) -> tuple[str, int | None]:
-    try:
-        region = region_map.region_of(label, modality)
-    except UnknownLabelError as exc:
-        if fallback is None:
-            raise UnknownLabelError(f"{exc}{_FALLBACK_HINT}") from None
-        return _fallback(fallback)
-    if region in experts:
-        return region, list(experts).index(region)
-    if fallback is None:
-        raise ValueError(
-            f"label {label!r} ({modality}) belongs to region {region!r}, which has no expert in {source} "
-            f"(experts: {', '.join(experts)}){_FALLBACK_HINT}"
-        )
-    return _fallback(fallback)
 
 
 def _fallback(fallback: str) -> tuple[str, int | None]:
