@@ -4,6 +4,7 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import tiny_sat
 
 from lorkd.checkpoints.loading import LoadedModel
@@ -78,3 +79,52 @@ def test_inconsistent_objects_fail_clearly():
         _module(teacher=_teacher(fingerprint=""))
     with pytest.raises(KeyError, match="no expert rank configured"):
         ExpertsSpec.for_regions(["spine"], RANKS)
+
+
+def _batch() -> dict:
+    g = torch.Generator().manual_seed(7)
+    return {
+        "image": torch.randn(2, 1, 16, 16, 16, generator=g),
+        "masks": (torch.rand(2, 2, 16, 16, 16, generator=g) > 0.7).float(),
+        "query_mask": torch.tensor([[True, True], [True, False]]),
+        "labels": [["liver", "liver"], ["liver"]],
+        "modality": ["ct", "mri"],
+        "region": torch.tensor([0, 1]),
+    }
+
+
+class _LoggedLoss(__import__("lightning").pytorch.Callback):
+    """Records the loss the training step returned (what is backpropagated) and what it logged as ``train/loss``
+    and ``train/kd_loss``."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = trainer.callback_metrics
+        self.returned = float(outputs["loss"])
+        self.loss, self.kd = float(metrics["train/loss"]), float(metrics["train/kd_loss"])
+
+
+@pytest.mark.parametrize("lambda_kd", [0.25, 3.0])
+def test_the_logged_training_loss_is_seg_plus_lambda_times_kd_from_the_teachers_logits(lambda_kd):
+    """``train/loss`` of one fitted step = Dice+BCE + λ·KD, KD written out here from the teacher's logits (T=2)."""
+    import lightning.pytorch as pl
+
+    from lorkd.losses import segmentation_loss
+
+    module = _module(lambda_kd=lambda_kd, temperature=2.0, warmup_steps=1)
+    batch = _batch()
+    with torch.no_grad():  # before the step: what the step's forward sees
+        queries = module.queries_for(batch)
+        teacher = module.teacher(batch["image"], queries).double()
+        student = module(batch["image"], queries, batch["region"])
+    seg = segmentation_loss(student, batch["masks"], batch["query_mask"])[0].item()
+    t, s = teacher / 2.0, student.double() / 2.0  # per-query Bernoulli KL at T=2, times T², mean over valid queries
+    kl = torch.sigmoid(t) * (F.logsigmoid(t) - F.logsigmoid(s)) + torch.sigmoid(-t) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    kd = 4.0 * kl.flatten(2).mean(-1)[batch["query_mask"]].mean().item()
+    logged = _LoggedLoss()
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[logged],
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    assert kd > 1e-3 and logged.kd == pytest.approx(kd, rel=1e-4)
+    assert logged.loss == pytest.approx(seg + lambda_kd * kd, rel=1e-4) and logged.returned == pytest.approx(logged.loss)
