@@ -11,11 +11,18 @@ INTERCEPT = -1024.0
 
 
 def write_dicom_series(
-    volume: np.ndarray, affine: np.ndarray, folder: Path, series_uid: str | None = None, seed: int = 0
+    volume: np.ndarray,
+    affine: np.ndarray,
+    folder: Path,
+    series_uid: str | None = None,
+    seed: int = 0,
+    slope: float = 1.0,
+    intercept: float = INTERCEPT,
 ) -> list[Path]:
-    """One file per slice ``volume[:, :, k]`` (HU, integers >= -1024), named in shuffled order; returns the files.
+    """One file per slice ``volume[:, :, k]`` (HU), named in shuffled order; returns the files.
 
-    The array is indexed (column, row, slice) as :mod:`lorkd.data.dicom` reads it back.
+    Stored values are ``(volume - intercept) / slope``, which must be integers in 0..65535. The array is indexed
+    (column, row, slice) as :mod:`lorkd.data.dicom` reads it back.
     """
     import pydicom
     from pydicom.dataset import FileMetaDataset
@@ -26,6 +33,10 @@ def write_dicom_series(
     column_spacing, row_spacing = (float(np.linalg.norm(lps[:3, i])) for i in (0, 1))
     orientation = [*(lps[:3, 0] / column_spacing), *(lps[:3, 1] / row_spacing)]
     study, series, frame = generate_uid(), series_uid or generate_uid(), generate_uid()
+    stored = (np.asarray(volume, dtype=np.float64) - intercept) / slope
+    if np.any(stored != np.round(stored)) or stored.min() < 0 or stored.max() > 65535:
+        raise ValueError(f"(volume - {intercept}) / {slope} is not a uint16 array")
+    stored = stored.astype(np.uint16)
     order = np.random.default_rng(seed).permutation(volume.shape[2])  # file names do not follow positions
     files = []
     for k in range(volume.shape[2]):
@@ -48,8 +59,8 @@ def write_dicom_series(
         ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = INTERCEPT, 1.0, "HU"
-        ds.PixelData = np.ascontiguousarray((volume[:, :, k].T - INTERCEPT).astype(np.uint16)).tobytes()
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = intercept, slope, "HU"
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         path = folder / f"IM{order[k]:04d}"
         ds.save_as(str(path), enforce_file_format=True)
         files.append(path)

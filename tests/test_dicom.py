@@ -54,6 +54,15 @@ def test_a_series_reads_back_with_the_volume_and_geometry_it_was_written_from(tm
     np.testing.assert_allclose(read.affine, affine, atol=1e-5)
 
 
+def test_stored_values_are_rescaled_by_slope_and_intercept(tmp_path):
+    """A scanner that stores half-HU steps: value = stored × 0.5 + (−1000.0), so 201 stored reads back as −899.5."""
+    volume = ct_volume() / 2  # multiples of 0.5 HU
+    files = write_dicom_series(volume, oblique_affine(), tmp_path / "series", slope=0.5, intercept=-1000.0)
+    header = pydicom.dcmread(files[0])
+    assert float(header.RescaleSlope) == 0.5 and float(header.RescaleIntercept) == -1000.0
+    np.testing.assert_array_equal(read_volume(tmp_path / "series").data, volume)
+
+
 def _series(tmp_path: Path, name: str, **options) -> Path:
     write_dicom_series(ct_volume((12, 10, 5)), oblique_affine(), tmp_path / name, **options)
     return tmp_path / name
