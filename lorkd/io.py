@@ -8,11 +8,14 @@ import json
 import os
 import re
 import tempfile
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE_UNICODE = re.compile(r"[^\w.-]+")  # \w: letters, digits and _ of every script
+_MAX_NAME_BYTES = 200  # below the 255 bytes of a name on Linux and macOS, room for a suffix
 _TMP_PREFIX = ".tmp-"
 
 
@@ -93,11 +96,18 @@ def file_fingerprint(paths: Sequence[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def safe_name(name: str, fallback: str = "label", max_length: int = 120) -> str:
-    """A file-name stem from free text: letters, digits, ``._-`` only, no ``..`` part, no leading dot, never empty."""
-    parts = [part for part in _UNSAFE.split(str(name)) if part.strip(".")]
-    stem = "_".join(parts).lstrip(".")
-    return stem[:max_length] or fallback
+def safe_name(name: str, fallback: str = "label", max_length: int = 120, unicode: bool = False) -> str:
+    """A file-name stem from free text: letters, digits, ``._-`` only, no ``..`` part, no leading dot, never empty.
+
+    ``unicode``: letters and digits of every script are kept (``肝`` stays ``肝``, NFC-normalised), and the
+    stem is also cut to :data:`_MAX_NAME_BYTES` bytes of UTF-8 (file systems limit a name's bytes).
+    """
+    text = unicodedata.normalize("NFC", str(name)) if unicode else str(name)
+    parts = [part for part in (_UNSAFE_UNICODE if unicode else _UNSAFE).split(text) if part.strip(".")]
+    stem = "_".join(parts).lstrip(".")[:max_length]
+    while len(stem.encode("utf-8")) > _MAX_NAME_BYTES:
+        stem = stem[:-1]
+    return stem or fallback
 
 
 class UnsafePathError(OSError):

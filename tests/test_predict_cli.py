@@ -173,6 +173,20 @@ def test_inputs_are_validated_up_front(tmp_path):
         discover_cases(tmp_path / "missing")
 
 
+def test_a_folder_of_non_ascii_or_clashing_names_gets_one_case_folder_each(tmp_path):
+    from lorkd.inference.cases import case_folder
+
+    for name in ("肝", "脾", "a b", "a_b", "a+b", "Ωmega"):
+        write_case(tmp_path / "in" / f"{name}.nii.gz")
+    cases = discover_cases(tmp_path / "in", ["liver"], "ct")
+    folders = {case.image.name: case_folder(tmp_path / "out", case).name for case in cases}
+    assert len(set(folders.values())) == len(cases) == 6, folders
+    assert folders["肝.nii.gz"] == "肝" and folders["脾.nii.gz"] == "脾" and folders["Ωmega.nii.gz"] == "Ωmega"
+    assert folders["a_b.nii.gz"] == "a_b"  # spelled exactly: kept; the lossy ones get a hash of their name
+    assert folders["a b.nii.gz"].startswith("a_b-") and folders["a+b.nii.gz"].startswith("a_b-")
+    assert discover_cases(tmp_path / "in", ["liver"], "ct") == cases  # the same names on every run
+
+
 def test_label_and_case_names_become_safe_file_names():
     assert safe_name("../../etc/passwd") == "etc_passwd"
     assert safe_name("..") == "label" and safe_name(" left  kidney ") == "left_kidney"

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from lorkd.data.manifest import Case, case_identity
+from lorkd.inference.inputs import case_folder_name
 from lorkd.inference.predictor import Prediction, Predictor
 from lorkd.inference.runner import WindowProgress
-from lorkd.inference.writer import completed, safe_name, save_prediction, write_summary
+from lorkd.inference.writer import completed, save_prediction, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def case_error(case: Case, exc: Exception) -> str:
 
 
 def case_folder(output_dir: str | Path, case: Case) -> Path:
-    return Path(output_dir) / safe_name(case.id, "case")
+    return Path(output_dir) / case_folder_name(case.id)
 
 
 class PredictionTask:

@@ -11,10 +11,13 @@ an unreadable image is not checked here: it fails its own case only.
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from lorkd.data.manifest import Case, LineDefaults, ManifestError, axcodes, default_id, read_manifest
+from lorkd.io import safe_name
 from lorkd.regions import canonical_modality, normalize_labels
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -71,21 +74,37 @@ def discover_cases(
             )
         shared = normalize_labels(labels)
         mod = canonical_modality(modality)
+        ids = distinct_ids([default_id(f) for f in files])
         cases = [
-            Case(f.resolve(), shared, mod, "", None, None, default_id(f), region, orientation, 0, path)
-            for f in files
+            Case(f.resolve(), shared, mod, "", None, None, case_id, region, orientation, 0, path)
+            for f, case_id in zip(files, ids)
         ]
     _check_unique(cases, path)
     return cases
 
 
-def _check_unique(cases: Sequence[Case], source: Path) -> None:
-    from lorkd.inference.writer import safe_name
+def case_folder_name(case_id: str) -> str:
+    """The folder of a case below ``output_dir``: its id's letters and digits (of every script) and ``._-``."""
+    return safe_name(case_id, "case", unicode=True)
 
+
+def distinct_ids(ids: Sequence[str]) -> list[str]:
+    """``ids`` (of files in one folder, so distinct) made distinct as folder names too: where several map to
+    one folder, each id that its folder name does not spell exactly gets ``-`` and 8 hex digits of its sha256."""
+    folders = Counter(case_folder_name(i) for i in ids)
+    return [
+        f"{i}-{hashlib.sha256(i.encode()).hexdigest()[:8]}"
+        if folders[case_folder_name(i)] > 1 and case_folder_name(i) != i
+        else i
+        for i in ids
+    ]
+
+
+def _check_unique(cases: Sequence[Case], source: Path) -> None:
     seen: dict[str, str] = {}
     clashes = []
     for case in cases:
-        name = safe_name(case.id, "case")
+        name = case_folder_name(case.id)
         if name in seen:
             clashes.append(f"{seen[name]!r} and {case.id!r} -> {name}")
         seen[name] = case.id
