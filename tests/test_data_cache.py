@@ -145,9 +145,10 @@ def test_masks_are_stored_as_a_label_map_unless_labels_overlap(tmp_path, cases, 
     inner = region.copy()
     inner[8:12, 8:12, 4:6] = 0
     tumour = region - inner
+    affine = np.diag([0.9, 0.9, 2.5, 1.0])  # the image's: masks lie on their image
     paths = {
-        "liver": write_nifti("liver.nii.gz", region),
-        "liver tumor": write_nifti("tumour.nii.gz", tumour),
+        "liver": write_nifti("liver.nii.gz", region, affine),
+        "liver tumor": write_nifti("tumour.nii.gz", tumour, affine),
     }
     overlapping = Case(
         **{**cases[0].__dict__, "mask": None, "masks": paths, "labels": ["liver", "liver tumor"]}

@@ -30,7 +30,7 @@ from lorkd.io import safe_name
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: InversionInfo.background
+CACHE_VERSION = 3  # 2: InversionInfo.background; 3: masks brought onto their image's grid (lorkd.data.geometry)
 
 
 class LabelMapMasks:

@@ -85,15 +85,24 @@ def available_cores(most: int = 4) -> int:
     return max(1, min(most, cores))
 
 
-def header_shape(path: str | Path) -> tuple[int, ...]:
-    """Spatial shape from the header only (no voxel data read), singleton trailing axes dropped."""
+def header_grid(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Spatial shape (singleton trailing axes dropped) and affine from the header only: no voxel data is
+    read (a folder: its DICOM series' headers)."""
+    if Path(path).is_dir():
+        from lorkd.data.dicom import series_affine, series_headers
+
+        headers = series_headers(path)
+        return (int(headers[0].Columns), int(headers[0].Rows), len(headers)), series_affine(headers)
     try:
-        shape = tuple(int(s) for s in nib.load(str(path)).shape)
+        img = nib.load(str(path))
+        shape, affine = tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
+    except FileNotFoundError as exc:
+        raise CaseError(f"{path}: file not found") from exc
     except Exception as exc:  # nibabel raises many types for unreadable files
         raise CaseError(f"{path}: cannot read image header ({exc})") from exc
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    return shape
+    return shape, affine
 
 
 def check_finite(array: np.ndarray, name: str, nan_policy: str) -> np.ndarray:

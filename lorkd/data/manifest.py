@@ -29,7 +29,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from lorkd.data.io import CaseError, header_shape
+from lorkd.data.geometry import Grid, mask_placement
+from lorkd.data.io import CaseError, header_grid
 from lorkd.io import file_identity
 from lorkd.regions import (
     RegionMap,
@@ -236,7 +237,7 @@ def _parse_line(
             except UnknownLabelError as exc:
                 errors.append(str(exc))
     if image is not None and image.is_file() and not predicting:
-        _check_shapes(image, mask, masks, errors)
+        _check_grids(image, mask, masks, errors)
         if deep and not errors:
             _check_voxels(image, mask, masks, len(labels), errors)
 
@@ -356,26 +357,24 @@ def _region(row: dict[str, Any], region_map: RegionMap | None, errors: list[str]
     return region
 
 
-def _check_shapes(image: Path, mask: Path | None, masks: dict[str, Path] | None, errors: list[str]) -> None:
+def _check_grids(image: Path, mask: Path | None, masks: dict[str, Path] | None, errors: list[str]) -> None:
+    """Headers only: the image is 3-D and each mask lies on it (:mod:`lorkd.data.geometry`)."""
     try:
-        shape = header_shape(image)
+        image_grid = Grid(*header_grid(image))
     except CaseError as exc:
         errors.append(str(exc))
         return
-    if len(shape) != 3:
-        errors.append(f"{image}: image is not 3-D (shape {shape})")
+    if len(image_grid.shape) != 3:
+        errors.append(f"{image}: image is not 3-D (shape {image_grid.shape})")
         return
     others = ([mask] if mask is not None else []) + list((masks or {}).values())
     for other in others:
         if not other.is_file():
             continue
         try:
-            other_shape = header_shape(other)
+            mask_placement(other, image, image_grid)
         except CaseError as exc:
             errors.append(str(exc))
-            continue
-        if other_shape != shape:
-            errors.append(f"mask shape {other_shape} != image shape {shape} ({other})")
 
 
 def _voxels(path: Path, errors: list[str]) -> np.ndarray | None:

@@ -28,6 +28,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from lorkd.data.geometry import Grid, read_mask
 from lorkd.data.grid import reach, resample, resample_slabs, target_grid
 from lorkd.data.io import (
     NAN_POLICIES,
@@ -465,10 +466,11 @@ def invert_above(
 
 
 def read_label_map(
-    path: Path, shape: tuple[int, ...], n_labels: int, nan_policy: str = "error"
+    path: Path, image_path: Path, image: Grid, n_labels: int, nan_policy: str = "error"
 ) -> np.ndarray:
-    """Integer ids of a label map (int32), checked against the image shape; ids > ``n_labels`` are ignored."""
-    ids = _read_mask(path, shape, nan_policy)
+    """Integer ids (int32) of a label map on its image's grid (:func:`lorkd.data.geometry.read_mask`);
+    ids > ``n_labels`` are ignored."""
+    ids = read_mask(path, image_path, image, nan_policy)
     ids = ids.astype(np.int32) if np.issubdtype(ids.dtype, np.integer) else np.rint(ids).astype(np.int32)
     if ids.min(initial=0) < 0:
         raise CaseError(f"{path}: label map has negative ids")
@@ -482,38 +484,33 @@ def read_label_map(
     return ids
 
 
-def load_masks(case: Case, shape: tuple[int, ...], nan_policy: str = "error") -> np.ndarray:
-    """Ground truth of a case in its original grid as (N_labels, *shape) uint8, aligned to ``case.labels``.
-
-    A label map's id j+1 is ``labels[j]``; a label absent from the mask gives an all-zero channel.
+def load_masks(case: Case, image: Grid, nan_policy: str = "error") -> np.ndarray:
+    """Ground truth of a case on its image's grid as (N_labels, *image.shape) uint8, aligned to
+    ``case.labels``; each mask file is checked against that grid and reoriented or resampled onto it
+    (:mod:`lorkd.data.geometry`). A label map's id j+1 is ``labels[j]``; a label absent from the mask
+    gives an all-zero channel.
     """
-    masks = np.zeros((len(case.labels), *shape), dtype=np.uint8)
+    masks = np.zeros((len(case.labels), *image.shape), dtype=np.uint8)
     if case.mask is not None:
-        ids = read_label_map(case.mask, shape, len(case.labels), nan_policy)
+        ids = read_label_map(case.mask, case.image, image, len(case.labels), nan_policy)
         for j in range(len(case.labels)):
             masks[j] = ids == j + 1
     for label, path in (case.masks or {}).items():
-        masks[case.labels.index(label)] = _read_mask(path, shape, nan_policy) > 0.5
+        masks[case.labels.index(label)] = read_mask(path, case.image, image, nan_policy) > 0.5
     return masks
-
-
-def _read_mask(path: Path, shape: tuple[int, ...], nan_policy: str) -> np.ndarray:
-    data = read_volume(path, nan_policy, dtype=None).data
-    if data.shape != tuple(shape):
-        raise CaseError(f"{path}: mask shape {data.shape} != image shape {tuple(shape)}")
-    return data
 
 
 def _preprocessed_masks(case: Case, info: InversionInfo, nan_policy: str) -> np.ndarray:
     """(N, *info.shape) uint8 masks in the preprocessed grid; one resampling per source file (nearest)."""
+    image = Grid(info.original_shape, np.asarray(info.original_affine))
     masks = np.zeros((len(case.labels), *info.shape), dtype=np.uint8)
     if case.mask is not None:
-        ids = read_label_map(case.mask, info.original_shape, len(case.labels), nan_policy)
+        ids = read_label_map(case.mask, case.image, image, len(case.labels), nan_policy)
         grid_ids = np.rint(to_preprocessed_grid(ids[None].astype(np.float32), info, "nearest")[0])
         for j in range(len(case.labels)):
             masks[j] = grid_ids == j + 1
     for label, path in (case.masks or {}).items():
-        binary = (_read_mask(path, info.original_shape, nan_policy) > 0.5).astype(np.float32)
+        binary = (read_mask(path, case.image, image, nan_policy) > 0.5).astype(np.float32)
         masks[case.labels.index(label)] = to_preprocessed_grid(binary[None], info, "nearest")[0] > 0.5
     return masks
 
@@ -521,8 +518,8 @@ def _preprocessed_masks(case: Case, info: InversionInfo, nan_policy: str) -> np.
 def preprocess_case(case: Case, cfg: PreprocessConfig | Mapping[str, Any] | None = None) -> PreprocessedCase:
     """Preprocess a case's image and masks (nearest) into the same grid.
 
-    Masks are assumed to share the image's voxel grid (their shape is checked; their own affine is
-    not used, so a mask header that disagrees with its image cannot shift the ground truth).
+    Each mask must lie on its image (:mod:`lorkd.data.geometry`: the same grid, another orientation of
+    it, or another voxel size over the same space); anything else is a :class:`CaseError` naming both files.
     """
     cfg = PreprocessConfig.coerce(cfg)
     image, info = preprocess_image(case.image, case.modality, cfg, orientation=case.orientation)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from lorkd.data.geometry import Grid
 from lorkd.data.manifest import Case
 from lorkd.data.transforms import load_masks, to_preprocessed_grid
 from lorkd.evaluation.records import CaseRecord, input_digest
@@ -36,7 +37,7 @@ def masks_original(predictor: Predictor, case: Case) -> Pairs:
     result = predictor.predict(
         case.image, case.labels, case.modality, region=case.region, orientation=case.orientation
     )
-    ref = load_masks(case, result.image.shape, predictor.preprocess.nan_policy)
+    ref = load_masks(case, Grid(result.image.shape, result.image.affine), predictor.preprocess.nan_policy)
     pairs = ((np.asarray(result.masks[label].dataobj) > 0, ref[j] > 0) for j, label in enumerate(case.labels))
     return pairs, voxel_spacing(result.image.affine)
 
@@ -45,7 +46,8 @@ def masks_preprocessed(predictor: Predictor, case: Case) -> Pairs:
     """(prediction, reference) per label in the preprocessed grid, lazily, and that grid's spacing."""
     _, image, info = predictor.preprocess_input(case.image, case.modality, orientation=case.orientation)
     probabilities = predictor.predict_preprocessed(image, case.labels, case.modality, case.region, info)
-    original = load_masks(case, info.original_shape, predictor.preprocess.nan_policy)
+    grid = Grid(info.original_shape, np.asarray(info.original_affine))
+    original = load_masks(case, grid, predictor.preprocess.nan_policy)
     ref = to_preprocessed_grid(original, info, mode="nearest")
     pairs = ((probabilities[j] > predictor.threshold, ref[j] > 0.5) for j in range(len(case.labels)))
     return pairs, voxel_spacing(info.affine)
