@@ -69,6 +69,28 @@ def test_memoised_queries_follow_head_updates(minilm):
     torch.testing.assert_close(after, before + 1.0)
 
 
+def test_memoised_queries_are_per_modality():
+    """A frozen head (and any head under no_grad, as in inference) memoises queries: ``liver`` for ct and for
+    mri stay two queries, each the head's own output for its modality code, in any call order."""
+    from lorkd.regions import modality_code
+
+    torch.manual_seed(0)
+    embedding = torch.randn(1, 16)
+    for frozen in (True, False):
+        head = TextEncoder(None, hidden_dim=16, query_dim=8, proj_hidden=8).requires_grad_(not frozen)
+        banks = [PromptBank(head), PromptBank(head)]
+        for bank in banks:
+            bank.load_state_dict({"fingerprint": None, "labels": ["liver"], "embeddings": embedding})
+        with torch.no_grad():
+            uncached = {m: head(embedding, torch.tensor([modality_code(m)]))[0] for m in ("ct", "mri")}
+            first, second = banks[0].queries(["liver"], "ct")[0], banks[0].queries(["Liver"], "mri")[0]
+            mixed = banks[1].queries(["liver", "liver", "liver"], ["mri", "ct", "mri"])  # one call, empty memo
+        assert not torch.allclose(uncached["ct"], uncached["mri"])
+        torch.testing.assert_close(first, uncached["ct"])
+        torch.testing.assert_close(second, uncached["mri"])
+        torch.testing.assert_close(mixed, torch.stack([uncached["mri"], uncached["ct"], uncached["mri"]]))
+
+
 def test_trainable_head_gets_gradients(minilm):
     head = TextEncoder(minilm, query_dim=16, proj_hidden=16)
     bank = PromptBank(head)
