@@ -4,11 +4,16 @@
 * 1 (:data:`CASES_FAILED`): some case failed; the others were done and the summary written;
 * 2 (:data:`NOT_STARTED`): the run could not start (bad config or input, unreadable checkpoint,
   unwritable output folder): raised as :class:`NotStarted` before any case runs.
+
+``train.py`` (``lorkd-train``) exits 0 when training finished and 143 (:data:`STOPPED`, 128 + SIGTERM, what
+schedulers read as "terminated") when it was stopped by SIGTERM (or SLURM's requeue signal) after saving
+``last.ckpt`` at the step it reached.
 """
 
 from __future__ import annotations
 
 OK, CASES_FAILED, NOT_STARTED = 0, 1, 2
+STOPPED = 143
 
 
 class NotStarted(Exception):

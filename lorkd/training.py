@@ -1,14 +1,29 @@
-"""``python train.py``: compose data, model, callbacks, loggers and trainer from the config, then fit."""
+"""``python train.py``: compose data, model, callbacks, loggers and trainer from the config, then fit.
+
+SIGTERM (what SLURM and most schedulers send before they kill a job) stops training after the step in
+progress with ``last.ckpt`` holding that step (``lorkd.callbacks.checkpoint.ResumeCheckpoint``); the run
+then says so and exits with :data:`lorkd.exit_codes.STOPPED`.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
+from lorkd.exit_codes import STOPPED
 from lorkd.utils import instantiate_group, plain, single_log_stream
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +37,79 @@ def hyperparameters(cfg: DictConfig) -> dict:
     }
 
 
+def _spawned(trainer: pl.Trainer) -> bool:
+    """Whether fit runs in spawned worker processes (``ddp_spawn``) whose loop state does not come back here."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
+
+
+def last_checkpoint(trainer: pl.Trainer) -> Path | None:
+    """Where the checkpoint callback writes ``last.ckpt`` (None without one, or with ``save_last`` off)."""
+    callback = trainer.checkpoint_callback
+    if callback is None or not callback.save_last or not callback.dirpath:
+        return None
+    return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+
+
+def reached_step(trainer: pl.Trainer) -> int | None:
+    """The global step training reached: the trainer's own, or under ``ddp_spawn`` (the workers' state
+    stays in the workers) the step in ``last.ckpt``, which is written when training ends or stops."""
+    if not _spawned(trainer):
+        return trainer.global_step
+    last = last_checkpoint(trainer)
+    if last is None or not last.is_file():
+        return None
+    import torch
+
+    return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+@contextmanager
+def _sigterm_to_workers(trainer: pl.Trainer) -> Iterator[list[int]]:
+    """Under ``ddp_spawn`` the main process only waits for its workers and has no SIGTERM handler of its
+    own (it would die at once): pass SIGTERM on to the workers, which stop as any rank does. Yields the
+    signals received."""
+    received: list[int] = []
+    if not _spawned(trainer) or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    launcher = trainer.strategy.launcher
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        for process in getattr(launcher, "procs", []):
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(trainer: pl.Trainer, step: int | None) -> SystemExit:
+    """Say that SIGTERM stopped the run, where its state is and how to resume; the exit to raise."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    last = last_checkpoint(trainer)
+    where = (
+        f"{last} holds it; resume with ckpt_path={last}" if last is not None and last.is_file()
+        else "no last.ckpt was written (callbacks.model_checkpoint.save_last is off)"
+    )  # fmt: skip
+    log.warning(
+        "stopped by SIGTERM at step %s of %d: %s (exit code %d)",
+        "?" if step is None else step, trainer.max_steps, where, STOPPED,
+    )  # fmt: skip
+    return SIGTERMException(STOPPED)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from torch.multiprocessing import ProcessExitedException
 
     from lorkd.modules.checkpoint_io import SafeCheckpointIO
 
@@ -43,10 +128,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (resume from <run dir>/checkpoints/last.ckpt)")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _sigterm_to_workers(trainer) as forwarded:
         # Lightning looks for resumable loaders only; LoRKDDataModule keeps the sampler's place in its own state
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except (SIGTERMException, ProcessExitedException):
+            if not (trainer.received_sigterm or forwarded):
+                raise
+            raise _stopped(trainer, reached_step(trainer)) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    log.info("finished at step %d; output in %s", trainer.global_step, cfg.paths.output_dir)
+    step = reached_step(trainer)
+    log.info("finished at step %s; output in %s", "?" if step is None else step, cfg.paths.output_dir)
     return metrics

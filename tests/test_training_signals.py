@@ -1,0 +1,99 @@
+"""Training that stops says so and resumes from its latest state: SIGTERM saves ``last.ckpt`` and exits
+143, ``last.ckpt`` is always the latest state (never ``last-v1.ckpt``), a resumed run removes the
+temporary files of an interrupted checkpoint write."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from helpers import demo_overrides, run_training
+
+from lorkd.exit_codes import STOPPED
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = "experiment=demo_teacher"
+
+
+def train(data: Path, out: Path, steps: int, *extra: str) -> Path:
+    """A tiny demo-teacher run of ``steps`` steps into ``out``; returns its last.ckpt."""
+    run_training([TEACHER, *demo_overrides(data, out, steps=steps), f"paths.cache_dir={out.parent / 'cache'}", *extra], out)
+    return out / "checkpoints" / "last.ckpt"
+
+
+def step_of(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+def test_sigterm_saves_last_checkpoint_exits_nonzero_and_the_run_resumes(tiny_demo_data, tmp_path):
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "last.ckpt"
+    overrides = [
+        TEACHER,
+        *demo_overrides(tiny_demo_data, out, steps=2),  # last.ckpt every 2 steps
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "trainer.max_steps=500",  # far more than the test waits for
+        f"hydra.run.dir={out}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *overrides], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert last.is_file(), "no last.ckpt was written"
+        process.send_signal(signal.SIGTERM)  # what a scheduler sends the job
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == STOPPED, output[-3000:]
+    stopped_at = step_of(last)
+    assert 2 <= stopped_at < 500
+    line = f"stopped by SIGTERM at step {stopped_at} of 500: {last} holds it; resume with ckpt_path={last}"
+    assert line in output and line in (out / "demo_teacher.log").read_text()
+    assert "finished at step" not in output
+    assert not [p.name for p in last.parent.iterdir() if p.name.startswith(".tmp-")]
+    # and it resumes from there
+    resumed = train(tiny_demo_data, out, stopped_at + 1, f"ckpt_path={last}", "trainer.val_check_interval=500")
+    assert step_of(resumed) == stopped_at + 1
+
+
+def test_last_checkpoint_is_the_latest_state_after_a_resume_with_another_cadence(tiny_demo_data, tmp_path):
+    out = tmp_path / "run"
+    last = train(tiny_demo_data, out, 2)
+    assert step_of(last) == 2
+    # resumed into the same folder with another every_n_train_steps (Lightning does not recognise the
+    # callback's state then): its saves go on to last.ckpt, and the final step 5, off the cadence of 3
+    # and with no validation, is in it too
+    train(
+        tiny_demo_data, out, 5, f"ckpt_path={last}",
+        "callbacks.model_checkpoint.every_n_train_steps=3", "trainer.val_check_interval=100",
+    )  # fmt: skip
+    names = sorted(p.name for p in last.parent.iterdir())
+    assert not [n for n in names if n.startswith("last") and n != "last.ckpt"], names
+    assert step_of(last) == 5
+
+
+def test_resume_removes_temporary_files_of_an_interrupted_checkpoint_write(tiny_demo_data, tmp_path):
+    out = tmp_path / "run"
+    last = train(tiny_demo_data, out, 1)
+    folder = last.parent
+    stale = folder / ".tmp-k1lled0.ckpt"  # what atomic_write leaves when the process is killed mid-write
+    stale.write_bytes(b"partial")
+    kept = [folder / "notes.txt", out / ".tmp-other.ckpt"]  # not a checkpoint temporary; not in the checkpoint folder
+    for path in kept:
+        path.write_text("keep")
+    train(tiny_demo_data, out, 2, f"ckpt_path={last}")
+    assert not stale.exists()
+    assert all(path.read_text() == "keep" for path in kept)
+    assert step_of(last) == 2
