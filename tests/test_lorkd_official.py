@@ -180,6 +180,10 @@ def test_wrong_preset_and_broken_files_fail_clearly(released, tmp_path):
     extra = next(k for k in state if k.endswith("lora_A_list.7") and k.startswith("model."))
     fails({**state, extra.replace("list.7", "list.8"): state[extra]}, r"experts \[0, .*8\] in the checkpoint")
     fails({**state, "model.module.extra.weight": torch.zeros(1)}, "unexpected: extra.weight")
+    # a key without the wrapper's ``model.`` prefix (here a real tensor's) is reported, never dropped
+    unwrapped = next(k for k in state if k.startswith("model.module.") and k.endswith(".in_proj_weight"))[len("model.") :]
+    fails({**state, unwrapped: state[f"model.{unwrapped}"]}, rf"1 unexpected.*\n  unexpected: {re.escape(unwrapped)}$")
+    fails({**state, "optimizer_step": torch.zeros(1)}, r"unexpected: optimizer_step$")
 
 
 @pytest.mark.parametrize(
