@@ -1,11 +1,15 @@
 """Console entry points: ``lorkd-train``, ``lorkd-eval``, ``lorkd-predict``, ``lorkd-export``, ``lorkd-labels`` (and the root scripts).
 
+A command line that Hydra cannot parse, or a config with required values (``???``) left out
+(:mod:`lorkd.required`, all of them named), stops every command with one message and exit code 2.
+
 ``predict`` and ``eval`` exit with :mod:`lorkd.exit_codes`: 0 every case done, 1 some case failed (the
 summary still written), 2 the run could not start (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +28,38 @@ register_resolvers()
 log = logging.getLogger(__name__)
 
 
+def _check_overrides(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line's overrides as Hydra will: a syntax error is one line and exit 2, before anything runs."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    args, _ = get_args_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        OverridesParser.create().parse_overrides(args.overrides)
+    except OverrideParseException as exc:
+        lines = [line.strip() for line in str(exc.message).splitlines()]
+        reason = next((x for x in lines if x and not x.startswith(("See ", "Error parsing", "^"))), "syntax error")
+        print(
+            f"error: cannot parse the override {exc.override!r}: {reason} (quote values holding spaces, brackets "
+            "or '=': key='[a, b]'; see https://hydra.cc/docs/advanced/override_grammar/basic/)",
+            file=sys.stderr,
+        )
+        sys.exit(NOT_STARTED)
+
+
+def _checked(main: Callable[[], Any]) -> Callable[[], Any]:
+    """A Hydra app whose overrides are checked first (:func:`_check_overrides`)."""
+
+    @functools.wraps(main)
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        _check_overrides()
+        return main(*args, **kwargs)
+
+    return entry
+
+
+@_checked
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def train(cfg: DictConfig) -> float | None:
     from lorkd.training import train as run
@@ -93,6 +129,7 @@ def _predict(cfg: DictConfig) -> None:
 
 def evaluate(*args: Any, **kwargs: Any) -> None:
     """``lorkd-eval`` / ``python eval.py`` (exit codes: see the module docstring)."""
+    _check_overrides()
     _check_output_dir()
     _evaluate(*args, **kwargs)
 
@@ -125,11 +162,13 @@ def _one_composition(argv: Sequence[str]) -> Iterator[None]:
 
 def predict(*args: Any, **kwargs: Any) -> None:
     """``lorkd-predict`` / ``python predict.py`` (exit codes: see the module docstring)."""
+    _check_overrides()
     _check_output_dir()
     with _one_composition(sys.argv[1:]):
         _predict(*args, **kwargs)
 
 
+@_checked
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
 def export(cfg: DictConfig) -> None:
     """``lorkd-export ckpt_path=CKPT output_dir=DIR`` (see ``lorkd.checkpoints.commands``)."""
@@ -138,6 +177,7 @@ def export(cfg: DictConfig) -> None:
     run(cfg)
 
 
+@_checked
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="convert")
 def convert(cfg: DictConfig) -> None:
     """``python scripts/convert_lorkd_official.py ckpt_path=PTH output_path=CKPT official...``."""
@@ -146,6 +186,7 @@ def convert(cfg: DictConfig) -> None:
     run(cfg)
 
 
+@_checked
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="check_manifest")
 def check_manifest(cfg: DictConfig) -> None:
     """``python -m lorkd.data.manifest manifests=[M1,M2] [regions=demo | ~regions] [require_masks=false] [quick=true]``."""
@@ -160,6 +201,7 @@ def check_manifest(cfg: DictConfig) -> None:
         raise SystemExit(status)
 
 
+@_checked
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="labels")
 def labels(cfg: DictConfig) -> None:
     """``lorkd-labels ckpt_path=CKPT [modality=ct] [json=true]``: the labels a model knows (see ``lorkd.labels``)."""

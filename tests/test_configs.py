@@ -13,9 +13,13 @@ from lorkd.utils import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+_DATA = "data.train_manifest=/x/train.jsonl"
+_TEXT = ["text_encoder.language_model_path=/x/BioLORD", "text_encoder.checkpoint=/x/text_encoder.pth", _DATA]
 REQUIRED = {  # values an experiment leaves to the user (???)
-    "nano": ["teacher.checkpoint=/x/SAT_Nano.pth", "text_encoder.language_model_path=/x/BioLORD"],
-    "pro": ["teacher.checkpoint=/x/SAT_Pro.pth", "text_encoder.language_model_path=/x/BioLORD"],
+    "nano": ["teacher.checkpoint=/x/SAT_Nano.pth", *_TEXT],
+    "pro": ["teacher.checkpoint=/x/SAT_Pro.pth", *_TEXT],
+    "teacher_nano": [_DATA],
+    "teacher_pro": [_DATA],
 }
 
 

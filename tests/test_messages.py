@@ -1,0 +1,62 @@
+"""Runs that cannot start say why in one message and exit 2: every required value left out, bad override syntax."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import run_script
+from omegaconf import OmegaConf
+
+from lorkd.required import describe, missing_values
+
+
+def test_every_missing_value_is_found_and_described():
+    cfg = OmegaConf.create(
+        {"a": "???", "b": {"c": "???", "d": 1, "e": "${a}"}, "f": [1, "???"], "g": None, "hydra": {"x": "???"}}
+    )
+    assert missing_values(cfg) == ["a", "b.c", "f[1]"]  # not the interpolation, not Hydra's own node
+    text = describe(["teacher.checkpoint", "ckpt_path"], "export")
+    assert "2 required values are missing from the export config" in text
+    assert "SAT_Pro.pth" in text and "lorkd-imbalance" in text  # the export's own description of ckpt_path
+
+
+def test_train_names_every_missing_value_before_any_work(tmp_path):
+    logs = tmp_path / "logs"
+    args = ["experiment=pro", "data.train_manifest=/x/train.jsonl", f"paths.log_dir={logs}", f"paths.cache_dir={logs}"]
+    done = run_script("train.py", args, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    err = done.stderr
+    assert "3 required values are missing from the train config" in err
+    for key, what in [
+        ("teacher.checkpoint", "SAT_Pro.pth"),
+        ("text_encoder.checkpoint", "text_encoder.pth"),
+        ("text_encoder.language_model_path", "BioLORD-2023-C folder"),
+    ]:
+        assert any(line.split()[:1] == [key] and what in line for line in err.splitlines()), (key, err)
+    assert "data.train_manifest" not in err and "Traceback" not in err
+    assert not logs.exists()  # no run folder, no cache
+
+
+@pytest.mark.parametrize(
+    "script,args,keys",
+    [
+        ("predict.py", ["labels=[liver]", "paths.log_dir=logs"], ["ckpt_path", "input", "output_dir"]),
+        ("eval.py", ["paths.log_dir=logs"], ["ckpt_path"]),
+        ("scripts/export_experts.py", ["only=[abdomen]"], ["ckpt_path", "output_dir"]),  # no run folder
+    ],
+)
+def test_other_commands_name_their_missing_values(tmp_path, script, args, keys):
+    done = run_script(script, args, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    listed = [line.split()[0] for line in done.stderr.splitlines()[1:]]
+    assert listed == keys and "Traceback" not in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("override", ["labels=[liver", "a b=1"])
+def test_an_override_hydra_cannot_parse_is_one_line_and_exit_2(tmp_path, override):
+    args = ["ckpt_path=x", "input=y", f"output_dir={tmp_path / 'out'}", override]
+    done = run_script("predict.py", args, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: cannot parse the override {override!r}: ") and done.stderr.count("\n") == 1
+    train = run_script("train.py", [override], cwd=tmp_path, timeout=120)
+    assert train.returncode == 2 and train.stderr.count("\n") == 1, train.stderr
