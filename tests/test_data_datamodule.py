@@ -48,9 +48,9 @@ def test_demo_config_builds_every_loader(demo_dir, tmp_path):
 
     loader = dm.train_dataloader()
     assert isinstance(loader.sampler, RegionSampler) and len(loader) == 8
-    batches = list(loader)
+    batches = [dm.on_after_batch_transfer(b, 0) for b in loader]  # what Lightning does on the device
     for batch in batches:
-        assert batch["image"].shape == (2, 1, 64, 64, 32)
+        assert batch["image"].shape == (2, 1, 64, 64, 32) and batch["masks"].dtype == torch.float32
         assert batch["masks"].shape[:2] == batch["query_mask"].shape and batch["masks"].shape[2:] == (
             64,
             64,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lorkd.data.batch import finish_batch, unpack_bits
 from lorkd.data.cache import PreprocessCache
 from lorkd.data.datasets import (
     CaseDataset,
@@ -27,6 +28,11 @@ LABELS = ["liver", "spleen", "pancreas", "aorta"]  # all abdomen in sat49
 
 def rng(seed=0):
     return np.random.default_rng(seed)
+
+
+def masks(sample):
+    """A sample's (n, X, Y, Z) float32 masks, unpacked from its mask bits as the device does it."""
+    return unpack_bits(sample["mask_bits"][None], len(sample["labels"]))[0]
 
 
 @pytest.mark.parametrize(
@@ -99,9 +105,10 @@ def test_query_selection_and_query_mask_on_a_known_case(known_case, region_map, 
     for seed in range(20):
         s = ds[(0, seed)]
         assert s["image"].shape == (1, 16, 16, 16) and s["image"].dtype == torch.float32
-        assert s["masks"].shape == (len(s["labels"]), 16, 16, 16) and s["masks"].dtype == torch.float32
+        assert s["mask_bits"].shape == (1, 16, 16, 16) and s["mask_bits"].dtype == torch.uint8
+        assert masks(s).shape == (len(s["labels"]), 16, 16, 16) and masks(s).dtype == torch.float32
         assert (s["region"], s["dataset"], s["case_id"], s["modality"]) == (0, "Known", "known", "ct")
-        sums = [int(m.sum()) for m in s["masks"]]
+        sums = [int(m.sum()) for m in masks(s)]
         if s["labels"][0] == "aorta":  # centred on the corner blob: 1 positive, int(0.5 * 1) = 0 negatives
             assert s["labels"] == ["aorta"] and sums == [48]
         else:  # centred on liver or spleen: both whole in the crop, then 1 negative (absent or far)
@@ -113,7 +120,7 @@ def test_query_selection_and_query_mask_on_a_known_case(known_case, region_map, 
     three = next(ds[(0, k)] for k in range(20) if len(ds[(0, k)]["labels"]) == 3)
     small = patches(known_case, region_map, tmp_path, max_queries=1)[(0, 3)]
     assert len(small["labels"]) == 1
-    batch = collate_patches([three, small])
+    batch = finish_batch(collate_patches([three, small]))
     assert batch["image"].shape == (2, 1, 16, 16, 16) and batch["masks"].shape == (2, 3, 16, 16, 16)
     assert batch["query_mask"].tolist() == [[True, True, True], [True, False, False]]
     assert batch["masks"][1, 1:].sum() == 0 and batch["labels"][1] == small["labels"]
@@ -124,7 +131,7 @@ def test_query_selection_and_query_mask_on_a_known_case(known_case, region_map, 
 def test_patches_are_deterministic_per_key_and_image_matches_the_volume(known_case, region_map, tmp_path):
     ds = patches(known_case, region_map, tmp_path, label_centered_prob=0.5, augment=True)
     a, b = ds[(0, 123)], ds[(0, 123)]
-    assert torch.equal(a["image"], b["image"]) and torch.equal(a["masks"], b["masks"])
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask_bits"], b["mask_bits"])
     assert torch.equal(ds[0]["image"], ds[0]["image"])  # plain index: depends on (seed, index)
     plain = patches(known_case, region_map, tmp_path, label_centered_prob=0.0)
     volume = np.asarray(plain.load(0).data.image[0])
@@ -146,7 +153,7 @@ def test_small_volumes_are_padded_with_their_background(tmp_path, write_nifti, r
     s, background = ds[(0, 0)], ds.load(0).data.info.background  # -500 HU normalised; 0 is the mean
     assert background < float(s["image"][0, :10, :12, :6].min())
     assert s["image"].shape == (1, 16, 16, 16) and bool((s["image"][0, 10:] == background).all())
-    assert s["masks"][0].sum() == 6 * 6 * 4 and s["masks"][0, 10:].sum() == 0
+    assert masks(s)[0].sum() == 6 * 6 * 4 and masks(s)[0, 10:].sum() == 0
 
 
 def test_zoom_keeps_the_patch_size_and_masks_binary(known_case, region_map, tmp_path):
@@ -154,8 +161,8 @@ def test_zoom_keeps_the_patch_size_and_masks_binary(known_case, region_map, tmp_
     ds = patches(known_case, region_map, tmp_path, augment=augment)
     for seed in range(4):
         s = ds[(0, seed)]
-        assert s["image"].shape == (1, 16, 16, 16) and s["masks"].shape[1:] == (16, 16, 16)
-        assert type(s["image"]) is torch.Tensor and set(s["masks"].unique().tolist()) <= {0.0, 1.0}
+        assert s["image"].shape == (1, 16, 16, 16) and s["mask_bits"].shape[1:] == (16, 16, 16)
+        assert type(s["image"]) is torch.Tensor and set(masks(s).unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="unknown augment key"):
         patches(known_case, region_map, tmp_path, augment={"zoom": 1.0})
 
@@ -168,7 +175,7 @@ def test_flips_mirror_image_and_masks_together_along_the_chosen_axes(known_case,
     for seed in range(3):
         a, b = plain[(0, seed)], flipped[(0, seed)]  # same crop and queries: only the flips differ
         assert a["labels"] == b["labels"]
-        assert torch.equal(b["image"], a["image"].flip(2, 3)) and torch.equal(b["masks"], a["masks"].flip(2, 3))
+        assert torch.equal(b["image"], a["image"].flip(2, 3)) and torch.equal(masks(b), masks(a).flip(2, 3))
         assert not torch.equal(b["image"], a["image"])
     with pytest.raises(ValueError, match="flip_axes"):
         patches(known_case, region_map, tmp_path, augment={"flip_axes": [3]})

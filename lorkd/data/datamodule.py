@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lorkd.data.augment import AugmentConfig
+from lorkd.data.batch import finish_batch, image_torch_dtype
 from lorkd.data.cache import PreprocessCache
 from lorkd.data.datasets import (
     CaseDataset,
@@ -29,6 +30,13 @@ from lorkd.utils import plain
 log = logging.getLogger(__name__)
 
 
+def augment_on_device(cfg: AugmentConfig) -> bool:
+    """Whether training batches are augmented on the device: ``augment.on_device``, where "auto" means yes on
+    every device (on a GPU it frees the workers; on the CPU the batched path measured N times faster per
+    sample than MONAI's per-sample path at one thread: scripts/benchmarks/RESULTS.md, issue 29)."""
+    return cfg.enabled and (cfg.on_device == "auto" or bool(cfg.on_device))
+
+
 class LoRKDDataModule(L.LightningDataModule):
     """Train / val / test / predict data from jsonl manifests.
 
@@ -41,6 +49,11 @@ class LoRKDDataModule(L.LightningDataModule):
     * val: :class:`ValidationPatches`, fixed label-centred patches without augmentation.
     * test / predict: :class:`CaseDataset` with batch size 1; a batch is ``{"index", "case"}`` and
       the evaluator / predictor preprocesses the case itself.
+
+    Batches leave the workers with the masks packed into bits and the image in ``image_dtype``;
+    :meth:`on_after_batch_transfer` turns them into float32 image and masks on the device, after
+    applying the batch's augmentation there when ``augment.on_device`` says so (see
+    :func:`augment_on_device`).
 
     ``batch_size`` is per device. With ``cache_dir`` set, every case is preprocessed once into
     the cache (in ``prepare_data``, i.e. by local rank 0, and lazily by whoever misses an entry);
@@ -69,6 +82,7 @@ class LoRKDDataModule(L.LightningDataModule):
         neg_ratio: float = 0.5,
         val_patches_per_item: int = 1,
         warm_cache: bool = True,
+        image_dtype: str = "float32",
     ) -> None:
         super().__init__()
         self.manifests = {
@@ -93,6 +107,8 @@ class LoRKDDataModule(L.LightningDataModule):
         self.neg_ratio = float(neg_ratio)
         self.val_patches_per_item = int(val_patches_per_item)
         self.warm_cache = bool(warm_cache)
+        image_torch_dtype(image_dtype)  # an unknown name fails here, not in a worker
+        self.image_dtype = image_dtype
         self.cases: dict[str, list[Case]] = {}
         self.train_set: PatchDataset | None = None
         self.val_set: ValidationPatches | None = None
@@ -133,6 +149,8 @@ class LoRKDDataModule(L.LightningDataModule):
             region_map=self.region_map,
             seed=self.seed,
             neg_ratio=self.neg_ratio,
+            augment_on_device=training and augment_on_device(self.augment),
+            image_dtype=self.image_dtype,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -142,6 +160,10 @@ class LoRKDDataModule(L.LightningDataModule):
             self.val_set = ValidationPatches(
                 self._patches("val", training=False), self.val_patches_per_item, seed=self.seed
             )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Float32 image and masks on the device, the batch augmented there when it carries draws."""
+        return finish_batch(batch)
 
     def _loader(self, dataset: Any, **kwargs: Any) -> DataLoader:
         # an own generator: starting an iteration (workers' base seed) never draws from torch's global

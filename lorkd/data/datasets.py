@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lorkd.data.augment import AugmentConfig, build_augmentation
-from lorkd.data.cache import PreprocessCache
+from lorkd.data.augment import AugmentConfig, build_augmentation, draw_augment
+from lorkd.data.batch import image_torch_dtype, pack_bits, pack_label_window, packed_planes
+from lorkd.data.cache import LabelMapMasks, PreprocessCache
 from lorkd.data.manifest import Case
 from lorkd.data.patches import IndexedCase, box_overlaps, crop_padded, crop_start, index_case, select_queries
 from lorkd.data.transforms import PreprocessConfig, preprocess_case
@@ -94,8 +95,12 @@ class PatchDataset(Dataset):
     on a voxel of a random label present in the item, else placed uniformly. ``cache`` None
     preprocesses the case on every access (slow; for benchmarks and tiny runs).
 
-    A sample: ``image`` float32 (1,X,Y,Z), ``masks`` float32 (n,X,Y,Z), ``labels`` (n names),
-    ``modality``, ``region`` (expert index), ``dataset``, ``case_id``.
+    A sample: ``image`` (1,X,Y,Z) in ``image_dtype``, ``mask_bits`` uint8 (ceil(n/8),X,Y,Z) (the n masks
+    packed by :func:`~lorkd.data.batch.pack_bits`), ``labels`` (n names), ``modality``, ``region``
+    (expert index), ``dataset``, ``case_id``. With ``augment_on_device`` the worker only crops and the
+    sample also carries ``augment``, the draws of :func:`~lorkd.data.augment.draw_augment` that
+    :func:`~lorkd.data.batch.finish_batch` applies to the batch on the device; otherwise MONAI augments
+    the sample here, with the same draws.
     """
 
     def __init__(
@@ -111,6 +116,8 @@ class PatchDataset(Dataset):
         seed: int = 0,
         neg_ratio: float = 0.5,
         open_cases: int = 32,
+        augment_on_device: bool = False,
+        image_dtype: str = "float32",
     ) -> None:
         if region_map is None:
             raise ValueError("PatchDataset needs a region_map to give each sample its expert region")
@@ -126,7 +133,10 @@ class PatchDataset(Dataset):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.max_queries = int(max_queries)
         self.label_centered_prob = float(label_centered_prob)
-        self.augment = build_augmentation(AugmentConfig.coerce(augment))
+        self.augment_cfg = AugmentConfig.coerce(augment)
+        self.augment = build_augmentation(self.augment_cfg)
+        self.augment_on_device = bool(augment_on_device)
+        self.image_dtype = image_torch_dtype(image_dtype)
         self.region_map = region_map
         self.seed = int(seed)
         self.neg_ratio = float(neg_ratio)
@@ -178,33 +188,51 @@ class PatchDataset(Dataset):
                 center = chosen[int(rng.integers(len(chosen)))]
         start = crop_start(spatial, self.patch_size, rng, center)
 
-        crops: dict[int, np.ndarray] = {}
-        for j in item.label_indices:
-            if box_overlaps(boxes[j], start, self.patch_size):
-                crop = crop_padded(data.masks, start, self.patch_size, channels=slice(j, j + 1))[0]
-                if crop.any():
-                    crops[j] = crop
-        present = [j in crops for j in item.label_indices]
+        present, bits_of = self._label_crops(data.masks, boxes, item.label_indices, start)
         chosen_pos = select_queries(present, self.max_queries, rng, self.neg_ratio)
         label_ids = [item.label_indices[k] for k in chosen_pos]
-        empty = np.zeros(self.patch_size, dtype=np.uint8)
-        masks = np.stack([crops.get(j, empty) for j in label_ids]).astype(np.float32)
-        image = crop_padded(data.image, start, self.patch_size, fill=data.info.background).astype(np.float32)
+        bits = bits_of(label_ids)
+        image = crop_padded(data.image, start, self.patch_size, fill=data.info.background).astype(np.float32, copy=False)
 
-        image_t, masks_t = torch.from_numpy(image), torch.from_numpy(masks)
+        image_t, bits_t, extra = torch.from_numpy(image), torch.from_numpy(bits), {}
         if self.augment is not None:
-            self.augment.set_random_state(seed=int(rng.integers(0, 2**32 - 1)))
-            out = self.augment({"image": image_t, "masks": masks_t})
-            image_t, masks_t = _plain(out["image"]).float(), (_plain(out["masks"]) > 0.5).float()
+            seed = int(rng.integers(0, 2**32 - 1))
+            if self.augment_on_device:
+                extra["augment"] = draw_augment(self.augment_cfg, seed)
+            else:
+                self.augment.set_random_state(seed=seed)
+                out = self.augment({"image": image_t, "masks": bits_t.float()})  # nearest moves a voxel's bits together
+                image_t, bits_t = _plain(out["image"]).float(), _plain(out["masks"]).round().to(torch.uint8)
         return {
-            "image": image_t.contiguous(),
-            "masks": masks_t.contiguous(),
+            "image": image_t.to(self.image_dtype).contiguous(),
+            "mask_bits": bits_t.contiguous(),
             "labels": [case.labels[j] for j in label_ids],
             "modality": case.modality,
             "region": item.region,
             "dataset": case.dataset,
             "case_id": case.id,
+            **extra,
         }
+
+    def _label_crops(
+        self, masks: Any, boxes: Sequence[Any], label_indices: Sequence[int], start: Sequence[int]
+    ) -> tuple[list[bool], Any]:
+        """Which of the item's labels the crop at ``start`` holds, and a function from the chosen label
+        indices to their packed mask bits. A label-map cache entry is read once for all labels."""
+        patch = self.patch_size
+        if isinstance(masks, LabelMapMasks):
+            window = crop_padded(masks.label_map[None], start, patch)[0]
+            counts = np.bincount(window.ravel(), minlength=len(masks) + 1)
+            present = [bool(counts[j + 1]) for j in label_indices]
+            return present, lambda ids: pack_label_window(window, [j + 1 for j in ids])
+        crops: dict[int, np.ndarray] = {}
+        for j in label_indices:
+            if box_overlaps(boxes[j], start, patch):
+                crop = crop_padded(masks, start, patch, channels=slice(j, j + 1))[0]
+                if crop.any():
+                    crops[j] = crop
+        empty = np.zeros(patch, dtype=np.uint8)
+        return [j in crops for j in label_indices], lambda ids: pack_bits([crops.get(j, empty) for j in ids], patch)
 
 
 class ValidationPatches(Dataset):
@@ -227,20 +255,20 @@ class ValidationPatches(Dataset):
 
 
 def collate_patches(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack patches; masks zero-padded to the largest query count, ``query_mask`` marks real queries."""
+    """Stack patches; mask bits zero-padded to the largest query count, ``query_mask`` marks real queries;
+    ``augment`` (a list of per-sample draws) when the samples carry draws for the device."""
     if not samples:
         raise ValueError("collate_patches: empty batch")
     n = max(len(s["labels"]) for s in samples)
-    first = samples[0]["masks"]
-    masks = first.new_zeros((len(samples), n, *first.shape[1:]))
+    first = samples[0]["mask_bits"]
+    bits = first.new_zeros((len(samples), packed_planes(n), *first.shape[1:]))
     query_mask = torch.zeros((len(samples), n), dtype=torch.bool)
     for b, s in enumerate(samples):
-        k = len(s["labels"])
-        masks[b, :k] = s["masks"]
-        query_mask[b, :k] = True
-    return {
+        bits[b, : s["mask_bits"].shape[0]] = s["mask_bits"]
+        query_mask[b, : len(s["labels"])] = True
+    batch = {
         "image": torch.stack([s["image"] for s in samples]),
-        "masks": masks,
+        "mask_bits": bits,
         "query_mask": query_mask,
         "labels": [list(s["labels"]) for s in samples],
         "modality": [s["modality"] for s in samples],
@@ -248,6 +276,9 @@ def collate_patches(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "dataset": [s["dataset"] for s in samples],
         "case_id": [s["case_id"] for s in samples],
     }
+    if any("augment" in s for s in samples):
+        batch["augment"] = [s.get("augment", {}) for s in samples]
+    return batch
 
 
 class CaseDataset(Dataset):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorkd.data.batch import finish_batch
 from lorkd.losses import deep_supervision_loss, hard_dice
 from lorkd.modules.base import warmup_cosine
 from lorkd.regions import normalize_label
@@ -74,14 +75,14 @@ def training_batches(loader) -> Iterator[dict[str, Any]]:
     """Endless training batches; each pass over the loader is a new epoch of the region sampler."""
     for epoch in itertools.count():
         loader.sampler.set_epoch(epoch)
-        yield from loader
+        yield from map(finish_batch, loader)  # as the data module's on_after_batch_transfer
 
 
 def validate(segment: Callable[[dict[str, Any]], torch.Tensor], loader, n_regions: int) -> torch.Tensor:
     """Mean hard Dice over valid queries: (n_regions + 1,), the last entry all regions together."""
     sums = torch.zeros(2, n_regions + 1, dtype=torch.float64)
     with torch.no_grad():
-        for batch in loader:
+        for batch in map(finish_batch, loader):
             dice = hard_dice(segment(batch), batch["masks"])
             valid = batch["query_mask"].bool()
             for b in range(dice.shape[0]):
