@@ -35,9 +35,18 @@ from lorkd.data.io import (
     CaseError,
     Volume,
     check_finite,
+    header_grid,
     read_volume,
     reordered,
     squeeze_to_3d,
+)
+from lorkd.data.limits import (
+    LIMITS,
+    MAX_DOWNSAMPLING,
+    MAX_INPUT_VOXELS,
+    MAX_RESAMPLED_VOXELS,
+    check_input,
+    check_resampled,
 )
 from lorkd.data.manifest import Case, axcodes
 from lorkd.regions import canonical_modality
@@ -62,7 +71,9 @@ class PreprocessConfig:
     ``orientation`` None keeps the image's own axis order; ``spacing`` None keeps its voxel size.
     A manifest line's ``orientation`` overrides ``orientation``. ``crop_margin_mm`` keeps that much of
     the scan around the foreground box, as far as the scan reaches (0: SAT's tight crop, whose faces
-    touch the body).
+    touch the body). ``max_input_voxels``, ``max_resampled_voxels`` and ``max_downsampling`` are the size
+    guards of :mod:`lorkd.data.limits`; they change no result, so :meth:`to_dict` (cache keys,
+    checkpoints) leaves them out.
     """
 
     orientation: str | None = "RAS"
@@ -73,6 +84,9 @@ class PreprocessConfig:
     percentiles: tuple[float, float] = (0.5, 99.5)
     interpolation: str = "bilinear"
     nan_policy: str = "error"
+    max_input_voxels: int = MAX_INPUT_VOXELS
+    max_resampled_voxels: int = MAX_RESAMPLED_VOXELS
+    max_downsampling: float = MAX_DOWNSAMPLING
 
     def __post_init__(self) -> None:
         if self.orientation is not None:
@@ -98,6 +112,13 @@ class PreprocessConfig:
         self.crop_margin_mm = float(self.crop_margin_mm)
         if self.crop_margin_mm < 0:
             raise ValueError(f"preprocess.crop_margin_mm must be >= 0, got {self.crop_margin_mm!r}")
+        self.max_input_voxels, self.max_resampled_voxels = int(self.max_input_voxels), int(self.max_resampled_voxels)
+        self.max_downsampling = float(self.max_downsampling)
+        if min(self.max_input_voxels, self.max_resampled_voxels) < 1 or self.max_downsampling <= 0:
+            raise ValueError(
+                f"preprocess.{LIMITS} must be > 0, got {self.max_input_voxels}, {self.max_resampled_voxels}, "
+                f"{self.max_downsampling}"
+            )
 
     @classmethod
     def coerce(cls, value: PreprocessConfig | Mapping[str, Any] | None) -> PreprocessConfig:
@@ -111,7 +132,8 @@ class PreprocessConfig:
         raise TypeError(f"preprocess must be a PreprocessConfig or a mapping, got {type(value).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The recipe (size guards left out)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in LIMITS}
 
 
 def dataclass_from_mapping(cls: type, value: Mapping[str, Any], what: str) -> Any:
@@ -274,6 +296,33 @@ def _foreground_reach(
     return reach(vol.data.shape, vol.affine, dst_affine, dst_shape, [slice(a, b) for a, b in zip(*found)], margin)
 
 
+def _codes(orientation: str | None, cfg: PreprocessConfig) -> str | None:
+    """The axis codes of the target grid: a case's ``orientation`` (e.g. a manifest line's), else the config's."""
+    return axcodes(orientation, "orientation") if orientation else cfg.orientation
+
+
+def sized_grid(
+    name: str, shape: tuple[int, ...], affine: np.ndarray, cfg: PreprocessConfig, codes: str | None
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The target grid (:func:`~lorkd.data.grid.target_grid`) of an image, after the size guards of
+    :mod:`lorkd.data.limits`; :class:`~lorkd.data.limits.SizeError` naming ``name`` beyond them."""
+    check_input(name, shape, cfg.max_input_voxels)
+    dst_affine, dst_shape = target_grid(shape, affine, codes, cfg.spacing)
+    check_resampled(name, shape, affine, dst_shape, dst_affine, cfg.max_resampled_voxels, cfg.max_downsampling)
+    return dst_affine, dst_shape
+
+
+def check_image_size(path: str | Path, cfg: PreprocessConfig, orientation: str | None = None) -> None:
+    """The size guards from an image file's header, before any voxel is read (a DICOM folder: checked
+    once read, by :func:`preprocess_image`)."""
+    if Path(path).is_dir():
+        return
+    shape, affine = header_grid(path)
+    check_input(str(path), shape, cfg.max_input_voxels)
+    if len(shape) == 3:  # other shapes fail when read, naming the file
+        sized_grid(str(path), shape, affine, cfg, _codes(orientation, cfg))
+
+
 def preprocess_image(
     image: str | Path | nib.spatialimages.SpatialImage | np.ndarray,
     modality: str,
@@ -288,9 +337,11 @@ def preprocess_image(
     ``name`` (e.g. the file an array was read from) names the image in warnings and errors.
     """
     cfg = PreprocessConfig.coerce(cfg)
+    if isinstance(image, (str, Path)):
+        check_image_size(image, cfg, orientation)
     vol = _as_volume(image, affine, cfg.nan_policy, name)
-    codes = axcodes(orientation, "orientation") if orientation else cfg.orientation
-    dst_affine, dst_shape = target_grid(vol.data.shape, vol.affine, codes, cfg.spacing)
+    codes = _codes(orientation, cfg)
+    dst_affine, dst_shape = sized_grid(vol.name, vol.data.shape, vol.affine, cfg, codes)
     margin = margin_voxels(cfg.crop_margin_mm, dst_affine)
     # a resampled voxel is > 0 only where it reads a source voxel > 0: the crop lies in their reach
     region = _foreground_reach(vol, dst_affine, dst_shape, margin) if cfg.crop_foreground else None

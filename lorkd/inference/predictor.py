@@ -40,9 +40,11 @@ from lorkd.checkpoints import schema
 from lorkd.checkpoints.loading import LoadedModel, load_model
 from lorkd.data.body import body_mask
 from lorkd.data.io import CaseError, check_finite, read_volume, reordered, squeeze_to_3d
+from lorkd.data.limits import LIMITS
 from lorkd.data.transforms import (
     InversionInfo,
     PreprocessConfig,
+    check_image_size,
     invert_above,
     invert_to_original,
     margin_voxels,
@@ -64,7 +66,7 @@ log = logging.getLogger(__name__)
 
 STITCH_DEVICES = ("auto", "cpu", "device")
 # options that change no result (masks do not depend on them): left out of resume keys
-NEUTRAL_OPTIONS = frozenset({"sw_batch_size", "max_queries", "stitch_device"})
+NEUTRAL_OPTIONS = frozenset({"sw_batch_size", "max_queries", "stitch_device", *LIMITS})
 _STITCH_FREE_FRACTION = 0.25  # "auto" stitches on the GPU while the output takes < this share of free memory
 # labels mapped back to the input grid together: with kept probabilities, both grids' buffers take about
 # _INVERT_BYTES (2 CT labels); for masks alone, mapped back slab by slab, their copy in the preprocessed grid
@@ -97,6 +99,15 @@ class Prediction:
         return [self.label_ids[i] for i in sorted(self.label_ids)]
 
 
+def scanner_header() -> nib.Nifti1Header:
+    """The header fields ``dcm2niix`` writes for a DICOM series: scanner coordinates (qform and sform
+    code 1) in mm (and seconds); the images made from a DICOM input carry them."""
+    header = nib.Nifti1Header()
+    header["qform_code"] = header["sform_code"] = 1
+    header.set_xyzt_units("mm", "sec")
+    return header
+
+
 def _like(data: np.ndarray, affine: np.ndarray, header: Any = None) -> nib.Nifti1Image:
     """A NIfTI image of ``data`` with ``affine`` (and a NIfTI source header's sform/qform codes and units)."""
     out = nib.Nifti1Image(data, affine)
@@ -113,7 +124,7 @@ def read_input(
     """The input as a float32 3-D NIfTI image in its own grid; :class:`CaseError` names the file on failure."""
     if isinstance(image, (str, Path)):
         volume = read_volume(image, nan_policy)
-        header = None if Path(image).is_dir() else nib.load(str(image)).header  # a folder: a DICOM series
+        header = scanner_header() if Path(image).is_dir() else nib.load(str(image)).header  # a folder: a DICOM series
         return _like(volume.data, volume.affine, header)
     if isinstance(image, nib.spatialimages.SpatialImage):
         name = image_name(image)
@@ -229,6 +240,8 @@ class Predictor:
         fallback: who segments labels without an expert: None (error), ``"base"`` or ``"teacher"``.
         amp: autocast on CUDA (default: on for CUDA; never on the CPU).
         nan_policy: NaN/Inf voxels of an input: ``"error"`` or ``"zero"`` (default: the checkpoint's).
+        max_input_voxels, max_resampled_voxels, max_downsampling: the size guards of
+            :mod:`lorkd.data.limits` (None: their defaults).
         stitch_device: where windows are blended: ``"cpu"``, ``"device"`` or ``"auto"`` (the device
             while the blended output takes under a quarter of its free memory, else the CPU).
         background_padding: pad windows past the image with its background value (False: with 0, as SAT).
@@ -252,6 +265,9 @@ class Predictor:
         amp: bool | None = None,
         stitch_device: str = "auto",
         nan_policy: str | None = None,
+        max_input_voxels: int | None = None,
+        max_resampled_voxels: int | None = None,
+        max_downsampling: float | None = None,
         background_padding: bool = True,
         edge_padding: int = 0,
         body_mask: bool = True,
@@ -288,8 +304,9 @@ class Predictor:
         self.max_queries = int(max_queries)
         self.stitch_device = stitch_device
         self.preprocess = PreprocessConfig.coerce(model.data.get("preprocess"))
-        if nan_policy is not None:
-            self.preprocess = dataclasses.replace(self.preprocess, nan_policy=nan_policy)
+        given = {"nan_policy": nan_policy, "max_input_voxels": max_input_voxels,
+                 "max_resampled_voxels": max_resampled_voxels, "max_downsampling": max_downsampling}  # fmt: skip
+        self.preprocess = dataclasses.replace(self.preprocess, **{k: v for k, v in given.items() if v is not None})
         divisor = model.size_divisor
         if self.teacher is not None:
             divisor = math.lcm(divisor, self.teacher.size_divisor)
@@ -548,6 +565,8 @@ class Predictor:
         orientation: str | None = None,
     ) -> tuple[nib.Nifti1Image, np.ndarray, InversionInfo]:
         """The input image, its preprocessed array (1, X, Y, Z) and the geometry to map results back."""
+        if isinstance(image, (str, Path)):
+            check_image_size(image, self.preprocess, orientation)  # before any voxel is read
         reference = read_input(image, affine, self.preprocess.nan_policy)
         name = image_name(image)
         array, info = preprocess_image(
