@@ -100,6 +100,10 @@ class PredictionTask:
         meta = {"image": str(case.image), "checkpoint": self.source, "rank": rank, "key": self.key(case)}
         outcome = CaseOutcome(case, folder, "ok", metadata=meta)
         try:
+            if self.format == "dicom_seg":  # what the DICOM-SEG writer needs, before the network runs
+                from lorkd.inference.dicom_seg import check_source
+
+                check_source(case.image)
             outcome.prediction = self.predictor.predict(
                 case.image,
                 case.labels,

@@ -2,8 +2,11 @@
 
 ``segmentation.dcm`` is a binary Segmentation object referencing every image of the source series
 (one frame per source slice and segment, so segments may overlap), one segment per label: its
-name as SegmentLabel and a SNOMED CT property type where the label names one exactly (``liver`` ->
-10200004), else the generic "Anatomical Structure" (lesions: "Morphologically Abnormal Structure").
+name as SegmentLabel (in UTF-8, SpecificCharacterSet ``ISO_IR 192``, so any name reads back as
+written; a name over LO's 64 characters is cut there and given whole as SegmentDescription) and the
+SNOMED CT codes of :mod:`lorkd.inference.segment_codes`. ContentCreatorName is ``LoRKD^``.
+What the writer needs of the series (one study, one frame of reference, image UIDs) is checked
+before the case is predicted (:func:`check_source`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,18 @@ import numpy as np
 from lorkd.data.dicom import series_headers
 from lorkd.data.io import CaseError
 from lorkd.inference.predictor import Prediction
+from lorkd.inference.segment_codes import segment_codes
 
 DICOM_SEG = "segmentation.dcm"
 FORMATS = ("nifti", "dicom_seg")
-_ABNORMAL_WORDS = ("tumor", "tumour", "lesion", "cancer", "metasta", "nodule", "cyst", "neoplasm", "carcinoma")
+CHARACTER_SET = "ISO_IR 192"  # UTF-8
+CREATOR = "LoRKD^"  # a one-component person name (the trailing caret says so)
+LABEL_LENGTH = 64  # characters of an LO value (SegmentLabel)
+# what highdicom reads of every source image: present in each, and one value in the whole series
+_SAME = ("StudyInstanceUID", "FrameOfReferenceUID")
+_PRESENT = ("SOPClassUID", "SOPInstanceUID", *_SAME)
+# type 2 patient and study attributes the Segmentation copies from the first image (empty when absent)
+_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate", "StudyTime")
 
 
 def check_format(format: str, images: Sequence[Path]) -> None:
@@ -40,21 +51,33 @@ def check_format(format: str, images: Sequence[Path]) -> None:
             )
 
 
-def _codes(label: str) -> tuple[Any, Any]:
-    """(category, property type) codes of a label: SNOMED CT where the name is one, else generic."""
-    from pydicom.sr.codedict import codes
-
-    abnormal = any(word in label for word in _ABNORMAL_WORDS)
-    category = codes.SCT.MorphologicallyAbnormalStructure if abnormal else codes.SCT.AnatomicalStructure
-    keyword = "".join(word.capitalize() for word in label.split())
-    try:
-        found = getattr(codes.SCT, keyword)
-    except AttributeError:
-        return category, category
-    return category, (found if found.meaning.lower() == label.lower() else category)
+def check_source(folder: str | Path) -> list[Any]:
+    """The sorted headers of the series in ``folder`` when a Segmentation can reference it (see
+    :func:`~lorkd.data.dicom.series_headers`, and one StudyInstanceUID and FrameOfReferenceUID, every
+    image with its SOP UIDs); else :class:`CaseError` naming the folder, the attribute and two files."""
+    headers = series_headers(folder)
+    for key in _PRESENT:
+        missing = [Path(h.filename).name for h in headers if not str(h.get(key, "") or "")]
+        if missing:
+            raise CaseError(
+                f"{folder}: {len(missing)} image(s) without {key} (e.g. {missing[0]}); a DICOM Segmentation "
+                "must reference it (writer.format=dicom_seg), use writer.format=nifti for this series"
+            )
+    for key in _SAME:
+        first = {}
+        for header in headers:
+            first.setdefault(str(header.get(key)), Path(header.filename).name)
+        if len(first) > 1:
+            (a, file_a), (b, file_b) = list(first.items())[:2]
+            raise CaseError(
+                f"{folder}: {key} differs between slices ({file_a}: {a}, {file_b}: {b}); a DICOM Segmentation "
+                "references one study and frame of reference (writer.format=dicom_seg): put each in its own folder"
+            )
+    return headers
 
 
 def segment_descriptions(labels: Sequence[str], software: str) -> list[Any]:
+    """One highdicom segment description per label, numbered from 1 in order."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -63,17 +86,21 @@ def segment_descriptions(labels: Sequence[str], software: str) -> list[Any]:
     )
     descriptions = []
     for number, label in enumerate(labels, start=1):
-        category, property_type = _codes(label)
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=label,
-                segmented_property_category=category,
-                segmented_property_type=property_type,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-            )
+        coded = segment_codes(label)
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label[:LABEL_LENGTH],
+            segmented_property_category=coded.category,
+            segmented_property_type=coded.property_type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            anatomic_regions=None if coded.region is None else [coded.region],
         )
+        if coded.modifier is not None:
+            description.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(coded.modifier)]
+        if len(label) > LABEL_LENGTH:
+            description.SegmentDescription = label
+        descriptions.append(description)
     return descriptions
 
 
@@ -96,7 +123,10 @@ def write_dicom_seg(prediction: Prediction, source: str | Path, path: str | Path
     import highdicom as hd
 
     software = version("lorkd")
-    headers = series_headers(source)
+    headers = check_source(source)
+    for key in _TYPE2:
+        if key not in headers[0]:
+            setattr(headers[0], key, None)
     shape = (int(headers[0].Columns), int(headers[0].Rows), len(headers))
     segmentation = hd.seg.Segmentation(
         source_images=headers,
@@ -113,6 +143,8 @@ def write_dicom_seg(prediction: Prediction, source: str | Path, path: str | Path
         device_serial_number="0",
         series_description="LoRKD segmentation",
         omit_empty_frames=False,
+        content_creator_name=CREATOR,
+        specific_character_set=CHARACTER_SET,
     )
     segmentation.save_as(str(path))
     return Path(path)
