@@ -193,6 +193,7 @@ def test_one_voxel_shift_along_1mm_vs_3mm_axis(monai_metrics):
         monai_nsd(compute_surface_dice, through_plane, ref, spacing, 1.0), abs=1e-6
     )
     assert nsd(through_plane, ref, spacing, 3.0) == 1.0
+    assert [case_label_metrics(through_plane, ref, spacing, t)["nsd"] for t in (1.0, 3.0)] == [shifted, 1.0]
     # same shift read with the axes swapped: the 3 mm axis is now axis 0
     assert nsd(in_plane, ref, (3.0, 1.0, 1.0), 1.0) == pytest.approx(shifted)
 
