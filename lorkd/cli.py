@@ -4,7 +4,8 @@ A command line that Hydra cannot parse, or a config with required values (``???`
 (:mod:`lorkd.required`, all of them named), stops every command with one message and exit code 2.
 
 ``predict`` and ``eval`` exit with :mod:`lorkd.exit_codes`: 0 every case done, 1 some case failed (the
-summary still written), 2 the run could not start (one line on stderr, no traceback).
+summary still written) or a full disk kept the summary from being written (one line naming the folder),
+2 the run could not start (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from lorkd.exit_codes import NOT_STARTED, NotStarted, for_failures
+from lorkd.exit_codes import CASES_FAILED, NOT_STARTED, NotStarted, for_failures
+from lorkd.io import DiskFullError
 from lorkd.utils import CONFIG_DIR, close_process_group, offline_environment, register_resolvers
 
 offline_environment()
@@ -70,12 +72,17 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _batch(run: Callable[[], int]) -> int:
-    """Run a batch job, turning :class:`NotStarted` into one line and exit code 2."""
+    """Run a batch job, turning :class:`NotStarted` into one line and exit code 2, and a full disk that
+    kept the run's files from being written into one line and exit code 1."""
+    logging.raiseExceptions = False  # a log file on a full disk: lines lost there, no traceback per line
     try:
         code = run()
     except NotStarted as exc:
         log.error("%s", exc)
         return NOT_STARTED
+    except DiskFullError as exc:
+        log.error("%s", exc)
+        return CASES_FAILED
     close_process_group()
     return code
 

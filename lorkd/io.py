@@ -1,29 +1,52 @@
 """Safe file writing shared by every writer: atomic files (same folder, fsync, rename), safe file names,
-writes confined to a root folder (no symbolic link followed out of it), file identities, stale temporaries."""
+writes confined to a root folder (no symbolic link followed out of it), file identities, stale temporaries
+(named after the process writing them), per-case locks of runs sharing a folder, full-disk errors."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
+import socket
 import tempfile
+import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 _UNSAFE_UNICODE = re.compile(r"[^\w.-]+")  # \w: letters, digits and _ of every script
 _MAX_NAME_BYTES = 200  # below the 255 bytes of a name on Linux and macOS, room for a suffix
 _TMP_PREFIX = ".tmp-"
+_HOST = re.sub(r"[^A-Za-z0-9.]+", "_", socket.gethostname()) or "host"
+_OWNER = re.compile(r"^\.tmp-(\d+)@([A-Za-z0-9._]+)-")
+FOREIGN_TEMPORARY_S = 3600.0  # a temporary of another host untouched this long is a killed run's
+T = TypeVar("T")
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def file_mode() -> int:
     """Permissions of a newly created file under the process umask (mkstemp alone would give 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_umask()
+
+
+def temporary_folder(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new folder in ``parent`` (``tempfile.mkdtemp``) with the permissions of any folder made under the
+    process umask (mkdtemp alone gives 0700): a folder staged there and then published is readable like the rest."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(folder, 0o777 & ~_umask())
+    return folder
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -47,7 +70,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix="".join(path.suffixes))
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(), suffix="".join(path.suffixes))
     os.close(fd)
     tmp = Path(name)
     try:
@@ -114,6 +137,13 @@ class UnsafePathError(OSError):
     """A write or removal that would leave its root folder (through ``..`` or a symbolic link)."""
 
 
+def printable(name: object) -> str:
+    """``name`` (a path, a case id, an error naming one) fit for one log line: control characters (newline,
+    carriage return, escape, ...) and Unicode line and bidirectional-override marks are written as Python
+    escapes (``\\n``, ``\\x1b``, ``\\u202e``), so a file name cannot start a forged line or hide its text."""
+    return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), str(name))
+
+
 def folder_inside(root: str | os.PathLike, folder: str | os.PathLike) -> Path:
     """Create ``folder`` (below ``root``) one part at a time, never through a symbolic link; return it.
 
@@ -155,25 +185,164 @@ def path_inside(root: str | os.PathLike, relative: str | os.PathLike) -> Path | 
     return current / rel.parts[-1]
 
 
+def _identity(path: Path, stat: os.stat_result) -> dict[str, Any]:
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def file_identity(path: str | os.PathLike) -> dict[str, Any]:
     """Absolute path, size and modification time of a file: cheap, unlike hashing a large checkpoint
     or scan; a replaced or rewritten file changes it."""
     p = Path(path).resolve()
-    stat = p.stat()
-    return {"path": str(p), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return _identity(p, p.stat())
+
+
+def read_stable(path: str | os.PathLike, read: Callable[[BinaryIO], T], attempts: int = 3) -> tuple[T, dict[str, Any]]:
+    """``read(f)`` of ``path`` opened once, and the :func:`file_identity` of the bytes it read.
+
+    The identity is taken from the open file, so a file replaced under its name meanwhile (an atomic
+    rewrite of ``last.ckpt``) is not mistaken for the one read; a file rewritten in place while it was
+    read (its size or mtime moved between the two looks) is read again, up to ``attempts`` times.
+    """
+    p = Path(path).resolve()
+    for _ in range(attempts):
+        with open(p, "rb") as f:
+            before = os.fstat(f.fileno())
+            value = read(f)
+            after = os.fstat(f.fileno())
+        if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
+            return value, _identity(p, before)
+    raise OSError(f"{p} changed while it was read, {attempts} times: read it again once it is fully written")
+
+
+def _temporary_prefix(pid: int | None = None) -> str:
+    """``.tmp-<pid>@<host>-``: a temporary file names the process writing it (see :func:`remove_temporaries`)."""
+    return f"{_TMP_PREFIX}{os.getpid() if pid is None else pid}@{_HOST}-"
+
+
+def _written_by_a_live_process(path: Path) -> bool:
+    """Whether the temporary ``path`` may still be written: by this process, by another one alive on this
+    host, or (its owner cannot be asked) on another host within the last hour. A name without an owner
+    (older versions) or of a process that ended: no."""
+    match = _OWNER.match(path.name)
+    if match is None:
+        return False
+    pid, host = int(match[1]), match[2]
+    if host != _HOST:
+        try:
+            return time.time() - path.stat().st_mtime < FOREIGN_TEMPORARY_S
+        except OSError:
+            return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True
 
 
 def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the ``.tmp-*`` files :func:`atomic_write` left in ``folder`` and its real subfolders
-    (a killed run's); links are never followed. Returns what was removed."""
+    """Delete the ``.tmp-*`` files :func:`atomic_write` left in ``folder`` and its real subfolders (a
+    killed run's), never those another live run is writing; links are never followed. Returns what was removed."""
     removed = []
     for dirpath, _dirnames, filenames in os.walk(folder):  # os.walk does not enter linked folders
         for name in filenames:
             path = Path(dirpath) / name
-            if name.startswith(_TMP_PREFIX) and not path.is_symlink():
+            if name.startswith(_TMP_PREFIX) and not path.is_symlink() and not _written_by_a_live_process(path):
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
+
+
+class DiskFullError(OSError):
+    """No space left (or the quota reached) where a run writes; its message is one line naming the folder."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "") -> None:
+        super().__init__(f"no space left on device in {folder}{': ' + what if what else ''}")
+        self.errno = errno.ENOSPC
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk or quota (ENOSPC, EDQUOT)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+LOCKS = ".locks"  # ROOT/.locks/<name>.lock: the lock a run holds while it writes ``name`` in ROOT
+
+
+def lock_path(root: str | os.PathLike, name: str) -> Path:
+    """``root/.locks/<name>.lock`` (the folder created without following a link): the :class:`FileLock`
+    that runs writing into ``root`` at the same time take for ``name`` (a case)."""
+    return folder_inside(root, Path(root) / LOCKS) / f"{name}.lock"
+
+
+class FileLock:
+    """An exclusive lock (``flock``) on a file that names its holder: two runs writing into one folder
+    take it per case, so neither writes or cleans what the other is writing.
+
+    ``acquire(wait=False)`` returns False at once when another process (or another ``FileLock`` of this
+    one) holds it. Where the filesystem has no locks, acquiring succeeds with a warning.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self, wait: bool = True) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            _warn_no_locks(self.path, exc)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return True
+
+    def holder(self) -> str:
+        """Who holds the lock, as it wrote itself into the file ("pid N on HOST"), or "unknown"."""
+        try:
+            return self.path.read_text(encoding="utf-8").strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock; the file stays (removing it would race a waiter)
+            self._fd = None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+_warned_no_locks: set[str] = set()
+
+
+def _warn_no_locks(path: Path, exc: OSError) -> None:
+    if str(path.parent) not in _warned_no_locks:
+        _warned_no_locks.add(str(path.parent))
+        logging.getLogger(__name__).warning(
+            "%s: this filesystem cannot lock files (%s); two runs writing there at once are not kept apart",
+            path.parent, exc.strerror or exc,
+        )  # fmt: skip
 
 
 def check_writable_folder(path: str | os.PathLike, what: str = "output_dir") -> Path:

@@ -33,13 +33,22 @@ class Device:
 class RecordingTask:
     """A task whose outcomes are strings; it records what the runner asked of it."""
 
-    def __init__(self, done: dict[int, str]) -> None:
+    def __init__(self, done: dict[int, str], folder: Path, meanwhile: dict[str, str] | None = None) -> None:
         self.done = done
+        self.folder = folder
+        self.meanwhile = dict(meanwhile or {})  # case id -> outcome another run leaves while this one runs
         self.calls: list[str] = []
 
     def finished(self, cases):
         self.calls.append(f"finished {len(cases)}")
         return self.done
+
+    def lock_file(self, case):
+        return self.folder / f"{case.id}.lock"
+
+    def completed(self, case):
+        self.calls.append(f"completed {case.id}")
+        return self.meanwhile.get(case.id)
 
     def run(self, index, case, rank, progress):
         self.calls.append(f"run {index} {case.id} rank {rank}")
@@ -73,18 +82,19 @@ def run_cases(task: RecordingTask, overwrite: bool, lightning: bool) -> list[str
 
 
 @pytest.mark.parametrize("lightning", [True, False])
-def test_kept_cases_are_not_run_and_the_outcomes_come_back_in_input_order(lightning):
-    task = RecordingTask({1: "old c1", 3: "old c3"})
+def test_kept_cases_are_not_run_and_the_outcomes_come_back_in_input_order(lightning, tmp_path):
+    task = RecordingTask({1: "old c1", 3: "old c3"}, tmp_path)
     result = run_cases(task, overwrite=False, lightning=lightning)
     assert task.calls == [
-        "finished 4", "run 0 c0 rank 0", "save new c0", "run 2 c2 rank 0", "save new c2", "finish 2",
+        "finished 4", "completed c0", "run 0 c0 rank 0", "save new c0",
+        "completed c2", "run 2 c2 rank 0", "save new c2", "finish 2",
     ]  # fmt: skip
     assert result == ["new c0 saved", "old c1", "new c2 saved", "old c3"]
 
 
 @pytest.mark.parametrize("lightning", [True, False])
-def test_overwrite_runs_every_case_without_asking_for_earlier_outcomes(lightning):
-    task = RecordingTask({1: "old c1"})
+def test_overwrite_runs_every_case_without_asking_for_earlier_outcomes(lightning, tmp_path):
+    task = RecordingTask({1: "old c1"}, tmp_path)
     result = run_cases(task, overwrite=True, lightning=lightning)
     assert [c for c in task.calls if not c.startswith(("run", "save"))] == ["finish 0"]
     assert result == [f"new c{i} saved" for i in range(4)]
@@ -110,3 +120,24 @@ def test_one_process_is_told_from_the_trainer_config(trainer, device, monkeypatc
 def test_a_launcher_with_several_ranks_goes_through_lightning(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert single_device({"accelerator": "cpu", "devices": 1}) is None
+
+
+def test_a_case_another_run_holds_is_put_off_then_kept_when_that_run_completed_it(tmp_path):
+    from lorkd.io import FileLock
+
+    other = FileLock(tmp_path / "c1.lock")
+    assert other.acquire()  # another run on the same folder is writing c1
+
+    class Task(RecordingTask):
+        def save(self, outcome):
+            if outcome == "new c3":  # ... and completes it while this run does the others
+                self.meanwhile["c1"] = "other's c1"
+                other.release()
+            return super().save(outcome)
+
+    task = Task({}, tmp_path)
+    assert run_cases(task, overwrite=False, lightning=False) == ["new c0 saved", "other's c1", "new c2 saved", "new c3 saved"]
+    assert [c for c in task.calls if c.startswith(("run", "completed"))] == [
+        "completed c0", "run 0 c0 rank 0", "completed c2", "run 2 c2 rank 0", "completed c3", "run 3 c3 rank 0",
+        "completed c1",
+    ]  # fmt: skip

@@ -20,6 +20,7 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,11 +62,14 @@ def verify_file(path: Path, expected: str) -> None:
         )
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (not a LoRKD expert export?)")
-    with open(path) as f:
-        return json.load(f)
+    return path.read_bytes()
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(_read_bytes(path))
 
 
 def verify_files(folder: Path, files: Mapping[str, Mapping[str, Any]], names: Sequence[str] | None = None) -> None:
@@ -154,6 +158,7 @@ class ExportedExperts:
     source: str
     device: torch.device = torch.device("cpu")
     verify: bool = True
+    identity: dict[str, Any] = field(default_factory=dict)  # folder and sha256 of the index.json read
     _loaded: dict[str, ExportedExpert] = field(default_factory=dict, repr=False)
 
     def folder(self, region: str) -> Path:
@@ -222,6 +227,13 @@ class ExportedExperts:
         return int(self.index["parameter_counts"]["model"])
 
 
+def _read_index(path: Path) -> tuple[dict[str, Any], str]:
+    """``index.json`` and the sha256 of the bytes read: it records the sha256 of every file loaded from
+    the export (each expert is checked against it), so it identifies the weights, unlike sizes and mtimes."""
+    data = _read_bytes(path)
+    return json.loads(data), hashlib.sha256(data).hexdigest()
+
+
 def load_export(
     path: str | Path,
     regions: Sequence[str] | None = None,
@@ -235,7 +247,7 @@ def load_export(
     ``verify`` checks every file against the sha256 recorded at export time (:class:`ExportIntegrityError`).
     """
     root = Path(path)
-    index = read_json(root / INDEX)
+    index, index_sha256 = _read_index(root / INDEX)
     if index.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{root / INDEX}: format {index.get('format')!r}, expected {EXPORT_FORMAT!r}")
     exported = list(index["expert_order"])
@@ -262,6 +274,7 @@ def load_export(
         source=str(root),
         device=torch.device(device),
         verify=verify,
+        identity={"path": str(root.resolve()), "index_sha256": index_sha256},
     )
     experts.prompts.text_encoder.to(experts.device)
     if preload:

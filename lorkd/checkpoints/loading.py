@@ -29,10 +29,10 @@ from lorkd.checkpoints import schema
 from lorkd.checkpoints.build import build_network
 from lorkd.checkpoints.exported import ExportedExperts, load_export
 from lorkd.checkpoints.lorkd_official import is_lorkd_official, lorkd_checkpoint_from_official
-from lorkd.checkpoints.read import build_text_encoder_from_meta, read_checkpoint, sub_state
+from lorkd.checkpoints.read import build_text_encoder_from_meta, read_checkpoint_identity, sub_state
 from lorkd.checkpoints.sat import build_text_encoder, sat_model_from_checkpoint
 from lorkd.checkpoints.schema import CheckpointMeta
-from lorkd.io import file_fingerprint
+from lorkd.io import file_fingerprint, file_identity
 from lorkd.models.sat import SAT
 from lorkd.models.text import TextEncoder
 from lorkd.prompts import PromptBank
@@ -53,6 +53,9 @@ class LoadedModel:
     fingerprint: str = ""  # sha256 prefix of ``source`` where it was hashed on loading
     loaded_from: str = ""  # the checkpoint given to the loader, when it is not ``source`` itself
     meta: CheckpointMeta | None = None  # the record of the checkpoint ``net`` was built from (None: official SAT, export)
+    # what predict and eval key their resume on: the file_identity of the checkpoint bytes loaded (given to
+    # the loader, also for its teacher), or an export's folder and the sha256 of the index.json it read
+    identity: dict[str, Any] = field(default_factory=dict)
 
     @property
     def parameter_count(self) -> int:
@@ -80,8 +83,9 @@ class ExportedModel(LoadedModel):
         self.exported = exported
         base = exported.base_net()
         super().__init__(
-            base, exported.prompts, "experts", list(exported.experts), exported.region_map, exported.data, exported.source
-        )
+            base, exported.prompts, "experts", list(exported.experts), exported.region_map, exported.data, exported.source,
+            identity=exported.identity,
+        )  # fmt: skip
         self.runtime = runtime
         self.onnx = {r: exported.onnx_expert(r) for r in self.experts} if runtime == "onnx" else {}
 
@@ -130,9 +134,10 @@ def _reason(exc: Exception) -> str:
     return line.split(". ")[0].rstrip(".")
 
 
-def _read(path: str | Path) -> Any:
+def _read(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """The checkpoint and the identity of the bytes loaded."""
     try:
-        return read_checkpoint(path)
+        return read_checkpoint_identity(path)
     except FileNotFoundError:
         raise
     except Exception as exc:  # pickle, zip and torch errors of many types
@@ -171,7 +176,7 @@ def load_model(
         return ExportedModel(load_export(path), runtime)
     if runtime != "torch":
         raise ValueError(f"runtime={runtime!r} needs an export directory written with `lorkd-export ... onnx=true`, not {path}")
-    raw = _read(path)
+    raw, identity = _read(path)
     source = str(path)
     overrides = dict(net_overrides or {})
     meta = schema.read(raw, source)
@@ -186,6 +191,8 @@ def load_model(
             path, text_checkpoint, language_model_path, student_preset, teacher_checkpoint=teacher_checkpoint,
             net_overrides=overrides,
         )  # fmt: skip
+        if file_identity(path) != identity:  # the converter read the file again
+            raise CheckpointError(f"{path} changed while it was read: load it again once it is fully written")
         meta = schema.read(raw, source)
     if meta is None:  # official SAT vision file
         if text_encoder is None and not (text_checkpoint and language_model_path):
@@ -195,14 +202,14 @@ def load_model(
             )
         net, _ = sat_model_from_checkpoint(raw, **overrides)
         text = text_encoder or build_text_encoder(language_model_path, str(text_checkpoint), query_dim=net.query_dim)
-        return LoadedModel(net.eval(), PromptBank(text), "teacher", source=source)
+        return LoadedModel(net.eval(), PromptBank(text), "teacher", source=source, identity=identity)
     state = raw["state_dict"]
     prompts = _prompts(meta, state, source)
     region_map = RegionMap(**meta.region_map) if meta.region_map else None
     data = dict(meta.data)
     if meta.kind == "sat":
         net = build_network({**meta.net, **overrides}, state=sub_state(state, "net."), report=source)
-        return LoadedModel(net.eval(), prompts, "teacher", [], region_map, data, source, meta=meta)
+        return LoadedModel(net.eval(), prompts, "teacher", [], region_map, data, source, meta=meta, identity=identity)
     if model == "teacher":
         saved = meta.teacher
         if saved is None:
@@ -210,9 +217,11 @@ def load_model(
         teacher = load_teacher(saved.path, _overrides(saved.net), prompts.text_encoder)
         if teacher.fingerprint != saved.fingerprint:
             raise ValueError(f"teacher file {saved.path} changed since {path} was distilled from it")
-        return replace(teacher, prompts=prompts, region_map=region_map, data=data, loaded_from=source)
+        return replace(teacher, prompts=prompts, region_map=region_map, data=data, loaded_from=source, identity=identity)
     net = build_network(meta.net, meta.experts, sub_state(state, "student."), source, peft=peft).eval()
-    return LoadedModel(net, prompts, "experts", list(meta.experts.regions), region_map, data, source, meta=meta)
+    return LoadedModel(
+        net, prompts, "experts", list(meta.experts.regions), region_map, data, source, meta=meta, identity=identity
+    )
 
 
 def _overrides(net_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -238,7 +247,7 @@ def read_student_state(path: str | Path | None) -> dict[str, torch.Tensor] | Non
     (``model.student_state.path``); None without a path."""
     if path is None:
         return None
-    raw = _read(path)
+    raw, _ = _read(path)
     meta = schema.read(raw, str(path))
     if meta is None or meta.kind != "lorkd":
         raise ValueError(f"{path} is not a LoRKD checkpoint of this project (convert a released file first)")

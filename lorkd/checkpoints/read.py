@@ -12,6 +12,7 @@ import torch
 
 from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.schema import TextHead
+from lorkd.io import read_stable
 from lorkd.models.text import TextEncoder
 from lorkd.prompts import LanguageModel
 
@@ -19,11 +20,17 @@ from lorkd.prompts import LanguageModel
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load ``path`` onto the CPU with ``weights_only=True`` (explicit: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
     cannot turn it off); a file holding other pickled objects is refused with a one-line error."""
+    return read_checkpoint_identity(path)[0]
+
+
+def read_checkpoint_identity(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`read_checkpoint` and the :func:`~lorkd.io.file_identity` of the very bytes it loaded
+    (:func:`~lorkd.io.read_stable`: a ``last.ckpt`` rewritten meanwhile is not taken for the one read)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_stable(path, lambda f: torch.load(f, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
             raise

@@ -12,6 +12,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from lorkd.io import printable
+
 log = logging.getLogger(__name__)
 
 NAN_POLICIES = ("error", "zero")
@@ -120,7 +122,7 @@ def check_finite(array: np.ndarray, name: str, nan_policy: str) -> np.ndarray:
             f"{name}: {bad} NaN/Inf voxel(s) of {finite.size}; fix the file or replace them by 0 with "
             "inference.nan_policy=zero (predict.py, eval.py) or data.preprocess.nan_policy=zero (train.py)"
         )
-    log.warning("%s: replacing %d NaN/Inf voxel(s) by 0", name, bad)
+    log.warning("%s: replacing %d NaN/Inf voxel(s) by 0", printable(name), bad)
     return np.where(finite, array, 0).astype(array.dtype, copy=False)
 
 

@@ -49,6 +49,7 @@ from lorkd.data.limits import (
     check_resampled,
 )
 from lorkd.data.manifest import Case, axcodes
+from lorkd.io import printable
 from lorkd.regions import canonical_modality
 
 log = logging.getLogger(__name__)
@@ -356,7 +357,7 @@ def preprocess_image(
             empty = True
             log.warning(
                 "%s: no voxel > 0 (all-background %s image); keeping the full volume instead of an empty crop",
-                vol.name,
+                printable(vol.name),
                 canonical_modality(modality),
             )
         else:
@@ -528,7 +529,7 @@ def read_label_map(
     if int(ids.max(initial=0)) > n_labels:
         log.warning(
             "%s: label map has ids up to %d but only %d labels are listed; higher ids are ignored",
-            path,
+            printable(path),
             int(ids.max()),
             n_labels,
         )

@@ -25,6 +25,7 @@ from lorkd.evaluation.records import CaseRecord, input_digest
 from lorkd.evaluation.rows import case_rows, voxel_spacing
 from lorkd.evaluation.settings import MetricSettings
 from lorkd.inference.predictor import Predictor
+from lorkd.io import printable
 from lorkd.regions import RegionMap
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,10 @@ def evaluate_record(
     try:
         rows = evaluate_case(predictor, case, settings, region_map)
     except Exception as exc:  # a bad case (unreadable, NaN, unknown label, ...) must not stop the others
-        log.warning("%s/%s (%s, line %d) failed: %s", case.dataset, case.id, case.source, case.line, exc)
+        log.warning(
+            "%s/%s (%s, line %d) failed: %s",
+            printable(case.dataset), printable(case.id), printable(case.source), case.line, printable(exc),
+        )  # fmt: skip
         log.debug("traceback of %s/%s", case.dataset, case.id, exc_info=True)
         error = f"{type(exc).__name__}: {exc}"
         return CaseRecord(

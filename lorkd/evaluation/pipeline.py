@@ -129,14 +129,14 @@ def _prepare(cfg: DictConfig) -> tuple[Any, list[Any], Any]:
         load_summary(cfg.compare)  # fail now, not after the whole evaluation
     settings = MetricSettings.coerce(plain(cfg.metrics))
     options = predictor_options(cfg)
-    identity = {k: v for k, v in options.items() if k not in NEUTRAL_OPTIONS} | {"official": plain(cfg.official)}
-    fingerprint = run_fingerprint(settings, checkpoint, cfg.model, identity)
+    inference = {k: v for k, v in options.items() if k not in NEUTRAL_OPTIONS} | {"official": plain(cfg.official)}
 
     manifest = Path(cfg.data.test_manifest)
     cases, problems = read_manifest(manifest, require_masks=True)
     if not cases:
         raise ManifestError(manifest, problems)
     predictor = load_predictor(cfg)
+    fingerprint = run_fingerprint(settings, predictor.model.identity, cfg.model, inference)  # the bytes loaded
     task = EvaluationTask(
         out,
         predictor,

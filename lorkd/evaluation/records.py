@@ -101,17 +101,10 @@ def load_records(
     found: dict[CaseKey, CaseRecord] = {}
     stale = 0
     for key in sorted(inputs):
-        path = record_path(output_dir, *key)
-        if not path.is_file():
+        record = read_record(output_dir, key)
+        if record is None:
             continue
-        try:
-            record = CaseRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("%s: unreadable record (%s); the case is evaluated again", path, exc)
-            continue
-        if record.key != key:
-            log.warning("%s: record of %s, not %s; the case is evaluated again", path, record.key, key)
-        elif record.fingerprint != fingerprint or record.inputs != inputs[key]:
+        if record.fingerprint != fingerprint or record.inputs != inputs[key]:
             stale += 1
         elif record.ok:
             found[key] = record
@@ -123,3 +116,19 @@ def load_records(
             output_dir,
         )
     return found
+
+
+def read_record(output_dir: str | Path, key: CaseKey) -> CaseRecord | None:
+    """The stored record of case ``key``, None when there is none or it is unreadable (logged)."""
+    path = record_path(output_dir, *key)
+    if not path.is_file():
+        return None
+    try:
+        record = CaseRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: unreadable record (%s); the case is evaluated again", path, exc)
+        return None
+    if record.key != key:
+        log.warning("%s: record of %s, not %s; the case is evaluated again", path, record.key, key)
+        return None
+    return record

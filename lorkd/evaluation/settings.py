@@ -11,11 +11,9 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lorkd.evaluation.metrics import EMPTY_RULES, tolerance_for
-from lorkd.io import file_identity
 from lorkd.regions import normalize_label
 
 SPACES: tuple[str, ...] = ("original", "preprocessed")
@@ -79,12 +77,13 @@ class MetricSettings:
 
 
 def run_fingerprint(
-    settings: MetricSettings, checkpoint: str | Path, model: str, inference: Mapping[str, Any]
+    settings: MetricSettings, checkpoint: Mapping[str, Any], model: str, inference: Mapping[str, Any]
 ) -> str:
-    """Short hash of what determines the metric rows of a run (see the module docstring)."""
+    """Short hash of what determines the metric rows of a run (see the module docstring); ``checkpoint``
+    is the identity of the model loaded (:attr:`~lorkd.checkpoints.loading.LoadedModel.identity`)."""
     payload = {
         "metrics": settings.to_dict(),
-        "checkpoint": file_identity(checkpoint),
+        "checkpoint": dict(checkpoint),
         "model": model,
         "inference": {k: inference[k] for k in sorted(inference)},
     }

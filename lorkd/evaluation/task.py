@@ -20,10 +20,19 @@ from typing import Any
 from lorkd.data.manifest import Case
 from lorkd.evaluation.cases import evaluate_record
 from lorkd.evaluation.outputs import write_outputs
-from lorkd.evaluation.records import CaseRecord, input_digest, load_records, save_record
+from lorkd.evaluation.records import (
+    CaseRecord,
+    input_digest,
+    load_records,
+    read_record,
+    record_path,
+    records_folder,
+    save_record,
+)
 from lorkd.evaluation.settings import MetricSettings
 from lorkd.inference.predictor import Predictor
 from lorkd.inference.runner import WindowProgress
+from lorkd.io import DiskFullError, disk_full, lock_path, printable
 from lorkd.regions import RegionMap
 
 log = logging.getLogger(__name__)
@@ -91,27 +100,49 @@ class EvaluationTask:
         found = load_records(self.output_dir, self.fingerprint, {(c.dataset, c.id): input_digest(c) for c in cases})
         return {i: found[(c.dataset, c.id)] for i, c in enumerate(cases) if (c.dataset, c.id) in found}
 
+    def completed(self, case: Case) -> CaseRecord | None:
+        """The successful record another run stored for ``case`` with this fingerprint and its inputs."""
+        record = read_record(self.output_dir, (case.dataset, case.id))
+        if record is None or not record.ok or (record.fingerprint, record.inputs) != (self.fingerprint, input_digest(case)):
+            return None
+        return record
+
+    def lock_file(self, case: Case) -> Path:
+        return lock_path(self.output_dir, record_path(self.output_dir, case.dataset, case.id).stem)
+
     def run(self, index: int, case: Case, rank: int, progress: WindowProgress) -> CaseRecord:
         record = evaluate_record(self.predictor, case, self.settings, self.region_map, self.fingerprint)
         if record.ok:
             dice = [r["dice"] for r in record.rows if not math.isnan(r["dice"])]
             log.info(
                 "rank %d: %s/%s %d label(s), mean Dice %.4f (%.1f s)",
-                rank, record.dataset, record.case, len(record.rows), sum(dice) / max(len(dice), 1), record.seconds,
+                rank, printable(record.dataset), printable(record.case), len(record.rows), sum(dice) / max(len(dice), 1), record.seconds,
             )  # fmt: skip
         return record
 
     def save(self, record: CaseRecord) -> CaseRecord:
-        save_record(self.output_dir, record)
+        """Store the record; on a full disk it is not stored (one line), it still counts in the reports
+        and the case is evaluated again by a resumed run."""
+        try:
+            save_record(self.output_dir, record)
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            log.error("%s", DiskFullError(records_folder(self.output_dir), f"record of {record.dataset}/{record.case} not stored"))
         return record
 
     def finish(self, records: Sequence[CaseRecord], kept: int) -> dict[str, Any]:
         """Write the reports; returns the summary."""
-        summary = write_outputs(self.output_dir, records, self.settings, self.model, self.problems, self.compare)
+        try:
+            summary = write_outputs(self.output_dir, records, self.settings, self.model, self.problems, self.compare)
+        except OSError as exc:
+            if disk_full(exc):
+                raise DiskFullError(self.output_dir, "the reports were not written") from exc
+            raise
         overall = summary["overall"]
         log.info(
             "evaluated %d case(s) (%d now, %d kept from an earlier run, %d failed): Dice %.4f, NSD %.4f -> %s",
             summary["n_cases"], len(records) - kept, kept, summary["n_failed_cases"],
-            _number(overall["dice"]), _number(overall["nsd"]), self.output_dir,
+            _number(overall["dice"]), _number(overall["nsd"]), printable(self.output_dir),
         )  # fmt: skip
         return summary

@@ -21,7 +21,9 @@ from lorkd.data.manifest import Case, case_identity
 from lorkd.inference.inputs import case_folder_name
 from lorkd.inference.predictor import Prediction, Predictor
 from lorkd.inference.runner import WindowProgress
-from lorkd.inference.writer import completed, save_prediction, write_summary
+from lorkd.inference.writer import completed as complete_marker
+from lorkd.inference.writer import save_prediction, write_summary
+from lorkd.io import DiskFullError, disk_full, lock_path, printable
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,13 @@ class CaseOutcome:
 
 
 def case_error(case: Case, exc: Exception) -> str:
-    """One line naming the case's image and the problem."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if str(case.image) in text else f"{case.image}: {type(exc).__name__}: {text}"
+    """One line naming the case's image and the problem (control characters of names escaped: :func:`printable`)."""
+    image = str(case.image)
+    message = str(exc).strip().replace(image, printable(image))  # a newline in the name must not cut the line
+    text = printable(message.splitlines()[0]) if message else type(exc).__name__
+    if isinstance(exc, DiskFullError) or printable(image) in text:
+        return text
+    return f"{printable(image)}: {type(exc).__name__}: {text}"
 
 
 def case_folder(output_dir: str | Path, case: Case) -> Path:
@@ -86,14 +92,20 @@ class PredictionTask:
 
     def finished(self, cases: Sequence[Case]) -> dict[int, CaseOutcome]:
         """Cases whose folder holds a complete prediction for the same key, as ``skipped`` outcomes."""
-        found = {}
-        for index, case in enumerate(cases):
-            folder = case_folder(self.output_dir, case)
-            marker = completed(folder, case.labels, self.key(case))
-            if marker is not None:
-                rows = [{**row, "status": "skipped"} for row in marker.get("rows", [])]
-                found[index] = CaseOutcome(case, folder, "skipped", rows=rows)
-        return found
+        found = {index: self.completed(case) for index, case in enumerate(cases)}
+        return {index: outcome for index, outcome in found.items() if outcome is not None}
+
+    def completed(self, case: Case) -> CaseOutcome | None:
+        """A ``skipped`` outcome when the case's folder holds a complete prediction for the same key."""
+        folder = case_folder(self.output_dir, case)
+        marker = complete_marker(folder, case.labels, self.key(case))
+        if marker is None:
+            return None
+        rows = [{**row, "status": "skipped"} for row in marker.get("rows", [])]
+        return CaseOutcome(case, folder, "skipped", rows=rows)
+
+    def lock_file(self, case: Case) -> Path:
+        return lock_path(self.output_dir, case_folder(self.output_dir, case).name)
 
     def run(self, index: int, case: Case, rank: int, progress: WindowProgress) -> CaseOutcome:
         folder = case_folder(self.output_dir, case)
@@ -133,10 +145,12 @@ class PredictionTask:
                 )
                 outcome.rows = marker["rows"]
             except Exception as exc:  # a link planted in the folder, a full disk: this case fails, not the run
+                if disk_full(exc):  # its partial files are gone (save_prediction): say so in one line
+                    exc = DiskFullError(outcome.folder, f"case {outcome.case.id} not written, its partial files removed")
                 self._fail(outcome, exc)
             outcome.prediction = None  # free the volumes now
         if outcome.status == "error":
-            log.error("case %s failed: %s", outcome.case.id, outcome.rows[0]["error"])
+            log.error("case %s failed: %s", printable(outcome.case.id), printable(outcome.rows[0]["error"]))
         return outcome
 
     @staticmethod
@@ -148,13 +162,18 @@ class PredictionTask:
         """Write ``summary.csv`` and log the counts and each failure; returns the summary rows."""
         rows = [row for outcome in outcomes for row in outcome.rows]
         path = self.output_dir / "summary.csv"
-        write_summary(path, rows)
+        try:
+            write_summary(path, rows)
+        except OSError as exc:
+            if disk_full(exc):
+                raise DiskFullError(self.output_dir, f"{path.name} not written") from exc
+            raise
         counts = Counter(outcome.status for outcome in outcomes)
         log.info(
             "%d case(s): %d predicted, %d skipped (already complete), %d failed; summary: %s",
-            len(outcomes), counts["ok"], counts["skipped"], counts["error"], path,
+            len(outcomes), counts["ok"], counts["skipped"], counts["error"], printable(path),
         )  # fmt: skip
         for row in rows:
             if row["status"] == "error":
-                log.warning("failed case %s: %s", row["case"], row["error"])
+                log.warning("failed case %s: %s", printable(row["case"]), printable(row["error"]))
         return rows

@@ -57,6 +57,7 @@ from lorkd.inference.sliding_window import (
     default_sw_batch_size,
     sliding_window_probabilities,
 )
+from lorkd.io import printable
 from lorkd.labels import HINT as LABELS_HINT
 from lorkd.models.sat import window_size
 from lorkd.prompts import PromptBank
@@ -581,7 +582,7 @@ class Predictor:
             log.warning(
                 "%s: constant image after preprocessing (no contrast, e.g. all zero): nothing to segment, "
                 "every mask is empty",
-                name,
+                printable(name),
             )
         return reference, array, info
 

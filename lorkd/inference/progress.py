@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lorkd.io import printable
+
 
 class CaseProgress:
     """``p.start(); tick = p.case(name); tick(done, total); p.advance(); ...; p.stop()``.
@@ -39,7 +41,7 @@ class CaseProgress:
         progress = self._progress
         if progress is None:
             return None
-        progress.update(self._cases, description=f"cases ({name})")
+        progress.update(self._cases, description=f"cases ({printable(name)})")
         progress.reset(self._windows, total=None, description="windows")
 
         def windows(done: int, total: int) -> None:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from lorkd.data.manifest import Case
 from lorkd.exit_codes import NotStarted
-from lorkd.io import check_writable_folder, file_identity
+from lorkd.io import check_writable_folder, printable
 from lorkd.utils import freeze_startup_objects, plain
 
 if TYPE_CHECKING:
@@ -31,20 +31,28 @@ def predictor_options(cfg: DictConfig) -> dict[str, Any]:
     return {**plain(cfg.inference), "fallback": plain(cfg.routing.fallback)}
 
 
-def load_predictor(cfg: DictConfig) -> Predictor:
-    """The Predictor of ``ckpt_path`` (network ``model``) with the config's options and ``official.*``."""
+def load_predictor(cfg: DictConfig, attempts: int = 3) -> Predictor:
+    """The Predictor of ``ckpt_path`` (network ``model``) with the config's options and ``official.*``.
+
+    ``predictor.model.identity`` is that of the checkpoint bytes loaded; a fallback teacher read from
+    another version of the file (rewritten between the two reads) makes it load both again.
+    """
     from lorkd.inference.predictor import Predictor
 
     official = plain(cfg.official)
-    return Predictor.from_checkpoint(
-        cfg.ckpt_path,
-        model=cfg.model,
-        text_checkpoint=official["text_checkpoint"],
-        language_model_path=official["language_model_path"],
-        net_overrides=official["net_overrides"],
-        device="cpu",
-        **predictor_options(cfg),
-    )
+    for _ in range(attempts):
+        predictor = Predictor.from_checkpoint(
+            cfg.ckpt_path,
+            model=cfg.model,
+            text_checkpoint=official["text_checkpoint"],
+            language_model_path=official["language_model_path"],
+            net_overrides=official["net_overrides"],
+            device="cpu",
+            **predictor_options(cfg),
+        )
+        if predictor.teacher is None or predictor.teacher.identity == predictor.model.identity:
+            return predictor
+    raise OSError(f"ckpt_path={cfg.ckpt_path} changed while it was read, {attempts} times: run again once it is written")
 
 
 def check_prompts(predictor: Predictor, cases: Sequence[Case]) -> None:
@@ -58,7 +66,7 @@ def check_prompts(predictor: Predictor, cases: Sequence[Case]) -> None:
             predictor.check(case.labels, case.modality, case.region)
             problems[key] = ""
         except (KeyError, ValueError) as exc:
-            problems[key] = f"{case.source}: case {case.id}: {exc}"
+            problems[key] = f"{printable(case.source)}: case {printable(case.id)}: {exc}"
     bad = [p for p in problems.values() if p]
     if bad:
         raise ValueError(f"{len(bad)} prompt problem(s):\n" + "\n".join(bad))
@@ -80,7 +88,7 @@ def _prepare(cfg: DictConfig) -> tuple[list[Case], Predictor, dict[str, Any]]:
     options = predictor_options(cfg)
     check_prompts(predictor, cases)
     settings = {
-        "checkpoint": file_identity(cfg.ckpt_path),
+        "checkpoint": predictor.model.identity,  # of the bytes loaded, not of the file now
         "model": cfg.model,
         "inference": {k: v for k, v in sorted(options.items()) if k not in NEUTRAL_OPTIONS},
         "official": plain(cfg.official),
@@ -117,7 +125,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     freeze_startup_objects()
     if trainer is None or trainer.is_global_zero:
         log.info(
-            "predicting %d case(s) with %s into %s", len(cases), cfg.ckpt_path, Path(cfg.output_dir).resolve()
+            "predicting %d case(s) with %s into %s",
+            len(cases), printable(cfg.ckpt_path), printable(Path(cfg.output_dir).resolve()),
         )
     if trainer is None:
         return run_cases(task, cases, predictor, device, cfg.overwrite, progress=cfg.progress)

@@ -9,8 +9,11 @@ A case goes along one path, whatever the task (:class:`~lorkd.inference.cases.Pr
    (:meth:`CaseTask.finished`) before any rank writes, and broadcasts the answer, so every rank
    derives the same pending list even when ranks see different files;
 2. **run**: the pending cases are sharded ``rank, rank + world, ...`` (:class:`ShardSampler`; a rank
-   may get none, which Lightning's own predict sampler refuses); :meth:`CaseTask.run` turns a case
-   into an outcome and never raises (a failed case is an outcome naming its file);
+   may get none, which Lightning's own predict sampler refuses); each is run holding its lock
+   (:meth:`CaseTask.lock_file`), so another run writing into the same folder never writes or cleans the
+   same case at the same time, and a case that run completed meanwhile (:meth:`CaseTask.completed`) is
+   kept, not redone; :meth:`CaseTask.run` turns a case into an outcome and never raises (a failed case
+   is an outcome naming its file);
 3. **files of the case**: :meth:`CaseTask.save` writes them on the rank that ran it, at once;
 4. **files of the run**: at the end (on every rank, also on one without a case) the outcomes of all
    ranks are gathered, rank 0 merges them with the kept ones in input order and :meth:`CaseTask.finish`
@@ -25,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
@@ -32,6 +36,7 @@ from torch.utils.data import Sampler
 
 from lorkd.data.manifest import Case
 from lorkd.inference.progress import CaseProgress
+from lorkd.io import FileLock, printable
 from lorkd.utils import gather_objects
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,12 @@ class CaseTask(Protocol[Outcome]):
 
     def finished(self, cases: Sequence[Case]) -> Mapping[int, Outcome]:
         """Rank 0, before any case runs: the outcomes an earlier run left, by case index (not run again)."""
+
+    def lock_file(self, case: Case) -> Path:
+        """The file whose lock guards the case's files from another run writing into the same folder."""
+
+    def completed(self, case: Case) -> Outcome | None:
+        """The outcome another run left for ``case`` (checked with the case's lock held), else None."""
 
     def run(self, index: int, case: Case, rank: int, progress: WindowProgress) -> Outcome:
         """The outcome of one case (a failure is an outcome too: this never raises)."""
@@ -114,10 +125,25 @@ class CaseLoop(Generic[Outcome]):
         self.progress = CaseProgress(total, enabled=self.show_progress and rank == 0)
         self.progress.start()
 
-    def step(self, index: int, rank: int) -> Outcome:
-        """Steps 2 and 3 for case ``index``: run it and write its files."""
+    def step(self, index: int, rank: int, wait: bool = True) -> Outcome | None:
+        """Steps 2 and 3 for case ``index``, holding its lock: run it and write its files, unless another
+        run completed it meanwhile (its outcome is kept). Another run holding the lock: wait for it, or
+        return None at once with ``wait=False``."""
         case = self.cases[index]
-        outcome = self.task.save(self.task.run(index, case, rank, self.progress.case(case.id)))
+        lock = FileLock(self.task.lock_file(case))
+        if not lock.acquire(wait=False):
+            if not wait:
+                return None
+            log.info("case %s is being written by another run (%s); waiting for it", printable(case.id), lock.holder())
+            lock.acquire()
+        try:
+            outcome = None if self.overwrite else self.task.completed(case)
+            if outcome is None:
+                outcome = self.task.save(self.task.run(index, case, rank, self.progress.case(case.id)))
+            else:
+                log.info("case %s was completed by another run meanwhile; kept", printable(case.id))
+        finally:
+            lock.release()
         self.outcomes.append((index, outcome))
         self.progress.advance()
         return outcome
@@ -142,13 +168,16 @@ def run_cases(
     overwrite: bool = False,
     progress: bool = False,
 ) -> Any:
-    """Every case in this process, in input order, with ``predictor`` moved to ``device``; the run's result."""
+    """Every case in this process, in input order, with ``predictor`` moved to ``device``; the run's result.
+
+    A case another run is writing (same output folder) is put off to the end, then waited for."""
     loop = CaseLoop(task, cases, overwrite, progress)
     loop.plan(0, 1)
     predictor.to(torch.device(device))
     loop.start(len(loop.pending), 0)
     try:
-        for index in loop.pending:
+        busy = [index for index in loop.pending if loop.step(index, 0, wait=False) is None]
+        for index in busy:
             loop.step(index, 0)
     finally:
         loop.progress.stop()

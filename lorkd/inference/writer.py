@@ -14,6 +14,7 @@ stale files are removed only when the old marker lists them and they are the wri
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
@@ -157,6 +158,8 @@ def save_prediction(
     ``statistics``: also write ``statistics.json`` (:mod:`lorkd.inference.statistics`).
     ``dicom_source``: the DICOM series folder of the input; also write ``segmentation.dcm``, a DICOM
     Segmentation referencing it (:mod:`lorkd.inference.dicom_seg`).
+    A write that fails (a full disk) removes the case's files before the error goes on: no partial case
+    is left to fill the disk.
     """
     folder = Path(folder)
     folder = folder_inside(Path(root) if root is not None else folder.parent, folder)
@@ -164,6 +167,41 @@ def save_prediction(
     old = read_marker(folder)
     (folder / MARKER).unlink(missing_ok=True)  # the case is incomplete until the new marker is written
     remove_temporaries(folder)  # a killed run's partial files
+    try:
+        return _write_case(prediction, folder, case, preview, probabilities, metadata, statistics, dicom_source, old)
+    except BaseException:  # a full disk, an interruption: leave no partial case behind (it holds no marker)
+        _remove_partial(folder, prediction.labels, old)
+        raise
+
+
+def _remove_partial(folder: Path, labels: Sequence[str], old: dict[str, Any] | None) -> None:
+    """Delete what a failed write of ``labels`` (or the earlier prediction of ``old``) left in ``folder``:
+    the writer's own files only (:func:`_remove_stale`), then the folders left empty."""
+    names = label_file_names(labels)
+    mine = {f"{stem}.nii.gz" for stem in names.values()} | {f"{PROBABILITIES}/{stem}.nii.gz" for stem in names.values()}
+    mine |= {"segmentation.nii.gz", "labels.json", "preview.png", "statistics.json", "segmentation.dcm"}
+    with contextlib.suppress(OSError):  # the write's own error is the one to report
+        _remove_stale(folder, mine | set((old or {}).get("files", [])))
+    for empty in (folder / PROBABILITIES, folder):
+        try:
+            if empty.is_dir() and not empty.is_symlink():
+                empty.rmdir()
+        except OSError:  # not empty: files of the user's, another run's temporaries
+            pass
+
+
+def _write_case(
+    prediction: Prediction,
+    folder: Path,
+    case: str,
+    preview: bool,
+    probabilities: bool,
+    metadata: dict[str, Any] | None,
+    statistics: bool,
+    dicom_source: Path | None,
+    old: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The writes of :func:`save_prediction` once ``folder`` is ready (marker last); returns the marker."""
     names = label_file_names(prediction.labels)
     files: list[str] = []
 
