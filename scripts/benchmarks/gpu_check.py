@@ -156,7 +156,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predict-preset", default="nano", choices=["tiny", "nano"])
     parser.add_argument("--predict-labels", type=int, default=5)
     parser.add_argument("--predict-window", type=int, nargs=3, default=[288, 288, 96])
+    parser.add_argument("--train", nargs="+", default=[], metavar="EXPERIMENT",
+                        help="only Trainer.fit steps of these shipped experiments (pro, nano, teacher_pro, teacher_nano)")
+    parser.add_argument("--train-steps", type=int, default=6, help="optimizer steps per experiment (2 untimed)")
+    parser.add_argument("--train-cases", type=int, default=3, help="synthetic CT cases (512x512x300) in the manifest")
+    parser.add_argument("--train-shape", type=int, nargs=3, default=[512, 512, 300])
+    parser.add_argument("--train-override", action="append", default=[], help="extra Hydra override (repeatable)")
+    parser.add_argument("--train-teacher", default=None, help="teacher backbone instead of the experiment's (tests)")
+    parser.add_argument("--allow-cpu", action="store_true", help="--train on the CPU (tests, with shrinking overrides)")
     args = parser.parse_args(argv)
+    if args.train:
+        train_lines(args)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
     device = torch.device("cuda")
@@ -175,6 +186,32 @@ def main(argv: list[str] | None = None) -> None:
             *[f"| {name} | {s:.1f} | {p:.2f} |" for name, s, p in predict_rows(args, device)],
         ]
     text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+def train_lines(args: argparse.Namespace) -> None:
+    """``--train``: real Trainer.fit steps of each experiment; prints (rank 0) and writes ``--out``."""
+    from scripts.benchmarks.train_check import run_check, table
+
+    results = []
+    for experiment in args.train:
+        result = run_check(
+            experiment, steps=args.train_steps, cases=args.train_cases, shape=args.train_shape,
+            overrides=args.train_override, teacher_backbone=args.train_teacher, allow_cpu=args.allow_cpu,
+        )  # fmt: skip
+        if result is None:  # a DDP rank other than 0
+            return
+        results.append(result)
+    first = results[0]
+    text = "\n".join([
+        f"card: {first['device']} x {first['devices']}; torch {torch.__version__}; {first['precision']}; "
+        f"patch {'x'.join(map(str, first['patch']))}, {first['queries']} queries; synthetic CT "
+        f"{'x'.join(map(str, args.train_shape))}, {args.train_cases} cases; median of the timed micro-batches",
+        "",
+        *table(results),
+    ])  # fmt: skip
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
