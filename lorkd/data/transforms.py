@@ -15,6 +15,9 @@ Documented edge cases:
 * NaN/Inf voxels: :class:`~lorkd.data.io.CaseError` naming the file (``nan_policy="error"``, the
   default) or replaced by 0 (``nan_policy="zero"``);
 * 4-D input with a singleton channel is squeezed; any other non-3-D input is a ``CaseError``.
+* an image beyond the size guards of :mod:`lorkd.data.limits` (voxels as stored, voxels at the target
+  spacing, image voxels per resampled voxel) is a ``SizeError`` naming the file, from its header before
+  any voxel is read.
 """
 
 from __future__ import annotations
