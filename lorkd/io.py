@@ -41,12 +41,16 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def temporary_folder(parent: str | os.PathLike, prefix: str) -> Path:
-    """A new folder in ``parent`` (``tempfile.mkdtemp``) with the permissions of any folder made under the
-    process umask (mkdtemp alone gives 0700): a folder staged there and then published is readable like the rest."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    os.chmod(folder, 0o777 & ~_umask())
-    return folder
+def follow_umask(tree: str | os.PathLike) -> None:
+    """Give ``tree`` and every folder and file below it the permissions a new one gets under the process umask
+    (``tempfile.mkdtemp`` makes 0700 folders, safetensors 0600 files); links are left alone."""
+    umask = _umask()
+    os.chmod(tree, 0o777 & ~umask)
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, (0o777 if name in dirnames else 0o666) & ~umask)
 
 
 def _fsync_dir(folder: Path) -> None:

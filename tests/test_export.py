@@ -191,3 +191,17 @@ def test_the_export_command(distinct_lorkd_ckpt, tmp_path):
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         "convert_lorkd_official: error: official.text_checkpoint=... is required"
     ]
+
+
+def test_an_export_follows_the_umask_like_every_other_file(distinct_lorkd_ckpt, tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        out = export_experts(distinct_lorkd_ckpt, tmp_path / "export", regions=["brain"])
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    expected = {p: 0o755 if Path(tmp_path, p).is_dir() else 0o644 for p in modes}
+    assert {p: oct(m) for p, m in modes.items() if m != expected[p]} == {}

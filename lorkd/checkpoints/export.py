@@ -40,7 +40,7 @@ from lorkd.checkpoints.exported import (
 from lorkd.checkpoints.loading import load_model
 from lorkd.checkpoints.schema import CheckpointMeta
 from lorkd.experts import base_parameter_count, expert_parameter_counts
-from lorkd.io import file_fingerprint, sha256_file, write_json
+from lorkd.io import file_fingerprint, follow_umask, sha256_file, write_json
 from lorkd.models.sat import window_size
 from lorkd.regions import RegionMap
 
@@ -247,6 +247,7 @@ def export_experts(
             **({"onnx": onnx_files} if onnx else {}),
             **common,
         })  # fmt: skip
+        follow_umask(stage)
         _publish(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
