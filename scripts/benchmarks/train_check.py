@@ -4,7 +4,7 @@
 the tests). It writes, into a work folder:
   * the teacher as an official-shaped SAT vision file with random weights (SAT-Pro for ``pro``, SAT-Nano for
     ``nano``; teacher experiments train SAT itself and need none);
-  * a synthetic SAT-DS-like manifest of a few CT-sized cases (int16 CT, 15 abdominal labels in one label map);
+  * a synthetic SAT-DS-like manifest of a few CT-sized cases (loader.py's: int16 CT, 15 abdominal labels);
 then composes ``train.yaml`` with ``experiment=EXPERIMENT`` (the shipped batch, accumulation, precision,
 workers and augmentation) and fits ``--steps`` optimizer steps on every visible GPU (DDP when there are
 several). The text side is the offline MiniLM with SAT's 768-d projection: it is frozen and its queries are
@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from omegaconf import open_dict
 
@@ -35,67 +34,21 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# 15 abdominal CT labels of the sat49 region map, drawn as ellipsoids (centre and radii as fractions of the body)
-ABDOMEN = [
-    ("liver", (0.35, 0.45, 0.55), (0.22, 0.18, 0.20)),
-    ("spleen", (-0.40, 0.55, 0.55), (0.10, 0.10, 0.12)),
-    ("stomach", (-0.20, 0.35, 0.60), (0.14, 0.10, 0.12)),
-    ("pancreas", (0.00, 0.55, 0.45), (0.16, 0.05, 0.06)),
-    ("left kidney", (-0.30, 0.70, 0.40), (0.07, 0.07, 0.12)),
-    ("right kidney", (0.30, 0.70, 0.40), (0.07, 0.07, 0.12)),
-    ("gallbladder", (0.30, 0.30, 0.45), (0.04, 0.04, 0.06)),
-    ("aorta", (-0.05, 0.75, 0.50), (0.03, 0.03, 0.45)),
-    ("inferior vena cava", (0.08, 0.75, 0.50), (0.03, 0.03, 0.45)),
-    ("duodenum", (0.12, 0.45, 0.38), (0.06, 0.04, 0.06)),
-    ("colon", (0.00, 0.30, 0.20), (0.35, 0.08, 0.08)),
-    ("small bowel", (0.00, 0.30, 0.30), (0.15, 0.10, 0.08)),
-    ("left adrenal gland", (-0.22, 0.68, 0.60), (0.02, 0.02, 0.04)),
-    ("right adrenal gland", (0.22, 0.68, 0.60), (0.02, 0.02, 0.04)),
-    ("portal vein and splenic vein", (0.10, 0.55, 0.55), (0.10, 0.02, 0.03)),
-]
-
 TEACHER_BACKBONES = {"pro": "unet_pro", "nano": "unet_nano"}
 
 
-def write_ct_case(
-    folder: Path, name: str, shape: Sequence[int], spacing: Sequence[float], seed: int
-) -> tuple[Path, Path, list[str]]:
-    """An int16 CT (air, an elliptic body, organs at 40-70 HU with noise) and its uint8 label map, as
-    uncompressed NIfTI (fast to write and read); returns (image, mask, labels)."""
-    import nibabel as nib
+def write_manifest(folder: Path, cases: int, shape: Sequence[int] = (512, 512, 300)) -> Path:
+    """A SAT-DS-like jsonl of ``cases`` synthetic CT cases (``loader.synthetic_ct_case``: int16 CT at
+    0.8x0.8x1.5 mm, 15 abdominal labels in one label map), each in its own sub-folder of ``folder``."""
+    from scripts.benchmarks.loader import synthetic_ct_case
 
-    rng = np.random.default_rng(seed)
-    axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
-    x, y, z = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
-    body = np.broadcast_to((x / 0.85) ** 2 + ((y - 0.1) / 0.75) ** 2 < 1, shape)
-    image = np.where(body, np.int16(30), np.int16(-1000))
-    label_map = np.zeros(shape, np.uint8)
-    yb = (y + 1) / 2  # anterior 0 .. posterior 1
-    zb = (z + 1) / 2
-    for index, (_, (cx, cy, cz), (rx, ry, rz)) in enumerate(ABDOMEN, start=1):
-        inside = ((x - cx) / rx) ** 2 + ((yb - cy) / ry) ** 2 + ((zb - cz) / rz) ** 2 < 1
-        inside &= body
-        label_map[inside] = index
-        image[inside] = np.int16(40 + 2 * index)
-    image = image + rng.normal(0, 15, shape).astype(np.int16)
-    affine = np.diag([*spacing, 1.0])
-    image_path, mask_path = folder / f"{name}.nii", folder / f"{name}_seg.nii"
-    nib.save(nib.Nifti1Image(image, affine), image_path)
-    nib.save(nib.Nifti1Image(label_map, affine), mask_path)
-    return image_path, mask_path, [label for label, _, _ in ABDOMEN]
-
-
-def write_manifest(
-    folder: Path, cases: int, shape: Sequence[int] = (512, 512, 300), spacing: Sequence[float] = (0.8, 0.8, 1.5)
-) -> Path:
-    """A SAT-DS-like jsonl of ``cases`` synthetic CT cases in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(cases):
-        image, mask, labels = write_ct_case(folder, f"ct{i}", shape, spacing, seed=i)
+        (folder / f"ct{i}").mkdir(parents=True, exist_ok=True)
+        case = synthetic_ct_case(folder / f"ct{i}", size=tuple(shape))
         lines.append(json.dumps({
-            "image": image.name, "mask": mask.name, "label": labels, "modality": "ct",
-            "dataset": "SyntheticAbdomenCT", "id": f"ct{i}",
+            "image": f"ct{i}/{case.image.name}", "mask": f"ct{i}/{case.mask.name}", "label": case.labels,
+            "modality": "ct", "dataset": "SyntheticAbdomenCT", "id": f"ct{i}",
         }))  # fmt: skip
     manifest = folder / "train.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
