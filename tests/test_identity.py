@@ -59,7 +59,7 @@ def run(ckpt: Path, input: Path, out: Path, *extra: str) -> list[tuple[str, str]
 
 def names(value: object) -> Path:
     """The file ``torch.load`` was given (a path or an open file)."""
-    return Path(getattr(value, "name", value)).resolve()
+    return Path(value.name if hasattr(value, "read") else value).resolve()
 
 
 def test_predict_records_the_checkpoint_it_loaded_not_the_one_written_meanwhile(tiny_lorkd_ckpt, tmp_path, monkeypatch):
