@@ -10,6 +10,7 @@ import torch
 from lorkd.data.augment import AugmentConfig, apply_augment, build_augmentation, draw_augment
 from lorkd.data.batch import finish_batch, pack_bits, pack_label_window, unpack_bits
 from lorkd.data.cache import PreprocessCache
+from lorkd.data.datamodule import augment_on_device
 from lorkd.data.datasets import PatchDataset, collate_patches
 from lorkd.data.manifest import Case
 from lorkd.data.transforms import PreprocessConfig
@@ -190,3 +191,10 @@ def test_apply_augment_leaves_its_inputs_and_checks_the_batch():
         apply_augment(torch.zeros(3, 1, 2, 2, 2), torch.zeros(3, 1, 2, 2, 2, dtype=torch.uint8), [{}, {}])
     with pytest.raises(ValueError, match="on_device"):
         AugmentConfig.coerce({"on_device": "gpu"})
+
+
+def test_on_device_resolution():
+    assert augment_on_device(AugmentConfig.coerce({"on_device": "auto"}))
+    assert augment_on_device(AugmentConfig.coerce({"on_device": True}))
+    assert not augment_on_device(AugmentConfig.coerce({"on_device": False}))
+    assert not augment_on_device(AugmentConfig.coerce(False))  # nothing to augment
