@@ -152,7 +152,7 @@ class LiveMemory(TorchDispatchMode):
             if isinstance(value, torch.Tensor):
                 self.track(value)
         if func in CONV_OPS and self.workspace:
-            workspace = self.workspace * (_nbytes(args[0]) + _nbytes(args[1] if func is CONV_OPS[1] else out))
+            workspace = int(self.workspace * (_nbytes(args[0]) + _nbytes(args[1] if func is CONV_OPS[1] else out)))
             if self.current + workspace > self.peak:
                 self.peak, self.peak_phase = self.current + workspace, self.phase_name
             self.phase_peaks[self.phase_name] = max(self.phase_peaks.get(self.phase_name, 0), self.current + workspace)
@@ -166,9 +166,39 @@ class LiveMemory(TorchDispatchMode):
         with ExitStack() as stack:
             if PRECISIONS[precision] is not None:
                 stack.enter_context(MetaAutocast(PRECISIONS[precision]))
+                stack.enter_context(_recompute_with_autocast(PRECISIONS[precision]))
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t))
             stack.enter_context(self)
             yield self
+
+
+@contextmanager
+def _recompute_with_autocast(dtype: torch.dtype) -> Iterator[None]:
+    """Activation-checkpointed stages (:func:`lorkd.models.unet.recomputed`) recompute under the emulated
+    autocast too: torch.utils.checkpoint restores a real device's autocast itself, but the recomputation
+    runs in backward, where the function mode of the forward is not active."""
+    from lorkd.models import unet
+
+    plain = unet.checkpoint
+
+    def checkpoint(fn: Callable[..., Any], *args: Any, context_fn: Callable[[], tuple[Any, Any]], **kwargs: Any) -> Any:
+        def contexts() -> tuple[Any, Any]:
+            forward, recompute = context_fn()
+
+            @contextmanager
+            def both() -> Iterator[None]:
+                with recompute, MetaAutocast(dtype):
+                    yield
+
+            return forward, both()
+
+        return plain(fn, *args, context_fn=contexts, **kwargs)
+
+    unet.checkpoint = checkpoint
+    try:
+        yield
+    finally:
+        unet.checkpoint = plain
 
 
 @dataclass(frozen=True)

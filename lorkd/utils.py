@@ -28,8 +28,22 @@ def project_root() -> Path:
 PROJECT_ROOT = project_root()
 
 
+def accumulation(batch_per_step: int, micro_batch: int) -> int:
+    """Micro-batches per optimizer step (``${accumulate:batch_per_step,data.batch_size}``), so that the
+    optimizer sees ``batch_per_step`` samples per device whatever micro-batch fits the device."""
+    if int(micro_batch) < 1 or int(batch_per_step) % int(micro_batch):
+        raise ValueError(
+            f"batch_per_step={batch_per_step} is not a whole number of micro-batches of data.batch_size={micro_batch}; "
+            "pick a data.batch_size that divides it (or set trainer.accumulate_grad_batches yourself)"
+        )
+    return int(batch_per_step) // int(micro_batch)
+
+
 def register_resolvers() -> None:
-    """``${project_root:}`` (see :func:`project_root`) and ``${config_dir:}`` (the config tree in use)."""
+    """``${project_root:}`` (see :func:`project_root`), ``${config_dir:}`` (the config tree in use) and
+    ``${accumulate:B,b}`` (:func:`accumulation`)."""
+    if not OmegaConf.has_resolver("accumulate"):
+        OmegaConf.register_new_resolver("accumulate", accumulation)
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(project_root()))
     if not OmegaConf.has_resolver("config_dir"):

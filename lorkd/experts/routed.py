@@ -52,6 +52,7 @@ class RoutedConv:
     :class:`~lorkd.experts.plain.ExpertConv3d`'s); subclasses give :meth:`expert_delta` and :meth:`unrouted`."""
 
     routing: Routing | None = None
+    forward_state_attrs = ("routing",)  # restored while an activation-checkpointed stage is recomputed
     _merged: tuple[tuple, torch.Tensor] | None = None  # (stamp, W0 + ΔW) of the last expert used without grad
     lora_A: nn.ModuleDict
     lora_B: nn.ModuleDict

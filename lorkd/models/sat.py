@@ -77,10 +77,12 @@ class SAT(nn.Module):
         deep_supervision: bool = False,
         ds_hidden: Sequence[int] = (256, 384, 512),
         mask_head_act: bool = True,
+        checkpoint_stages: bool = False,
     ) -> None:
         """``mask_head_act=False`` drops the mask heads' final GELU (SAT has it): the mask embedding is then
         free in sign, so a voxel's logit (its non-negative LeakyReLU features times the embedding) can
-        be negative without huge features. Same keys; a demo knob."""
+        be negative without huge features. Same keys; a demo knob. ``checkpoint_stages``: activation
+        checkpointing of the U-Net's stages in training (a training knob: not part of ``config``)."""
         super().__init__()
         self.config: dict[str, Any] = {
             "features": list(features), "strides": list(strides), "n_convs": _plain_ints(n_convs),
@@ -90,7 +92,7 @@ class SAT(nn.Module):
             "latent_stride": latent_stride, "deep_supervision": deep_supervision, "ds_hidden": list(ds_hidden),
             "mask_head_act": mask_head_act,
         }  # fmt: skip
-        self.backbone = PlainConvUNet(features, strides, n_convs, n_convs_decoder, in_channels)
+        self.backbone = PlainConvUNet(features, strides, n_convs, n_convs_decoder, in_channels, checkpoint_stages)
         self.pool_kernels = []
         for cum in self.backbone.stage_strides():
             if latent_stride % cum:

@@ -7,12 +7,15 @@ same tensors; we register each module once (the importer explains the aliases).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class ConvNormAct(nn.Module):
@@ -51,10 +54,10 @@ class Encoder(nn.Module):
             c_in = c_out
         self.stages = nn.ModuleList(stages)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, checkpointed: bool = False) -> list[torch.Tensor]:
         skips = []
         for stage in self.stages:
-            x = stage(x)
+            x = recomputed(stage, stage, x) if checkpointed else stage(x)
             skips.append(x)
         return skips
 
@@ -72,17 +75,47 @@ class Decoder(nn.Module):
         self.transpconvs = nn.ModuleList(transp)
         self.stages = nn.ModuleList(stages)
 
-    def forward(self, skips: list[torch.Tensor], release: bool = False) -> list[torch.Tensor]:
+    def forward(self, skips: list[torch.Tensor], release: bool = False, checkpointed: bool = False) -> list[torch.Tensor]:
         """Returns the decoder stage outputs, largest (full resolution) first. ``release``: pop each skip
-        off ``skips`` as it is used, so that nothing here keeps it once concatenated."""
+        off ``skips`` as it is used, so that nothing here keeps it once concatenated. ``checkpointed``: each
+        stage (upsampling, concatenation, convs) keeps only its inputs and recomputes the rest in backward."""
         skips = skips if release else list(skips)
         x, outputs = skips.pop(), []
         for up, stage in zip(self.transpconvs, self.stages):
-            x = torch.cat((up(x), skips.pop()), dim=1)
-            for unit in stage.convs:  # unit by unit, so that without autograd the concatenation is freed
-                x = unit(x)  # after the first one (2 x the stage's output at full resolution)
+            if checkpointed:
+                x = recomputed(partial(_decoder_stage, up, stage), nn.ModuleList([up, stage]), x, skips.pop())
+            else:  # inline, so that no frame holds the skip or the concatenation longer than the ops need them
+                x = torch.cat((up(x), skips.pop()), dim=1)
+                for unit in stage.convs:  # unit by unit, so that without autograd the concatenation is freed
+                    x = unit(x)  # after the first one (2 x the stage's output at full resolution)
             outputs.append(x)
         return outputs[::-1]
+
+
+def _decoder_stage(up: nn.Module, stage: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """One decoder stage as :meth:`Decoder.forward` runs it (the checkpointed form)."""
+    return stage(torch.cat((up(x), skip), dim=1))
+
+
+def recomputed(fn: Callable[..., torch.Tensor], module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """``fn(*inputs)`` under activation checkpointing (``torch.utils.checkpoint``, non-reentrant): only the
+    inputs are kept, the stage runs again in backward. A submodule naming attributes in
+    ``forward_state_attrs`` (e.g. the region experts' ``routing``) gets their forward-time values back
+    while it is recomputed, so the recomputation is the same function even outside the forward's context."""
+    state = [(m, name, getattr(m, name)) for m in module.modules() for name in getattr(m, "forward_state_attrs", ())]
+
+    @contextmanager
+    def restored() -> Iterator[None]:
+        now = [(m, name, getattr(m, name)) for m, name, _ in state]
+        for m, name, value in state:
+            setattr(m, name, value)
+        try:
+            yield
+        finally:
+            for m, name, value in now:
+                setattr(m, name, value)
+
+    return checkpoint(fn, *inputs, use_reentrant=False, preserve_rng_state=False, context_fn=lambda: (nullcontext(), restored()))
 
 
 @dataclass(frozen=True)
@@ -102,7 +135,10 @@ class PlainConvUNet(nn.Module):
         n_convs: int | Sequence[int] = 2,
         n_convs_decoder: int | Sequence[int] | None = None,
         in_channels: int = 3,
+        checkpoint_stages: bool = False,
     ) -> None:
+        """``checkpoint_stages``: in training (with autograd), keep only each encoder and decoder stage's
+        inputs and recompute the stage in backward (activation checkpointing: less memory, one more forward)."""
         super().__init__()
         if len(features) != len(strides) or len(features) < 2:
             raise ValueError(f"features {list(features)} and strides {list(strides)} must have the same length >= 2")
@@ -113,6 +149,7 @@ class PlainConvUNet(nn.Module):
         self.features = list(features)
         self.strides = list(strides)
         self.in_channels = in_channels
+        self.checkpoint_stages = checkpoint_stages
         self.encoder = Encoder(in_channels, features, strides, enc_n)
         self.decoder = Decoder(features, strides, dec_n)
         self.apply(_init_he)
@@ -136,15 +173,17 @@ class PlainConvUNet(nn.Module):
         """``pool``: one kernel per encoder stage; each skip is average-pooled by it (``pooled``) before
         the decoder runs. Without autograd the skips are then released as the decoder uses them (the
         full-resolution skip is among the largest maps of a window)."""
-        skips = self.encoder(x)
+        checkpointed = self.checkpoint_stages and torch.is_grad_enabled()
+        skips = self.encoder(x, checkpointed)
         if pool is None:
-            return UNetOutput(skips=skips, decoded=self.decoder(skips))
+            return UNetOutput(skips=skips, decoded=self.decoder(skips, checkpointed=checkpointed))
         pooled = [
             F.avg_pool3d(skip, kernel_size=k, stride=k) if k > 1 else skip
             for skip, k in zip(skips, pool, strict=True)
         ]
         release = not torch.is_grad_enabled()
-        return UNetOutput(skips=[] if release else skips, decoded=self.decoder(skips, release), pooled=pooled)
+        decoded = self.decoder(skips, release, checkpointed)
+        return UNetOutput(skips=[] if release else skips, decoded=decoded, pooled=pooled)
 
 
 def _init_he(module: nn.Module) -> None:
