@@ -43,3 +43,19 @@ def test_predict_cli_on_an_export(tiny_export, scan, tmp_path):
     assert {r["status"] for r in rows} == {"ok"}
     mask = nib.load(out / "case" / "liver.nii.gz")
     assert mask.shape == nib.load(scan).shape and (out / "case" / "segmentation.nii.gz").is_file()
+
+
+def test_a_replaced_expert_file_stops_the_run_naming_it(tiny_export, scan, tmp_path):
+    import shutil
+
+    from lorkd.exit_codes import NotStarted
+
+    export = shutil.copytree(tiny_export, tmp_path / "export")
+    replaced = export / "abdomen" / "model.safetensors"
+    shutil.copyfile(export / "thorax" / "model.safetensors", replaced)
+    out = tmp_path / "out"
+    overrides = [f"ckpt_path={export}", f"input={scan}", f"output_dir={out}", "labels=[liver]", "modality=ct",
+                 "progress=false"]  # fmt: skip
+    with pytest.raises(NotStarted, match=rf"^{replaced}: sha256 \w+ does not match the recorded"):
+        predict(compose_config("predict", overrides))
+    assert not (out / "case").exists()  # no case ran

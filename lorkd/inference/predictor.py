@@ -403,11 +403,14 @@ class Predictor:
     def check(
         self, labels: Sequence[str] | str, modality: str, region: str | None = None
     ) -> list[PromptGroup]:
-        """Plan ``labels`` and make sure each has a query, without running any network on an image."""
+        """Plan ``labels``, make sure each has a query and load the networks they need (an export's experts
+        are sha256-checked now: a replaced file stops a run before its first case), without running any network."""
         labels = normalize_labels(labels)
         modality = canonical_modality(modality)
         groups = self.plan(labels, modality, region)
         self._group_queries(labels, modality, groups)
+        for group in groups:
+            self._network(group)
         return groups
 
     def _bank(self, group: PromptGroup) -> PromptBank:
