@@ -60,3 +60,33 @@ def test_an_override_hydra_cannot_parse_is_one_line_and_exit_2(tmp_path, overrid
     assert done.stderr.startswith(f"error: cannot parse the override {override!r}: ") and done.stderr.count("\n") == 1
     train = run_script("train.py", [override], cwd=tmp_path, timeout=120)
     assert train.returncode == 2 and train.stderr.count("\n") == 1, train.stderr
+
+
+@pytest.mark.parametrize(
+    "content,cause",
+    [
+        (b"hello world\nnot a checkpoint\n", r"it is a text file \(it begins 'hello world\\nnot a check"),
+        (b"", "the file is empty"),
+        (bytes(range(7, 40)), "it is neither a zip archive nor a pickle .it begins with the bytes 07 08 09"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_is_named_with_what_it_is(tmp_path, content, cause):
+    from lorkd.checkpoints.loading import CheckpointError, load_model
+
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"^{path} is not a readable checkpoint: {cause}"):
+        load_model(path)
+
+
+def test_a_moved_teacher_is_named_as_the_teacher_the_checkpoint_was_distilled_from(tiny_lorkd_ckpt, tmp_path):
+    import torch
+
+    from lorkd.checkpoints.loading import load_model
+
+    raw = torch.load(tiny_lorkd_ckpt, weights_only=True)
+    moved = tmp_path / "moved" / "teacher.ckpt"
+    raw["lorkd"]["teacher"]["path"] = str(moved)
+    torch.save(raw, tmp_path / "student.ckpt")
+    with pytest.raises(FileNotFoundError, match=rf"^the teacher {tmp_path / 'student.ckpt'} was distilled from \({moved}\) does not exist"):
+        load_model(tmp_path / "student.ckpt", "teacher")

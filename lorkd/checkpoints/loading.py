@@ -134,6 +134,27 @@ def _reason(exc: Exception) -> str:
     return line.split(". ")[0].rstrip(".")
 
 
+def _content(path: str | Path) -> str | None:
+    """What a file that torch cannot read holds, when it is not a checkpoint at all (None: it begins like one,
+    a zip archive or a pickle, so torch's own reason is the cause)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if not head:
+        return "the file is empty"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it is neither a zip archive nor a pickle (it begins with the bytes {head[:8].hex(' ')})"
+    if all(c.isprintable() or c in "\r\n\t" for c in text):
+        return f"it is a text file (it begins {text[:24]!r}), not a torch checkpoint (a zip archive)"
+    return f"it is neither a zip archive nor a pickle (it begins with the bytes {head[:8].hex(' ')})"
+
+
 def _read(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """The checkpoint and the identity of the bytes loaded."""
     try:
@@ -141,7 +162,7 @@ def _read(path: str | Path) -> tuple[Any, dict[str, Any]]:
     except FileNotFoundError:
         raise
     except Exception as exc:  # pickle, zip and torch errors of many types
-        raise CheckpointError(f"{path} is not a readable checkpoint: {_reason(exc)}") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: {_content(path) or _reason(exc)}") from None
 
 
 def load_model(
@@ -214,6 +235,11 @@ def load_model(
         saved = meta.teacher
         if saved is None:
             raise ValueError(f"{path} does not record the teacher it was distilled from (model=teacher needs it)")
+        if not Path(saved.path).is_file():
+            raise FileNotFoundError(
+                f"the teacher {path} was distilled from ({saved.path}) does not exist: model=teacher (and "
+                "routing.fallback=teacher) read it from there; put it back or use the experts"
+            )
         teacher = load_teacher(saved.path, _overrides(saved.net), prompts.text_encoder)
         if teacher.fingerprint != saved.fingerprint:
             raise ValueError(f"teacher file {saved.path} changed since {path} was distilled from it")
