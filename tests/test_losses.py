@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from lorkd.losses import bce_loss, distillation_loss, soft_dice_loss
+from lorkd.losses import (
+    bce_loss,
+    deep_supervision_loss,
+    distillation_loss,
+    hard_dice,
+    segmentation_loss,
+    soft_dice_loss,
+)
 
 T = 2.0
 
@@ -85,3 +92,27 @@ def test_dice_and_bce_by_hand():
         bce.append(-sum(c * math.log(a) + (1 - c) * math.log(1 - a) for a, c in zip(p, t)) / len(p))
     assert soft_dice_loss(student, target, qmask).item() == pytest.approx(sum(dice) / len(dice), rel=1e-5)
     assert bce_loss(student, target, qmask).item() == pytest.approx(sum(bce) / len(bce), rel=1e-5)
+
+
+def test_deep_supervision_weighs_levels_4_2_1_against_nearest_downsampled_targets():
+    """Three levels (8³, 4³, 2³): weights ½⁰, ½¹, ½² normalised (4/7, 2/7, 1/7); the target downsamples by
+    nearest neighbour, i.e. every 2nd / 4th voxel (binary, never blended); the logged parts are the
+    full-resolution level's."""
+    g = torch.Generator().manual_seed(3)
+    target = (torch.rand(1, 2, 8, 8, 8, generator=g) > 0.5).float()
+    logits = [torch.randn(1, 2, s, s, s, generator=g) for s in (8, 4, 2)]
+    qmask = torch.tensor([[True, True]])
+    levels = [segmentation_loss(out, target[..., ::step, ::step, ::step], qmask) for out, step in zip(logits, (1, 2, 4))]
+    loss, parts = deep_supervision_loss(logits, target, qmask)
+    expected = (4 * levels[0][0] + 2 * levels[1][0] + levels[2][0]) / 7
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert parts.keys() == levels[0][1].keys() and all(torch.equal(parts[k], levels[0][1][k]) for k in parts)
+
+
+def test_hard_dice_thresholds_probabilities_and_scores_two_empty_masks_one():
+    logits = torch.tensor([3.0, 3.0, 3.0, -3.0, 0.1, -0.1]).view(1, 1, 6)  # predicted: voxels 0, 1, 2, 4
+    target = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]).view(1, 1, 6)  # reference: voxels 0, 1, 3
+    both_empty = torch.full((1, 1, 6), -5.0), torch.zeros(1, 1, 6)
+    assert hard_dice(logits, target).item() == pytest.approx(2 * 2 / (4 + 3))
+    assert hard_dice(*both_empty).item() == 1.0
+    assert hard_dice(both_empty[0], target).item() == 0.0
