@@ -90,3 +90,30 @@ def test_a_moved_teacher_is_named_as_the_teacher_the_checkpoint_was_distilled_fr
     torch.save(raw, tmp_path / "student.ckpt")
     with pytest.raises(FileNotFoundError, match=rf"^the teacher {tmp_path / 'student.ckpt'} was distilled from \({moved}\) does not exist"):
         load_model(tmp_path / "student.ckpt", "teacher")
+
+
+def test_an_undecodable_dicom_series_keeps_the_whole_reason_on_one_line(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pydicom
+    from dicom_series import write_dicom_series
+
+    from lorkd.data.io import CaseError, read_volume
+    from lorkd.inference.cases import case_error
+
+    write_dicom_series(np.zeros((8, 6, 3), np.float32), np.eye(4), tmp_path / "series")
+    reason = (
+        "Unable to decompress 'High-Throughput JPEG 2000' pixel data because all plugins are missing dependencies:\n"
+        "    gdcm - requires gdcm>=3.0.10\n    pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-openjpeg>=2.4"
+    )
+
+    def undecodable(self):
+        raise RuntimeError(reason)
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(undecodable))
+    with pytest.raises(CaseError) as caught:
+        read_volume(tmp_path / "series")
+    line = case_error(SimpleNamespace(image=tmp_path / "series"), caught.value)
+    assert "\n" not in str(caught.value) and "cannot decode the pixel data" in line
+    assert "missing dependencies: gdcm - requires gdcm>=3.0.10; pylibjpeg - requires pylibjpeg>=2.0" in line

@@ -153,7 +153,11 @@ def read_dicom_series(folder: str | Path) -> Volume:
         try:
             pixels = dataset.pixel_array
         except Exception as exc:  # missing decoder, truncated pixel data
-            raise CaseError(f"{header.filename}: cannot decode the pixel data ({exc})") from exc
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            reason = " ".join([lines[0], "; ".join(lines[1:])]).strip()  # a decoder list after "...:" kept
+            syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+            kind = f" ({syntax.name})" if syntax is not None else ""
+            raise CaseError(f"{header.filename}: cannot decode the pixel data{kind}: {reason}") from exc
         slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
         intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
         slices.append((pixels.astype(np.float32) * slope + intercept).T)
