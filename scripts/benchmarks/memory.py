@@ -126,11 +126,10 @@ def calibration_table(counted: dict[str, float], overhead: float = CUDA_OVERHEAD
         "lorkd": "full LoRKD step: SAT-Pro teacher fwd + student fwd+bwd+step",
         "plain_b2": "plain student U-Net fwd+bwd, batch 2",
     }
-    rows = ["| gpu_check.py row (H100) | measured GiB | counted GiB | model GiB (x overhead) | model / measured |",
-            "|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| gpu_check.py row (H100) | measured GiB | model GiB | model / measured |", "|---|---|---|---|"]
     for key, label in names.items():
         model = counted[key] * overhead
-        rows.append(f"| {label} | {H100[key]:.2f} | {counted[key]:.2f} | {model:.2f} | {model / H100[key]:.2f} |")
+        rows.append(f"| {label} | {H100[key]:.2f} | {model:.2f} | {model / H100[key]:.2f} |")
     return rows
 
 
