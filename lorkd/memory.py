@@ -35,8 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 GIB = 2**30
-DEVICE_GIB = 80.0  # the card every GPU experiment must fit (an 80 GB A100/H100)
-BUDGET_GIB = 72.0  # what a step may take of it: the rest for the CUDA context, cuDNN and fragmentation
+BUDGET_GIB = 72.0  # what a step may take of an 80 GB card (A100/H100): the rest for the CUDA context, cuDNN and fragmentation
 # cuDNN workspace, allocator rounding and fragmentation on top of the counted peak (calibrated: RESULTS.md "memory.py")
 CUDA_OVERHEAD = 1.0
 
@@ -410,7 +409,6 @@ def training_step_memory(
     for handle in marks.handles:
         handle.remove()
     forward_saved = tracker.saved_bytes("forward")
-    after_forward = marks.live.get("after_forward", at_backward)
     return MemoryEstimate(
         parameters=_bytes(params),
         gradients=_bytes(p for p in trainable),  # float32 like the parameters
@@ -424,7 +422,7 @@ def training_step_memory(
         peak_phase=tracker.peak_phase,
         overhead=overhead,
         meta={"micro_batch": micro, "accumulate": accumulate, "precision": str(cfg.trainer.precision),
-              "checkpointing": _checkpointing(module), "after_forward": after_forward},
+              "checkpointing": _checkpointing(module)},
     )  # fmt: skip
 
 
