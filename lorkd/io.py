@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -83,8 +84,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception):
+            raise_if_disk_full(path.parent, exc, f"{path.name} could not be written")
         raise
     _fsync_dir(path.parent)
     return path
@@ -277,6 +280,23 @@ def disk_full(exc: BaseException) -> bool:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+FULL_BELOW_BYTES = 1 << 20  # a folder with less free space than this, after a failed write, is on a full disk
+
+
+def raise_if_disk_full(folder: str | os.PathLike, exc: BaseException, what: str = "") -> None:
+    """Raise :class:`DiskFullError` naming ``folder`` (from ``exc``) when the write that raised ``exc`` failed
+    for want of space: an ENOSPC/EDQUOT error, or, since torch.save and numpy lose the errno ("basic_ios::clear:
+    iostream error", "71820 requested and 39904 written"), less than :data:`FULL_BELOW_BYTES` left there."""
+    if isinstance(exc, DiskFullError):
+        return
+    try:
+        nearly_full = shutil.disk_usage(folder).free < FULL_BELOW_BYTES
+    except OSError:
+        nearly_full = False
+    if disk_full(exc) or nearly_full:
+        raise DiskFullError(folder, what) from exc
 
 
 LOCKS = ".locks"  # ROOT/.locks/<name>.lock: the lock a run holds while it writes ``name`` in ROOT

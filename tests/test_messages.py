@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from helpers import run_script
 from omegaconf import OmegaConf
@@ -117,3 +119,56 @@ def test_an_undecodable_dicom_series_keeps_the_whole_reason_on_one_line(tmp_path
     line = case_error(SimpleNamespace(image=tmp_path / "series"), caught.value)
     assert "\n" not in str(caught.value) and "cannot decode the pixel data" in line
     assert "missing dependencies: gdcm - requires gdcm>=3.0.10; pylibjpeg - requires pylibjpeg>=2.0" in line
+
+
+class _Usage:
+    def __init__(self, free: int) -> None:
+        self.total, self.used, self.free = 1 << 30, (1 << 30) - free, free
+
+
+def test_a_checkpoint_that_a_full_disk_cut_short_says_so_naming_the_file(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from lorkd.io import DiskFullError
+    from lorkd.modules.checkpoint_io import SafeCheckpointIO
+
+    def save(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\nbasic_ios::clear: iostream error")
+
+    monkeypatch.setattr(torch, "save", save)
+    folder = tmp_path / "checkpoints"
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: _Usage(1 << 30))  # space left: torch's own error
+    with pytest.raises(RuntimeError, match="iostream error"):
+        SafeCheckpointIO().save_checkpoint({"step": 1}, folder / "last.ckpt")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: _Usage(4096))
+    with pytest.raises(DiskFullError, match=rf"^no space left on device in {folder}: last.ckpt could not be written$"):
+        SafeCheckpointIO().save_checkpoint({"step": 1}, folder / "last.ckpt")
+    assert list(folder.iterdir()) == []  # no partial file left
+
+
+def test_a_cache_entry_that_a_full_disk_cut_short_says_so_naming_the_cache(tmp_path, monkeypatch, write_nifti):
+    import shutil
+
+    import numpy as np
+
+    from lorkd.data import cache as cache_module
+    from lorkd.data.cache import PreprocessCache
+    from lorkd.data.manifest import Case
+    from lorkd.data.transforms import PreprocessConfig
+    from lorkd.io import DiskFullError
+
+    image = write_nifti("img.nii.gz", np.random.default_rng(0).normal(40, 30, (20, 18, 8)).astype(np.float32))
+    case = Case(image, ["liver"], "ct", "D", None, None, "c", None, None, 1, tmp_path)
+
+    def save(path, array):
+        raise OSError("71820 requested and 39904 written")
+
+    monkeypatch.setattr(cache_module.np, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: _Usage(0))
+    root = tmp_path / "cache"
+    with pytest.raises(DiskFullError, match=rf"^no space left on device in {root}: the cache entry of {image} could not"):
+        PreprocessCache(root).get(case, PreprocessConfig())
+    assert list(root.iterdir()) == []

@@ -26,7 +26,7 @@ import numpy as np
 from lorkd.data.manifest import Case
 from lorkd.data.patches import IndexedCase, LabelIndex, index_case
 from lorkd.data.transforms import InversionInfo, PreprocessConfig, PreprocessedCase, preprocess_case
-from lorkd.io import safe_name
+from lorkd.io import raise_if_disk_full, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,9 @@ class PreprocessCache:
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             self._publish(tmp, target)
+        except Exception as exc:  # numpy says "71820 requested and 39904 written" for a full disk
+            raise_if_disk_full(self.root, exc, f"the cache entry of {inputs['files'][0][0]} could not be written")
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
