@@ -196,7 +196,7 @@ def convert(cfg: DictConfig) -> None:
 @_checked
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="check_manifest")
 def check_manifest(cfg: DictConfig) -> None:
-    """``python -m lorkd.data.manifest manifests=[M1,M2] [regions=demo | ~regions] [require_masks=false] [quick=true]``."""
+    """``python -m lorkd.commands.check_manifest manifests=[M1,M2] [regions=demo | ~regions] [require_masks=false] [quick=true]``."""
     from hydra.utils import instantiate
 
     from lorkd.data.manifest import check
@@ -211,7 +211,16 @@ def check_manifest(cfg: DictConfig) -> None:
 @_checked
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="labels")
 def labels(cfg: DictConfig) -> None:
-    """``lorkd-labels ckpt_path=CKPT [modality=ct] [json=true]``: the labels a model knows (see ``lorkd.labels``)."""
-    from lorkd.labels import run
+    """``lorkd-labels ckpt_path=CKPT [modality=ct] [json=true]``: the labels a model knows (:mod:`lorkd.labels`); a user error is one line, exit 1."""
+    import json
 
-    run(cfg)
+    from lorkd.checkpoints.commands import run_command
+
+    def job() -> str:
+        from lorkd.checkpoints.loading import load_model
+        from lorkd.labels import catalogue, format_catalogue
+
+        entry = catalogue(load_model(cfg.ckpt_path, cfg.model), cfg.modality)
+        return json.dumps(entry, indent=2) if cfg.json else format_catalogue(entry)
+
+    run_command("lorkd-labels", job)

@@ -1,7 +1,5 @@
-"""The label catalogue of a model: what can be asked for (``lorkd-labels``, ``Predictor.labels()``).
-
-    lorkd-labels ckpt_path=outputs/lorkd/checkpoints/last.ckpt [modality=ct] [model=teacher] [json=true]
-    python -m lorkd.labels ckpt_path=exports/demo json=true
+"""The label catalogue of a model: what can be asked for (``Predictor.labels()``; the command
+``lorkd-labels`` prints it, see :mod:`lorkd.commands.labels`).
 
 For a LoRKD checkpoint or export: every label of its region map per modality, the region and
 whether that region has an expert, whether the prompt can be encoded (cached in the prompt bank or a
@@ -85,24 +83,3 @@ def format_catalogue(entry: dict[str, Any]) -> str:
             prompt = "yes" if row["prompt"] else "no"
             lines.append(f"  {row['label']:<36} {row['region'] or '-':<16} {served:<16} {prompt}")
     return "\n".join(lines)
-
-
-def run(cfg: Any) -> None:
-    """``lorkd-labels`` (``configs/labels.yaml``; :func:`lorkd.cli.labels` makes it a Hydra app)."""
-    import json
-
-    from lorkd.checkpoints.commands import run_command
-
-    def job() -> str:
-        from lorkd.checkpoints.loading import load_model
-
-        entry = catalogue(load_model(cfg.ckpt_path, cfg.model), cfg.modality)
-        return json.dumps(entry, indent=2) if cfg.json else format_catalogue(entry)
-
-    run_command("lorkd-labels", job)
-
-
-if __name__ == "__main__":
-    from lorkd.cli import labels
-
-    labels()

@@ -215,7 +215,7 @@ def test_command_line_reports_problems(tmp_path, files, capsys):
 
 def test_manifest_check_command(tmp_path, files):
     bad = write_manifest(tmp_path / "bad.jsonl", [{**GOOD, "label": ["liver tumor"]}])
-    command = [sys.executable, "-m", "lorkd.data.manifest", f"manifests=[{bad}]"]
+    command = [sys.executable, "-m", "lorkd.commands.check_manifest", f"manifests=[{bad}]"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 1 and "bad.jsonl:1: unknown label 'liver tumor'" in done.stdout, done.stderr
     assert subprocess.run([*command, "regions=demo"], cwd=tmp_path, capture_output=True).returncode == 0

@@ -17,7 +17,7 @@ from lorkd.utils import PROJECT_ROOT
 
 def _labels_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lorkd.labels", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "lorkd.commands.labels", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300
     )
 
 

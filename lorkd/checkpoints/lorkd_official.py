@@ -211,7 +211,6 @@ def lorkd_checkpoint_from_official(
     file distilled from) is recorded for ``model="teacher"`` and parameter ratios; ``net_overrides`` as in
     :func:`load_lorkd_official` (the released files use SAT's defaults).
     """
-    from lorkd.data.transforms import PreprocessConfig
     from lorkd.experts import base_parameter_count, expert_parameter_counts  # peft: only when converting
 
     official = load_lorkd_official(path, student_preset, text_checkpoint, language_model_path, **dict(net_overrides or {}))
@@ -237,7 +236,7 @@ def lorkd_checkpoint_from_official(
         text_encoder=replace(TextHead.of(text), language_model_path=None),
         prompt_bank=bank.state_dict(),
         region_map=region_map.to_dict(),
-        data={"preprocess": PreprocessConfig().to_dict(), "patch_size": list(schema.SAT_PATCH_SIZE)},
+        data={"preprocess": dict(schema.SAT_PREPROCESS), "patch_size": list(schema.SAT_PATCH_SIZE)},
         teacher=teacher,
         parameter_counts=counts,
         converted_from={

@@ -17,6 +17,12 @@ VERSION = 1
 KINDS = ("sat", "lorkd")
 # SAT's training crop: the patch size recorded for released files and used for files that record none
 SAT_PATCH_SIZE = (288, 288, 96)
+# SAT's preprocessing as plain values (``lorkd.data.transforms.PreprocessConfig().to_dict()``): recorded for
+# released files, whose converter imports no ``lorkd.data``
+SAT_PREPROCESS = {
+    "orientation": "RAS", "spacing": [1.0, 1.0, 3.0], "crop_foreground": True, "crop_margin_mm": 0.0,
+    "ct_window": [-500.0, 1000.0], "percentiles": [0.5, 99.5], "interpolation": "bilinear", "nan_policy": "error",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ array is indexed (column, row, slice), so ``affine @ [i, j, k, 1]`` is the RAS p
 
 A folder that is not exactly one complete, evenly spaced single-frame image series (several series,
 files without pixels or geometry, differing orientations or sizes, missing or duplicate slices) is
-a :class:`~lorkd.data.io.CaseError` naming the folder and the problem. Files without the DICOM
+a :class:`~lorkd.data.volume.CaseError` naming the folder and the problem. Files without the DICOM
 preamble (``DICM`` at byte 128) and ``DICOMDIR`` are not part of a series.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lorkd.data.io import CaseError, Volume
+from lorkd.data.volume import CaseError, Volume
 
 SPACING_TOLERANCE = 0.01  # relative deviation of a slice gap from the median gap that counts as uneven
 _IMAGE = ("SeriesInstanceUID", "Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")

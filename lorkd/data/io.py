@@ -6,31 +6,18 @@ import itertools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from lorkd.data.volume import CaseError, Volume  # also imported from here
 from lorkd.io import printable
 
 log = logging.getLogger(__name__)
 
 NAN_POLICIES = ("error", "zero")
 _BLOCK = (64, 32, 32)  # voxels per block copied by :func:`reordered`: source and destination stay in the cache
-
-
-class CaseError(ValueError):
-    """A case whose image or mask cannot be used; the message names the file and the problem."""
-
-
-@dataclass
-class Volume:
-    """A 3-D array with its voxel-to-world (RAS mm) affine."""
-
-    data: np.ndarray
-    affine: np.ndarray
-    name: str
 
 
 def squeeze_to_3d(array: np.ndarray, name: str) -> np.ndarray:

@@ -7,7 +7,9 @@ A line::
 
 ``mask`` is an integer label map whose id j+1 is ``label[j]``; or ``masks`` maps each label to a
 binary file. Optional: ``id`` (default: image basename without ``.nii.gz``/``.nii``), ``region``
-(forces the expert), ``orientation`` (axis codes such as "ASR"). Other keys (SAT-DS's
+(forces the expert), ``orientation`` (axis codes such as "ASR"), ``label_region`` (``{label: region}``
+for labels the region map does not know: training adds them to the map, see :func:`add_labels`;
+``lorkd-data import`` writes it). Other keys (SAT-DS's
 ``patient_id``, ``official_split``...) are ignored. Relative paths resolve against the manifest's
 folder. Every line with problems is reported as ``<file>:<line>: <problem>[; <problem>...]``, all of
 them at once.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from lorkd.regions import (
     UnknownLabelError,
     UnknownModalityError,
     canonical_modality,
+    mod_label,
     normalize_label,
 )
 
@@ -66,6 +69,15 @@ class Case:
     orientation: str | None
     line: int
     source: Path
+    added: dict[str, str] = field(default_factory=dict)  # label -> region for labels new to the region map
+
+
+def add_labels(region_map: RegionMap, cases: Sequence[Case]) -> RegionMap:
+    """Put the cases' new labels (their lines' ``label_region``) into ``region_map``, in place; returns it."""
+    for case in cases:
+        for label, region in case.added.items():
+            region_map.add(label, case.modality, region)
+    return region_map
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,23 @@ def read_manifest(
     return _parse(Path(path), require_masks, region_map, defaults=defaults)
 
 
+def parse_rows(
+    rows: Sequence[dict[str, Any]], where: Sequence[str], source: Path, require_masks: bool = True,
+    region_map: RegionMap | None = None,
+) -> tuple[list[Case], list[str]]:
+    """Manifest lines held in memory (an imported dataset's): the valid cases, and each problem as
+    ``<where[i]>: <problem>`` (``where[i]`` names row i's files); relative paths resolve against
+    ``source``'s folder."""
+    cases: list[Case] = []
+    problems: list[str] = []
+    for number, (row, name) in enumerate(zip(rows, where), start=1):
+        case, errors = _parse_line(json.dumps(row), source, number, require_masks, region_map)
+        problems += [f"{name}: {error}" for error in errors]
+        if case is not None:
+            cases.append(case)
+    return cases, problems
+
+
 def _parse(
     path: Path,
     require_masks: bool,
@@ -223,6 +252,7 @@ def _parse_line(
     if require_masks and mask is None and masks is None and "mask" not in row and "masks" not in row:
         errors.append("missing 'mask' (or 'masks'); this manifest needs ground truth")
     region = _region(row, region_map, errors) if "region" in row else given.region
+    added = _label_regions(row, labels, modality, region_map, errors)
     orientation = row.get("orientation", given.orientation)
     if orientation is not None:
         try:
@@ -231,7 +261,7 @@ def _parse_line(
             errors.append(str(exc))
             orientation = None
     if region_map is not None and region is None and modality and labels:
-        for label in labels:
+        for label in (x for x in labels if x not in added):
             try:
                 region_map.region_of(label, modality)
             except UnknownLabelError as exc:
@@ -259,6 +289,7 @@ def _parse_line(
             orientation=orientation,
             line=number,
             source=source,
+            added=added,
         ),
         [],
     )
@@ -357,6 +388,32 @@ def _region(row: dict[str, Any], region_map: RegionMap | None, errors: list[str]
     return region
 
 
+def _label_regions(
+    row: dict[str, Any], labels: list[str], modality: str, region_map: RegionMap | None, errors: list[str]
+) -> dict[str, str]:
+    """The line's ``label_region``: each a label of the line and an expert region; a label the map knows
+    must keep its region."""
+    raw = row.get("label_region")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        errors.append(f"'label_region' must map label names to regions, got {raw!r}")
+        return {}
+    added: dict[str, str] = {}
+    for name, value in raw.items():
+        label, region = normalize_label(name), value.strip().lower().replace(" ", "_")
+        if label not in labels:
+            errors.append(f"'label_region' has label {label!r} that is not in 'label'")
+        elif region_map is not None and region not in region_map.regions:
+            errors.append(f"label_region[{label!r}]: unknown region {value!r}; expected one of {region_map.regions}")
+        elif region_map is not None and modality and region_map.label_region.get(mod_label(modality, label), region) != region:
+            known = region_map.region_of(label, modality)
+            errors.append(f"label_region[{label!r}] is {region!r} but the region map puts {label!r} in {known!r}")
+        else:
+            added[label] = region
+    return added
+
+
 def _check_grids(image: Path, mask: Path | None, masks: dict[str, Path] | None, errors: list[str]) -> None:
     """Headers only: the image is 3-D and each mask lies on it (:mod:`lorkd.data.geometry`)."""
     try:
@@ -414,7 +471,7 @@ def check(
     """Print every problem of each manifest as ``file:line: ...`` (or ``FILE: OK``); 1 if any has one, else 0.
 
     Command line (``configs/check_manifest.yaml``, see :func:`lorkd.cli.check_manifest`):
-    ``python -m lorkd.data.manifest manifests=[train.jsonl,val.jsonl] [regions=demo | ~regions] [require_masks=false] [quick=true]``
+    ``python -m lorkd.commands.check_manifest manifests=[train.jsonl,val.jsonl] [regions=demo | ~regions] [require_masks=false] [quick=true]``
 
     Voxels are read too (truncated files, mask ids above a line's labels) unless ``quick`` (headers only).
     """
@@ -424,9 +481,3 @@ def check(
         print("\n".join(problems) if problems else f"{path}: OK")
         failed += bool(problems)
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    from lorkd.cli import check_manifest
-
-    check_manifest()

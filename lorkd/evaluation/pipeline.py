@@ -114,9 +114,9 @@ def _prepare(cfg: DictConfig) -> tuple[Any, list[Any], Any]:
     """The task, cases and predictor, after every check that can fail before any case runs."""
     from hydra.utils import instantiate
 
+    from lorkd.api import load
     from lorkd.evaluation.task import EvaluationTask, model_info
     from lorkd.inference.predictor import NEUTRAL_OPTIONS
-    from lorkd.inference.run import load_predictor, predictor_options
 
     out = check_writable_folder(cfg.paths.output_dir)
     records_folder(out)
@@ -128,14 +128,14 @@ def _prepare(cfg: DictConfig) -> tuple[Any, list[Any], Any]:
     if cfg.get("compare"):
         load_summary(cfg.compare)  # fail now, not after the whole evaluation
     settings = MetricSettings.coerce(plain(cfg.metrics))
-    options = predictor_options(cfg)
+    options = {**plain(cfg.inference), "fallback": plain(cfg.routing.fallback)}
     inference = {k: v for k, v in options.items() if k not in NEUTRAL_OPTIONS} | {"official": plain(cfg.official)}
 
     manifest = Path(cfg.data.test_manifest)
     cases, problems = read_manifest(manifest, require_masks=True)
     if not cases:
         raise ManifestError(manifest, problems)
-    predictor = load_predictor(cfg)
+    predictor = load(cfg.ckpt_path, cfg.model, device="cpu", **plain(cfg.official), **options)
     fingerprint = run_fingerprint(settings, predictor.model.identity, cfg.model, inference)  # the bytes loaded
     task = EvaluationTask(
         out,

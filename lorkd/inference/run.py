@@ -31,28 +31,12 @@ def predictor_options(cfg: DictConfig) -> dict[str, Any]:
     return {**plain(cfg.inference), "fallback": plain(cfg.routing.fallback)}
 
 
-def load_predictor(cfg: DictConfig, attempts: int = 3) -> Predictor:
-    """The Predictor of ``ckpt_path`` (network ``model``) with the config's options and ``official.*``.
+def load_predictor(cfg: DictConfig) -> Predictor:
+    """The Predictor of ``ckpt_path`` (network ``model``) with the config's options and ``official.*``
+    (:func:`lorkd.api.load`)."""
+    from lorkd.api import load
 
-    ``predictor.model.identity`` is that of the checkpoint bytes loaded; a fallback teacher read from
-    another version of the file (rewritten between the two reads) makes it load both again.
-    """
-    from lorkd.inference.predictor import Predictor
-
-    official = plain(cfg.official)
-    for _ in range(attempts):
-        predictor = Predictor.from_checkpoint(
-            cfg.ckpt_path,
-            model=cfg.model,
-            text_checkpoint=official["text_checkpoint"],
-            language_model_path=official["language_model_path"],
-            net_overrides=official["net_overrides"],
-            device="cpu",
-            **predictor_options(cfg),
-        )
-        if predictor.teacher is None or predictor.teacher.identity == predictor.model.identity:
-            return predictor
-    raise OSError(f"ckpt_path={cfg.ckpt_path} changed while it was read, {attempts} times: run again once it is written")
+    return load(cfg.ckpt_path, cfg.model, device="cpu", **plain(cfg.official), **predictor_options(cfg))
 
 
 def check_prompts(predictor: Predictor, cases: Sequence[Case]) -> None:

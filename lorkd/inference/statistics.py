@@ -7,14 +7,21 @@ stored, DICOM values after the rescale slope and intercept). An empty mask has `
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lorkd.inference.predictor import Prediction
-from lorkd.inference.writer import voxel_volume_ml
+if TYPE_CHECKING:
+    import nibabel as nib
+
+    from lorkd.inference.predictor import Prediction
 
 STATISTICS = "statistics.json"
+
+
+def voxel_volume_ml(image: nib.spatialimages.SpatialImage) -> float:
+    """The volume of one voxel of ``image`` in millilitres."""
+    return float(abs(np.linalg.det(np.asarray(image.affine)[:3, :3]))) / 1000.0
 
 
 def label_statistics(prediction: Prediction) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import numpy as np
 
 from lorkd.data.io import available_cores, reordered
 from lorkd.inference.predictor import Prediction
+from lorkd.inference.statistics import voxel_volume_ml
 from lorkd.io import atomic_write, folder_inside, path_inside, remove_temporaries, safe_name, write_json
 
 MARKER = "prediction.json"
@@ -50,10 +51,6 @@ def label_file_names(labels: Sequence[str]) -> dict[str, str]:
         used.add(stem.lower())
         names[label] = stem
     return names
-
-
-def voxel_volume_ml(image: nib.spatialimages.SpatialImage) -> float:
-    return float(abs(np.linalg.det(np.asarray(image.affine)[:3, :3]))) / 1000.0
 
 
 def summary_rows(case: str, prediction: Prediction, seconds: float) -> list[dict[str, Any]]:
