@@ -1,5 +1,6 @@
 """LoRKDModule is built from objects (a loaded teacher, a plain student, an experts spec): no file is read."""
 
+import math
 from functools import partial
 
 import pytest
@@ -128,3 +129,40 @@ def test_the_logged_training_loss_is_seg_plus_lambda_times_kd_from_the_teachers_
     trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
     assert kd > 1e-3 and logged.kd == pytest.approx(kd, rel=1e-4)
     assert logged.loss == pytest.approx(seg + lambda_kd * kd, rel=1e-4) and logged.returned == pytest.approx(logged.loss)
+
+
+def _hard_dice_by_hand(logits: torch.Tensor, masks: torch.Tensor, b: int, q: int) -> float:
+    pred, ref = torch.sigmoid(logits[b, q]) > 0.5, masks[b, q] > 0.5
+    total = int(pred.sum() + ref.sum())
+    return 2 * int((pred & ref).sum()) / total if total else 1.0
+
+
+def test_validation_dice_is_the_mean_over_valid_queries_per_region_and_overall():
+    """``val/dice/<region>``: mean hard Dice of that region's samples' valid queries; ``val/dice``: of all of them.
+    The padded query of sample 1 is given a mask equal to its prediction (Dice 1): it must not count."""
+    import lightning.pytorch as pl
+
+    module = _module()
+    batch = _batch()
+    with torch.no_grad():
+        queries = module.queries_for(batch)
+        logits = {"dice": module(batch["image"], queries, batch["region"]), "dice_teacher": module.teacher(batch["image"], queries)}
+    batch["masks"][1, 1] = (torch.sigmoid(logits["dice"][1, 1]) > 0.5).float()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(module, torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)[0]
+    for name, out in logits.items():
+        abdomen = [_hard_dice_by_hand(out, batch["masks"], 0, q) for q in (0, 1)]
+        thorax = _hard_dice_by_hand(out, batch["masks"], 1, 0)
+        assert metrics[f"val/{name}/abdomen"] == pytest.approx(sum(abdomen) / 2)
+        assert metrics[f"val/{name}/thorax"] == pytest.approx(thorax)
+        assert metrics[f"val/{name}"] == pytest.approx((sum(abdomen) + thorax) / 3)
+    assert len({round(v, 6) for v in metrics.values()}) > 2  # the regions' values differ: a swap would show
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
+    from lorkd.modules.base import warmup_cosine
+
+    factor = warmup_cosine(4, 12)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert [factor(s) for s in (4, 8, 12, 20)] == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-12)
+    assert factor(6) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
