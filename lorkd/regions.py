@@ -118,6 +118,12 @@ class RegionMap:
             raise ValueError(f"label {key!r} is mapped to two regions: {previous} and {region}")
         self.label_region[key] = region
 
+    def add(self, label: str, modality: str, region: str) -> None:
+        """Put a new (modality, label) prompt in ``region`` (an expert region); the same region again is a no-op."""
+        if region not in self.regions:
+            raise ValueError(f"cannot add label {label!r} to region {region!r}: expected one of {self.regions}")
+        self._add(mod_label(modality, label), region)
+
     def to_dict(self) -> dict:
         """Plain-data form (stored in checkpoints and exports); ``RegionMap(**d)`` rebuilds it."""
         labels: dict[str, list[str]] = {}
