@@ -1,12 +1,19 @@
 """``ModelCheckpoint`` whose ``last.ckpt`` (the resume point) is always the run's latest state, and which
-stops a run that was asked to stop (SIGTERM) at a step boundary once ``last.ckpt`` holds that step."""
+stops a run that was asked to stop (SIGTERM, SLURM's requeue signal) at a step boundary once ``last.ckpt``
+holds that step."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import threading
+from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -28,13 +35,19 @@ class ResumeCheckpoint(ModelCheckpoint):
 
     ``last.ckpt`` is always the latest state: it is never versioned (Lightning writes ``last-v1.ckpt``
     beside an existing ``last.ckpt`` that a resumed run with other settings does not recognise), it
-    is written when training ends, and when SIGTERM arrives (any rank's) every rank stops after the
-    step in progress, ``last.ckpt`` holds that step, and :class:`SIGTERMException` carries exit code
-    :data:`~lorkd.exit_codes.STOPPED`. Temporary files of a write that a kill interrupted
-    (``.tmp-*``, :func:`lorkd.io.atomic_write`) are removed from the checkpoint folder when fitting starts.
+    is written when training ends, and when SIGTERM arrives (on any rank) every rank stops after the
+    training step in progress, ``last.ckpt`` holds that step, and :class:`SIGTERMException` carries exit
+    code :data:`~lorkd.exit_codes.STOPPED`. Under SLURM with auto-requeue (Lightning's default) the
+    requeue signal (``--signal=SIGUSR1@120``) stops the run the same way, then rank 0 requeues the job
+    (``scontrol requeue``). These handlers replace Lightning's, which save or broadcast inside the signal
+    handler itself and so can deadlock DDP ranks; here the handler only takes note, and the ranks agree
+    at the end of each training step (one all-reduce of a flag). Temporary files of a write that a kill
+    interrupted (``.tmp-*``, :func:`lorkd.io.atomic_write`) are removed from the checkpoint folder when
+    fitting starts.
     """
 
     _last_step_written: int | None = None
+    _stop: str | None = None  # "stop" or "requeue" once a signal asked for it
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -54,19 +67,37 @@ class ResumeCheckpoint(ModelCheckpoint):
             step_saved = self._last_global_step_saved
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             self._last_global_step_saved = step_saved  # so that the validation at this step still saves
-        # every rank takes the same decision at the same step (ranks may receive SIGTERM steps apart)
-        if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
+        # every rank takes the same decision at the same step (ranks may receive the signal steps apart)
+        if trainer.strategy.reduce_boolean_decision(self._stop is not None, all=False):
             self._save_latest(trainer)
+            requeue = trainer.strategy.reduce_boolean_decision(self._stop == "requeue", all=False)
+            if requeue and trainer.is_global_zero:
+                _requeue()
             raise SIGTERMException(STOPPED)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Take over SIGTERM (and SLURM's requeue signal) from Lightning, which registered its handlers
+        for this fit already and restores the ones from before when the fit ends."""
+        self._stop = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        launcher = trainer.strategy.launcher
+
+        def request(what: str) -> Any:
+            def handler(signum: int, frame: FrameType | None) -> None:
+                if self._stop is None and launcher is not None:
+                    launcher.kill(signum)  # the processes this one launched (Lightning's launcher) stop too
+                self._stop = self._stop or what
+
+            return handler
+
+        signal.signal(signal.SIGTERM, request("stop"))
+        environment = trainer._accelerator_connector.cluster_environment  # as Lightning's signal connector reads it
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
+            signal.signal(environment.requeue_signal, request("requeue"))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save_latest(trainer)
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """SIGTERM raised by Lightning itself (during validation, in a single process): save ``last.ckpt`` too."""
-        super().on_exception(trainer, pl_module, exception)
-        if isinstance(exception, SIGTERMException) and trainer.world_size == 1:
-            self._save_latest(trainer)
 
     def _save_latest(self, trainer: pl.Trainer) -> None:
         """Write ``last.ckpt`` unless it already holds this step."""
@@ -81,3 +112,18 @@ class ResumeCheckpoint(ModelCheckpoint):
             self._enable_version_counter = versioned
         if self.save_last:
             self._last_step_written = trainer.global_step
+
+
+def _requeue() -> None:
+    """``scontrol requeue`` this SLURM job (or array task), as Lightning's auto-requeue does."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except FileNotFoundError:
+        log.warning("could not requeue SLURM job %s: scontrol is not on PATH", job)
+        return
+    if result.returncode == 0:
+        log.warning("requeued SLURM job %s; it resumes from last.ckpt", job)
+    else:
+        log.warning("scontrol requeue %s failed (exit %d): %s", job, result.returncode, result.stderr.strip())

@@ -8,7 +8,6 @@ then says so and exits with :data:`lorkd.exit_codes.STOPPED`.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import warnings
@@ -78,9 +77,7 @@ def _sigterm_to_workers(trainer: pl.Trainer) -> Iterator[list[int]]:
 
     def forward(signum: int, frame: object) -> None:
         received.append(signum)
-        for process in getattr(launcher, "procs", []):
-            if process.is_alive():
-                os.kill(process.pid, signum)
+        launcher.kill(signum)
 
     previous = signal.signal(signal.SIGTERM, forward)
     try:
@@ -116,7 +113,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     single_log_stream()
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    # one region map for data and model: labels the data adds (lorkd.data.nnunet) reach the checkpoints
+    shared = getattr(datamodule, "region_map", None)
+    model = instantiate(cfg.model, **({"region_map": shared} if shared is not None and "region_map" in cfg.model else {}))
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
@@ -133,8 +132,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         try:
             trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        except (SIGTERMException, ProcessExitedException):
-            if not (trainer.received_sigterm or forwarded):
+        except SIGTERMException:
+            raise _stopped(trainer, reached_step(trainer)) from None
+        except ProcessExitedException as exc:  # a ddp_spawn worker's exit
+            if not forwarded or exc.exit_code != STOPPED:
                 raise
             raise _stopped(trainer, reached_step(trainer)) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -151,3 +151,30 @@ def run_script(script: str, args: Sequence[str], cwd, env=None, timeout: float =
         out, err = process.communicate()
         pytest.fail(f"{script} timed out:\n{(out + err)[-3000:]}")
     return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def train_until_sigterm(overrides: Sequence[str], last: Path, cwd, env=None, timeout: float = 300):
+    """``python train.py OVERRIDES`` until ``last`` (its last.ckpt) exists, then SIGTERM to that process,
+    as a scheduler sends it. Returns ``(exit code, stdout and stderr)``; killed on timeout."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, str(Path(CONFIG_DIR).parent / "train.py"), *overrides], cwd=cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    return process.returncode, output

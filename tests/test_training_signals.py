@@ -5,18 +5,13 @@ temporary files of an interrupted checkpoint write."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
-from helpers import demo_overrides, run_training
+from helpers import demo_overrides, run_training, train_until_sigterm
 
 from lorkd.exit_codes import STOPPED
 
-ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "experiment=demo_teacher"
 
 
@@ -40,23 +35,9 @@ def test_sigterm_saves_last_checkpoint_exits_nonzero_and_the_run_resumes(tiny_de
         "trainer.max_steps=500",  # far more than the test waits for
         f"hydra.run.dir={out}",
     ]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *overrides], cwd=tmp_path, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert last.is_file(), "no last.ckpt was written"
-        process.send_signal(signal.SIGTERM)  # what a scheduler sends the job
-        output, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-    assert process.returncode == STOPPED, output[-3000:]
+    assert not last.exists()
+    code, output = train_until_sigterm(overrides, last, tmp_path, {**os.environ, "WANDB_MODE": "disabled"})
+    assert code == STOPPED, output[-3000:]
     stopped_at = step_of(last)
     assert 2 <= stopped_at < 500
     line = f"stopped by SIGTERM at step {stopped_at} of 500: {last} holds it; resume with ckpt_path={last}"
