@@ -1,4 +1,4 @@
-"""Console entry points: ``lorkd-train``, ``lorkd-eval``, ``lorkd-predict``, ``lorkd-export``, ``lorkd-labels`` (and the root scripts).
+"""Console entry points: ``lorkd-train``, ``lorkd-eval``, ``lorkd-predict``, ``lorkd-export``, ``lorkd-labels``, ``lorkd-data`` (and the root scripts).
 
 A command line that Hydra cannot parse, or a config with required values (``???``) left out
 (:mod:`lorkd.required`, all of them named), stops every command with one message and exit code 2.
@@ -55,7 +55,8 @@ def _checked(main: Callable[[], Any]) -> Callable[[], Any]:
 
     @functools.wraps(main)
     def entry(*args: Any, **kwargs: Any) -> Any:
-        _check_overrides()
+        if not args and not kwargs:  # from the command line (a composed config passed in is already parsed)
+            _check_overrides()
         return main(*args, **kwargs)
 
     return entry
@@ -114,7 +115,7 @@ def _check_output_dir() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def _evaluate(cfg: DictConfig) -> None:
-    from lorkd.evaluation.pipeline import evaluate as run
+    from lorkd.commands.evaluate import run
 
     def job() -> int:
         summary = run(cfg)
@@ -224,3 +225,37 @@ def labels(cfg: DictConfig) -> None:
         return json.dumps(entry, indent=2) if cfg.json else format_catalogue(entry)
 
     run_command("lorkd-labels", job)
+
+
+def _data_arguments(argv: list[str]) -> list[str]:
+    """``lorkd-data import DIR key=value...`` as Hydra overrides (``dataset=DIR``); anything else is a usage error."""
+    if not argv or argv[0] != "import":
+        print("usage: lorkd-data import DIR out=OUT [region=...] [mapping=FILE] [channel=...] (configs/data_import.yaml)", file=sys.stderr)
+        sys.exit(NOT_STARTED)
+    rest = argv[1:]
+    if rest and "=" not in rest[0] and not rest[0].startswith("-"):
+        rest = [f"dataset={rest[0]}", *rest[1:]]
+    return rest
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="data_import")
+def _data_import(cfg: DictConfig) -> None:
+    from hydra.utils import instantiate
+
+    from lorkd.data.nnunet import DatasetError, import_dataset, summary, write_manifests
+
+    options = {k: cfg[k] for k in ("channel", "modality", "region", "mapping", "seed", "val_fraction", "fold", "splits")}
+    region_map = instantiate(cfg.regions) if cfg.get("regions") else None
+    try:
+        imported = import_dataset(cfg.dataset, {**options, "dataset": cfg.name}, region_map)
+        print(summary(imported, write_manifests(imported, cfg.out)))
+    except DatasetError as exc:
+        print(f"lorkd-data: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def data() -> None:
+    """``lorkd-data import DIR out=OUT [...]``: an nnU-Net v2 or Decathlon dataset folder as manifests (exit 1 on problems)."""
+    sys.argv[1:] = _data_arguments(sys.argv[1:])
+    _check_overrides()
+    _data_import()

@@ -268,13 +268,46 @@ def load_teacher(
     return replace(loaded, fingerprint=file_fingerprint([Path(path)]))
 
 
+def _lorkd_checkpoint(path: str | Path) -> tuple[Any, CheckpointMeta]:
+    raw, _ = _read(path)
+    meta = schema.read(raw, str(path))
+    if meta is None or meta.kind != "lorkd":
+        raise ValueError(f"{path} is not a LoRKD checkpoint of this project (convert a released file first)")
+    return raw, meta
+
+
 def read_student_state(path: str | Path | None) -> dict[str, torch.Tensor] | None:
     """The student (base and experts) of our LoRKD checkpoint at ``path``, to start a training from
     (``model.student_state.path``); None without a path."""
     if path is None:
         return None
-    raw, _ = _read(path)
-    meta = schema.read(raw, str(path))
-    if meta is None or meta.kind != "lorkd":
-        raise ValueError(f"{path} is not a LoRKD checkpoint of this project (convert a released file first)")
-    return sub_state(raw["state_dict"], "student.")
+    return sub_state(_lorkd_checkpoint(path)[0]["state_dict"], "student.")
+
+
+def read_student_network(path: str | Path) -> SAT:
+    """The plain student network (no experts, fresh weights) of our LoRKD checkpoint, built as it records
+    (``configs/model/lorkd_finetune.yaml``: fine-tuning needs no architecture repeated on the command line)."""
+    return build_network(_lorkd_checkpoint(path)[1].net)
+
+
+def read_experts_spec(path: str | Path) -> schema.ExpertsSpec:
+    """The experts spec our LoRKD checkpoint records."""
+    experts = _lorkd_checkpoint(path)[1].experts
+    assert experts is not None  # schema.read refuses a LoRKD checkpoint without one
+    return experts
+
+
+def read_training_data(path: str | Path, key: str) -> Any:
+    """``key`` of what our LoRKD checkpoint records of its training data (``preprocess``, ``patch_size``)."""
+    data = _lorkd_checkpoint(path)[1].data
+    if key not in data:
+        raise ValueError(f"{path}: the checkpoint records no data.{key}")
+    return data[key]
+
+
+def read_region_map(path: str | Path) -> RegionMap:
+    """The region map our LoRKD checkpoint was trained with (labels added by earlier fine-tunes included)."""
+    meta = _lorkd_checkpoint(path)[1]
+    if not meta.region_map:
+        raise ValueError(f"{path}: the checkpoint records no region map")
+    return RegionMap(**meta.region_map)

@@ -21,7 +21,8 @@ from lorkd.data.datasets import (
     collate_case,
     collate_patches,
 )
-from lorkd.data.manifest import Case, load_manifest
+from lorkd.data.manifest import Case, add_labels, load_manifest
+from lorkd.data.nnunet import DatasetError, ImportedDataset, ImportOptions, import_dataset, is_dataset_folder
 from lorkd.data.sampling import RegionSampler, item_weights
 from lorkd.data.transforms import PreprocessConfig
 from lorkd.regions import RegionMap
@@ -49,6 +50,13 @@ class LoRKDDataModule(L.LightningDataModule):
     * val: :class:`ValidationPatches`, fixed label-centred patches without augmentation.
     * test / predict: :class:`CaseDataset` with batch size 1; a batch is ``{"index", "case"}`` and
       the evaluator / predictor preprocesses the case itself.
+
+    A manifest may also be an nnU-Net v2 or Decathlon dataset folder (:mod:`lorkd.data.nnunet`, read with
+    ``dataset_import``'s options): ``train_manifest=DIR`` trains on its train split and, without a
+    ``val_manifest``, validates on its val split; ``test_manifest=DIR``/``predict_manifest=DIR`` read its
+    ``imagesTs``. Labels new to the region map (their lines' ``label_region``) are added to ``region_map``,
+    which training shares with the model, so that its checkpoints know them. ``regions`` keeps only the
+    training and validation items of those expert regions (fine-tuning one expert).
 
     Batches leave the workers with the masks packed into bits and the image in ``image_dtype``;
     :meth:`on_after_batch_transfer` turns them into float32 image and masks on the device, after
@@ -83,8 +91,15 @@ class LoRKDDataModule(L.LightningDataModule):
         val_patches_per_item: int = 1,
         warm_cache: bool = True,
         image_dtype: str = "float32",
+        dataset_import: ImportOptions | Mapping[str, Any] | None = None,
+        regions: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
+        if val_manifest is None and is_dataset_folder(train_manifest):
+            val_manifest = train_manifest
+        self.dataset_import = ImportOptions.coerce(plain(dataset_import))
+        self._imported: dict[str, ImportedDataset] = {}
+        self.regions = list(plain(regions)) if regions else None
         self.manifests = {
             "train": train_manifest,
             "val": val_manifest,
@@ -121,10 +136,29 @@ class LoRKDDataModule(L.LightningDataModule):
             path = self.manifests[split]
             if path is None:
                 raise ValueError(f"no {split}_manifest configured (set data.{split}_manifest=...)")
-            self.cases[split] = load_manifest(
-                path, require_masks=split != "predict", region_map=self.region_map
-            )
+            if is_dataset_folder(path):
+                self.cases[split] = self._dataset_cases(path, split)
+            else:
+                self.cases[split] = load_manifest(path, require_masks=split != "predict", region_map=self.region_map)
+            if self.region_map is not None:
+                add_labels(self.region_map, self.cases[split])
         return self.cases[split]
+
+    def _dataset_cases(self, folder: str | Path, split: str) -> list[Case]:
+        """A dataset folder's cases of ``split`` (predict and test: its imagesTs), imported once."""
+        key = str(folder)
+        if key not in self._imported:
+            self._imported[key] = import_dataset(folder, self.dataset_import, self.region_map)
+        imported = self._imported[key]
+        part = {"predict": "test"}.get(split, split)
+        if part not in imported.cases:
+            raise DatasetError(imported.folder, [f"{imported.folder}: 4-D images: write their channel out with `lorkd-data import {folder} out=DIR channel=...` and train on DIR's manifests"])
+        cases = imported.cases[part]
+        if not cases:
+            raise DatasetError(imported.folder, [f"{imported.folder}: no {part} cases for data.{split}_manifest"])
+        if split == "test" and any(c.mask is None for c in cases):
+            raise DatasetError(imported.folder, [f"{imported.folder}: imagesTs has no labelsTs to evaluate against"])
+        return cases
 
     def prepare_data(self) -> None:
         if self.cache is None or not self.warm_cache:
@@ -138,7 +172,8 @@ class LoRKDDataModule(L.LightningDataModule):
                 self.cache.get(case, self.preprocess)
 
     def _patches(self, split: str, training: bool) -> PatchDataset:
-        return PatchDataset(
+        """The split's patches; with ``regions``, only the items of those expert regions."""
+        dataset = PatchDataset(
             self.cases_of(split),
             self.cache,
             self.preprocess,
@@ -152,6 +187,11 @@ class LoRKDDataModule(L.LightningDataModule):
             augment_on_device=training and augment_on_device(self.augment),
             image_dtype=self.image_dtype,
         )
+        if self.regions is not None:
+            dataset.items = [item for item in dataset.items if item.region_name in self.regions]
+            if not dataset.items:
+                raise ValueError(f"data.regions={self.regions}: no {split} case has a label of these regions")
+        return dataset
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.manifests["train"] is not None:

@@ -3,6 +3,11 @@
 loss = Dice + BCE (labels) + λ·KD(teacher logits, per query, temperature T) [+ μ·MSE(fused latents)].
 Teacher and text side are frozen and share one PromptBank; each sample runs its region's expert.
 The teacher's weights are not stored in LoRKD checkpoints, only its path and fingerprint.
+
+Fine-tuning one expert (``finetune_region``, ``experiment=finetune``): only that region's LoRA factors train;
+the shared base, query decoder, heads, text side and every other expert stay frozen, so every other
+region's outputs stay bit-identical. A new label needs no new parameter: its query is the frozen text
+head's output for its text prompt. ``kd_labels="teacher"`` distils only labels the teacher knows.
 """
 
 from __future__ import annotations
@@ -31,6 +36,20 @@ from lorkd.regions import RegionMap
 log = logging.getLogger(__name__)
 
 STUDENT_INITS = ("auto", "teacher", "checkpoint", "scratch")
+KD_LABELS = ("all", "teacher")
+
+
+def freeze_all_but_expert(student: SAT, region: str) -> list[str]:
+    """Freeze every parameter of ``student`` except ``region``'s LoRA factors; their names (none: an error)."""
+    trainable = []
+    for name, p in student.named_parameters():
+        own = ".lora_" in name and f".{region}." in f"{name}."
+        p.requires_grad_(own)
+        if own:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError(f"finetune_region={region!r}: the student has no expert of that name")
+    return trainable
 
 
 def count(module: torch.nn.Module) -> int:
@@ -57,10 +76,14 @@ class LoRKDModule(PromptedSegmentationModule):
         total_steps: int = 100000,
         prompt_cache_dir: str | Path | None = None,
         mixed_batch: str = "auto",
+        finetune_region: str | None = None,
+        kd_labels: str = "all",
     ) -> None:
         """``teacher``: the SAT teacher with its text side and file fingerprint (``lorkd.checkpoints.loading.load_teacher``);
         ``student``: the plain student SAT, which gets ``experts`` here; ``student_state``: the student (base and
-        experts) to start from with ``student_init="checkpoint"`` (``lorkd.checkpoints.loading.read_student_state``)."""
+        experts) to start from with ``student_init="checkpoint"`` (``lorkd.checkpoints.loading.read_student_state``);
+        ``finetune_region``: train that expert alone (module docstring); ``kd_labels``: ``all`` or ``teacher`` (only
+        labels in the teacher's prompt bank, or in the region map as given when the teacher has no bank)."""
         if not teacher.fingerprint:
             raise ValueError(f"teacher {teacher.source} has no file fingerprint (load it with load_teacher)")
         if list(experts.regions) != list(region_map.regions):
@@ -85,6 +108,15 @@ class LoRKDModule(PromptedSegmentationModule):
         self.kd_mode = kd_mode
         self.feature_kd_weight = float(feature_kd_weight)
         self.mixed_batch = check_mixed_batch(mixed_batch)
+        self.finetune_region = finetune_region
+        if finetune_region is not None:
+            if finetune_region not in experts.regions:
+                raise ValueError(f"finetune_region={finetune_region!r} is none of the experts {list(experts.regions)}")
+            freeze_all_but_expert(self.student, finetune_region)
+        if kd_labels not in KD_LABELS:
+            raise ValueError(f"kd_labels must be one of {KD_LABELS}, got {kd_labels!r}")
+        known = set(teacher.prompts.embeddings) or {k.split("_", 1)[1] for k in region_map.label_region}
+        self.teacher_labels: frozenset[str] | None = frozenset(known) if kd_labels == "teacher" else None
 
     # ---- construction ------------------------------------------------------------------------------
     def _init_student(self, how: str, state: Mapping[str, torch.Tensor] | None) -> None:
@@ -132,7 +164,7 @@ class LoRKDModule(PromptedSegmentationModule):
             teacher = self.teacher(batch["image"], queries, return_aux=True)
         student = self(batch["image"], queries, batch["region"], return_aux=True)
         seg, parts = segmentation_loss(student.logits, batch["masks"], qmask)
-        kd = distillation_loss(student.logits, teacher.logits, qmask, self.temperature, self.kd_mode)
+        kd = distillation_loss(student.logits, teacher.logits, self.distilled(batch, qmask), self.temperature, self.kd_mode)
         loss = seg + self.lambda_kd * kd
         logs = {"train/seg_loss": seg.detach(), "train/kd_loss": kd.detach(), **{f"train/{k}": v for k, v in parts.items()}}
         if self.feature_kd_weight > 0:
@@ -143,6 +175,16 @@ class LoRKDModule(PromptedSegmentationModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log_dict(logs, batch_size=bs)
         return loss
+
+    def distilled(self, batch: dict[str, Any], qmask: torch.Tensor) -> torch.Tensor:
+        """The query mask of the distillation loss: every valid query, or (``kd_labels="teacher"``) those of known labels."""
+        if self.teacher_labels is None:
+            return qmask
+        known = torch.zeros_like(qmask)
+        for b, labels in enumerate(batch["labels"]):
+            for q, label in enumerate(labels):
+                known[b, q] = label in self.teacher_labels
+        return qmask * known
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         queries = self.queries_for(batch)
