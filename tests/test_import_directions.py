@@ -49,7 +49,8 @@ def _tree(path: Path) -> ast.Module:
 
 def imported_modules(path: Path) -> set[str]:
     """The absolute names a file imports (relative imports resolved against its package); for
-    ``from X import Y`` both ``X`` and ``X.Y`` (Y may be a submodule)."""
+    ``from X import Y``, ``X.Y`` where it is one of the project's modules (as ``import X.Y``: the parent
+    package's own imports are not counted), else ``X``."""
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     names: set[str] = set()
     for node in ast.walk(_tree(path)):
@@ -61,8 +62,10 @@ def imported_modules(path: Path) -> set[str]:
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
+            submodules = {f"{base}.{alias.name}" for alias in node.names} & set(modules())
+            names.update(submodules)
+            if len(submodules) < len(node.names):
+                names.add(base)
     return names
 
 
