@@ -84,13 +84,13 @@ def run_eval(overrides: list[str], out: Path) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from lorkd.evaluation.pipeline import evaluate
+    from lorkd.commands.evaluate import run
 
     cfg = compose_config("eval", [*OVERRIDES, *overrides])
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
-    summary = evaluate(cfg)
+    summary = run(cfg)
     assert summary is not None
     return summary
 

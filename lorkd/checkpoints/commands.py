@@ -48,15 +48,13 @@ def run_command(command: str, job: Callable[[], Any]) -> None:
 
 
 def export(cfg: DictConfig) -> None:
-    """One merged standalone model per region + adapters in ``cfg.output_dir`` (see lorkd.checkpoints.export)."""
-    from lorkd.checkpoints.export import export_experts
+    """One merged standalone model per region + adapters in ``cfg.output_dir`` (:func:`lorkd.api.export`)."""
+    from lorkd.api import export as run
 
     regions = list(cfg.only) if cfg.only is not None else None
     run_command(
         "lorkd-export",
-        lambda: export_experts(
-            cfg.ckpt_path, cfg.output_dir, regions=regions, overwrite=cfg.overwrite, onnx=cfg.onnx, **_official(cfg)
-        ),
+        lambda: run(cfg.ckpt_path, cfg.output_dir, regions=regions, overwrite=cfg.overwrite, onnx=cfg.onnx, **_official(cfg)),
     )
 
 

@@ -1,4 +1,5 @@
-"""``python eval.py``: evaluate a checkpoint on a test manifest, then report.
+"""``lorkd.evaluate`` (:func:`evaluate`; ``python eval.py`` parses its config into it, see
+:mod:`lorkd.commands.evaluate`): evaluate a checkpoint on a test manifest, then report.
 
     python eval.py ckpt_path=CKPT data.test_manifest=M output_dir=OUT [model=teacher] [compare=OTHER_OUT]
 
@@ -23,11 +24,9 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING, Any
 
 from lorkd.data.manifest import ManifestError, read_manifest
 from lorkd.evaluation.outputs import comparison_names, load_summary
@@ -36,11 +35,16 @@ from lorkd.evaluation.report import render_comparison
 from lorkd.evaluation.settings import MetricSettings, run_fingerprint
 from lorkd.exit_codes import NotStarted
 from lorkd.io import check_writable_folder
-from lorkd.utils import PROJECT_ROOT, freeze_startup_objects, instantiate_group, plain
+from lorkd.utils import PROJECT_ROOT, freeze_startup_objects
+
+if TYPE_CHECKING:
+    from lorkd.regions import RegionMap
 
 log = logging.getLogger(__name__)
 
 MODELS = ("experts", "teacher")
+TRAINER = "lightning.pytorch.trainer.Trainer"
+OFFICIAL = {"text_checkpoint": None, "language_model_path": None, "net_overrides": {}}  # eval.yaml's official:
 DEMO_DIR = PROJECT_ROOT / "outputs" / "demo"
 _PROBLEM = re.compile(r"^(?P<file>.*):(?P<line>\d+): (?P<message>.*)$", re.S)
 
@@ -63,89 +67,132 @@ def manifest_problems(manifest: Path, problems: Sequence[str]) -> list[dict[str,
     return entries
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
-    """Run the evaluation described by ``configs/eval.yaml``; the summary on rank 0, None elsewhere.
+def evaluate(
+    model: str | Path,
+    manifest: str | Path,
+    output_dir: str | Path,
+    *,
+    network: str = "experts",
+    name: str | None = None,
+    compare: str | Path | None = None,
+    overwrite: bool = False,
+    metrics: MetricSettings | Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+    official: Mapping[str, Any] | None = None,
+    region_map: RegionMap | None = None,
+    trainer: Mapping[str, Any] | None = None,
+    callbacks: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any] | None:
+    """Evaluate ``model`` on the cases of ``manifest`` (with masks) into ``output_dir``; returns the summary
+    (``summary.json``'s content) on rank 0, None on the other ranks. ``lorkd.evaluate``; ``eval.py`` calls it.
+
+    Args:
+        model: our LoRKD or SAT checkpoint, or an official SAT file.
+        manifest: the test manifest (jsonl with masks; a bad line is reported as a failed case).
+        output_dir: ``per_case.csv``, ``summary.json``, ``report.md``, ``dice_by_region.png``, ``cases/``.
+        network: ``"experts"`` or ``"teacher"``.
+        name: the model's name in reports (default: lorkd / teacher).
+        compare: another evaluation's output folder: adds a per-region side-by-side table.
+        overwrite: recompute cases already recorded in ``output_dir`` (else they are kept: resume).
+        metrics: :class:`~lorkd.evaluation.settings.MetricSettings` or its keys (``space``, ``empty_rule``,
+            ``tolerance_mm``, ``tolerance_overrides``); None: the defaults.
+        options: the Predictor's options (``window``, ``threshold``, ``fallback``, ...; see :func:`lorkd.api.load`).
+        official: for official SAT files: ``text_checkpoint``, ``language_model_path``, ``net_overrides``.
+        region_map: report groups for a model without a region map (official SAT files).
+        trainer: a Lightning ``Trainer`` config (``devices``, ``num_nodes``, ``strategy``, ...; ``_target_``
+            optional); one process (None, or one device) runs the cases in a plain loop without Lightning.
+        callbacks: Lightning callback configs by name (Hydra ``_target_`` nodes); any but ``progress_bar``
+            runs the cases through ``Trainer.predict``.
+        progress: show progress bars (one process).
 
     Raises :class:`~lorkd.exit_codes.NotStarted` (one line) when the run cannot start.
     """
     from lorkd.inference.runner import run_cases
 
+    trainer = {"_target_": TRAINER, **(trainer or {"devices": 1})}
+    callbacks = dict(callbacks or {})
     try:
-        device = _single_device(cfg)
-        task, cases, predictor = _prepare(cfg)
-        trainer = None if device is not None else _trainer(cfg)
-    except Exception as exc:  # bad config, manifest, checkpoint or output folder: nothing ran
+        device = None if set(callbacks) - {"progress_bar"} else _single_device(trainer)
+        task, cases, predictor = _prepare(
+            model, manifest, output_dir, network, name, compare, metrics, options, official, region_map
+        )
+        lightning = None if device is not None else _trainer(trainer, callbacks)
+    except Exception as exc:  # bad arguments, manifest, checkpoint or output folder: nothing ran
         log.debug("the run could not start", exc_info=True)
         raise NotStarted(str(exc)) from exc
     freeze_startup_objects()
-    if trainer is None:
-        run_cases(task, cases, predictor, device, cfg.overwrite, progress=_progress_bar(cfg))
-        return load_summary(cfg.paths.output_dir)
+    if lightning is None:
+        run_cases(task, cases, predictor, device, overwrite, progress=progress)
+        return load_summary(output_dir)
     from lorkd.inference.lightning_runner import CaseRunner
 
-    trainer.predict(CaseRunner(task, cases, predictor, overwrite=cfg.overwrite), return_predictions=False)
-    return load_summary(cfg.paths.output_dir) if trainer.is_global_zero else None
+    lightning.predict(CaseRunner(task, cases, predictor, overwrite=overwrite), return_predictions=False)
+    return load_summary(output_dir) if lightning.is_global_zero else None
 
 
-def _progress_bar(cfg: DictConfig) -> bool:
-    """Whether the config asks for a progress bar (``callbacks.progress_bar``, ``trainer.enable_progress_bar``)."""
-    callbacks = cfg.get("callbacks") or {}
-    return "progress_bar" in callbacks and bool(cfg.trainer.get("enable_progress_bar", True))
-
-
-def _single_device(cfg: DictConfig) -> Any:
-    """The device of a one-process run (:func:`~lorkd.inference.runner.single_device`) whose only
-    callback is the progress bar (the plain loop shows its own), else None (``Trainer.predict``)."""
+def _single_device(trainer: Mapping[str, Any]) -> Any:
+    """The device of a one-process run (:func:`~lorkd.inference.runner.single_device`), else None."""
     from lorkd.inference.runner import single_device
 
-    if set(cfg.get("callbacks") or {}) - {"progress_bar"}:
-        return None
-    return single_device(plain(cfg.trainer))
+    return single_device(trainer)
 
 
-def _trainer(cfg: DictConfig) -> Any:
-    from lorkd.inference.lightning_runner import make_trainer
-
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    return make_trainer(cfg.trainer, callbacks=callbacks, logger=False, use_distributed_sampler=False)
-
-
-def _prepare(cfg: DictConfig) -> tuple[Any, list[Any], Any]:
-    """The task, cases and predictor, after every check that can fail before any case runs."""
+def _trainer(trainer: Mapping[str, Any], callbacks: Mapping[str, Any]) -> Any:
     from hydra.utils import instantiate
 
+    from lorkd.inference.lightning_runner import make_trainer
+
+    made = [instantiate(node) for node in callbacks.values() if isinstance(node, Mapping) and "_target_" in node]
+    return make_trainer(dict(trainer), callbacks=made, logger=False, use_distributed_sampler=False)
+
+
+def _prepare(
+    model: str | Path,
+    manifest: str | Path,
+    output_dir: str | Path,
+    network: str,
+    name: str | None,
+    compare: str | Path | None,
+    metrics: MetricSettings | Mapping[str, Any] | None,
+    options: Mapping[str, Any] | None,
+    official: Mapping[str, Any] | None,
+    region_map: RegionMap | None,
+) -> tuple[Any, list[Any], Any]:
+    """The task, cases and predictor, after every check that can fail before any case runs."""
     from lorkd.api import load
     from lorkd.evaluation.task import EvaluationTask, model_info
     from lorkd.inference.predictor import NEUTRAL_OPTIONS
 
-    out = check_writable_folder(cfg.paths.output_dir)
+    out = check_writable_folder(output_dir)
     records_folder(out)
-    checkpoint = Path(cfg.ckpt_path)
+    checkpoint = Path(model)
     if not checkpoint.exists():
         raise FileNotFoundError(f"ckpt_path={checkpoint} does not exist")
-    if cfg.model not in MODELS:
-        raise ValueError(f"model must be one of {MODELS}, got {cfg.model!r}")
-    if cfg.get("compare"):
-        load_summary(cfg.compare)  # fail now, not after the whole evaluation
-    settings = MetricSettings.coerce(plain(cfg.metrics))
-    options = {**plain(cfg.inference), "fallback": plain(cfg.routing.fallback)}
-    inference = {k: v for k, v in options.items() if k not in NEUTRAL_OPTIONS} | {"official": plain(cfg.official)}
+    if network not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {network!r}")
+    if compare:
+        load_summary(compare)  # fail now, not after the whole evaluation
+    settings = MetricSettings.coerce(metrics)
+    options = dict(options or {})
+    official = {**OFFICIAL, **(official or {})}
+    inference = {k: v for k, v in options.items() if k not in NEUTRAL_OPTIONS} | {"official": official}
 
-    manifest = Path(cfg.data.test_manifest)
+    manifest = Path(manifest)
     cases, problems = read_manifest(manifest, require_masks=True)
     if not cases:
         raise ManifestError(manifest, problems)
-    predictor = load(cfg.ckpt_path, cfg.model, device="cpu", **plain(cfg.official), **options)
-    fingerprint = run_fingerprint(settings, predictor.model.identity, cfg.model, inference)  # the bytes loaded
+    predictor = load(checkpoint, network, device="cpu", **official, **options)
+    fingerprint = run_fingerprint(settings, predictor.model.identity, network, inference)  # the bytes loaded
     task = EvaluationTask(
         out,
         predictor,
         settings,
         fingerprint,
-        model_info(predictor, checkpoint, fingerprint, cfg.get("name")),
-        region_map=instantiate(cfg.regions) if cfg.get("regions") else None,
+        model_info(predictor, checkpoint, fingerprint, name),
+        region_map=region_map,
         problems=manifest_problems(manifest, problems),
-        compare=cfg.get("compare"),
+        compare=compare,
     )
     return task, cases, predictor
 
