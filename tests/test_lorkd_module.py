@@ -166,3 +166,17 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert [factor(s) for s in (4, 8, 12, 20)] == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-12)
     assert factor(6) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_resuming_with_another_teacher_fails_and_the_same_teacher_gets_its_weights_back():
+    """A checkpoint holds no teacher weights, only the teacher's fingerprint: resuming under another teacher is an
+    error naming both; under the same one, the teacher's tensors are put back for the strict state load."""
+    saved = _module()
+    checkpoint = {"state_dict": saved.state_dict()}
+    saved.on_save_checkpoint(checkpoint)
+    assert not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
+    with pytest.raises(ValueError, match=r"distilled from teacher .*\(0{16}\), but the configured teacher is .*\(1{16}\)"):
+        _module(teacher=_teacher(fingerprint="1" * 16)).on_load_checkpoint(checkpoint)
+    resumed = _module()
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.load_state_dict(checkpoint["state_dict"])  # strict: the teacher's keys are back
