@@ -71,6 +71,8 @@ def input_digest(case: Case) -> str:
 
 
 def _slug(text: str) -> str:
+    # not io.safe_name: record file names are resume keys, and safe_name joins with "_" (this with "-"),
+    # so an existing OUT/cases/ would no longer be found and every case would be evaluated again
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-")[:60] or "x"
 
 
