@@ -197,3 +197,18 @@ def test_decathlon_missing_label_file(tmp_path: Path, sat49: RegionMap) -> None:
     (folder / "labelsTr" / "liver_2.nii.gz").unlink()
     with pytest.raises(DatasetError, match=r"labelsTr/liver_2.nii.gz: label file missing \(training\[2\]"):
         import_dataset(folder, {"region": "abdomen"}, sat49)
+
+
+def test_datamodule_reads_a_dataset_folder(tmp_path: Path) -> None:
+    from lorkd.data.datamodule import LoRKDDataModule
+
+    folder = nnunet_dataset(tmp_path / "d")
+    region_map = RegionMap.from_config("sat49")
+    dm = LoRKDDataModule(train_manifest=folder, test_manifest=folder, predict_manifest=folder,
+                         dataset_import={"region": "abdomen", "seed": 1}, region_map=region_map)  # fmt: skip
+    train, val = dm.cases_of("train"), dm.cases_of("val")
+    assert len(train) == 4 and len(val) == 1 and {c.id for c in train + val} == {f"case_{i:03d}" for i in range(5)}
+    assert region_map.region_of("gallbladder cyst", "ct") == "abdomen"  # shared with the model: checkpoints know it
+    assert [c.id for c in dm.cases_of("predict")] == ["test_005"]
+    with pytest.raises(DatasetError, match="no labelsTs"):
+        dm.cases_of("test")
