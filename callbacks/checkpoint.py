@@ -15,9 +15,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lorkd.exit_codes import STOPPED
+from lorkd.exit_codes import Stopped
 from lorkd.io import remove_temporaries
 
 log = logging.getLogger(__name__)
@@ -36,8 +35,8 @@ class ResumeCheckpoint(ModelCheckpoint):
     ``last.ckpt`` is always the latest state: it is never versioned (Lightning writes ``last-v1.ckpt``
     beside an existing ``last.ckpt`` that a resumed run with other settings does not recognise), it
     is written when training ends, and when SIGTERM arrives (on any rank) every rank stops after the
-    training step in progress, ``last.ckpt`` holds that step, and :class:`SIGTERMException` carries exit
-    code :data:`~lorkd.exit_codes.STOPPED`. Under SLURM with auto-requeue (Lightning's default) the
+    training step in progress, ``last.ckpt`` holds that step, and :class:`~lorkd.exit_codes.Stopped`
+    ends the fit (exit code :data:`~lorkd.exit_codes.STOPPED`). Under SLURM with auto-requeue (Lightning's default) the
     requeue signal (``--signal=SIGUSR1@120``) stops the run the same way, then rank 0 requeues the job
     (``scontrol requeue``). These handlers replace Lightning's, which save or broadcast inside the signal
     handler itself and so can deadlock DDP ranks; here the handler only takes note, and the ranks agree
@@ -47,7 +46,8 @@ class ResumeCheckpoint(ModelCheckpoint):
     """
 
     _last_step_written: int | None = None
-    _stop: str | None = None  # "stop" or "requeue" once a signal asked for it
+    _stop: str | None = None  # the name of the signal that asked to stop
+    _requeue_signal: str | None = None  # SLURM's (SIGUSR1), when it asks for a requeue
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -70,31 +70,30 @@ class ResumeCheckpoint(ModelCheckpoint):
         # every rank takes the same decision at the same step (ranks may receive the signal steps apart)
         if trainer.strategy.reduce_boolean_decision(self._stop is not None, all=False):
             self._save_latest(trainer)
-            requeue = trainer.strategy.reduce_boolean_decision(self._stop == "requeue", all=False)
+            requeue = trainer.strategy.reduce_boolean_decision(self._stop == self._requeue_signal, all=False)
             if requeue and trainer.is_global_zero:
                 _requeue()
-            raise SIGTERMException(STOPPED)
+            raise Stopped(self._stop or "SIGTERM")  # another rank's SIGTERM
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take over SIGTERM (and SLURM's requeue signal) from Lightning, which registered its handlers
         for this fit already and restores the ones from before when the fit ends."""
-        self._stop = None
+        self._stop = "SIGTERM" if trainer.received_sigterm else None  # one that came before (Lightning's handler)
+        self._requeue_signal = None
         if threading.current_thread() is not threading.main_thread():
             return
         launcher = trainer.strategy.launcher
 
-        def request(what: str) -> Any:
-            def handler(signum: int, frame: FrameType | None) -> None:
-                if self._stop is None and launcher is not None:
-                    launcher.kill(signum)  # the processes this one launched (Lightning's launcher) stop too
-                self._stop = self._stop or what
+        def request(signum: int, frame: FrameType | None) -> None:
+            if self._stop is None and launcher is not None:
+                launcher.kill(signum)  # the processes this one launched (Lightning's launcher) stop too
+            self._stop = self._stop or signal.Signals(signum).name
 
-            return handler
-
-        signal.signal(signal.SIGTERM, request("stop"))
+        signal.signal(signal.SIGTERM, request)
         environment = trainer._accelerator_connector.cluster_environment  # as Lightning's signal connector reads it
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
-            signal.signal(environment.requeue_signal, request("requeue"))
+            self._requeue_signal = signal.Signals(environment.requeue_signal).name
+            signal.signal(environment.requeue_signal, request)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save_latest(trainer)

@@ -20,6 +20,14 @@ class NotStarted(Exception):
     """A run that could not start; the message is what the user sees (no traceback)."""
 
 
+class Stopped(SystemExit):
+    """Training that a signal (``signal_name``) stopped once ``last.ckpt`` held its step: exits :data:`STOPPED`."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(STOPPED)
+        self.signal_name = signal_name
+
+
 def for_failures(failed: int) -> int:
     """The exit code of a run that finished with ``failed`` failed cases."""
     return CASES_FAILED if failed else OK

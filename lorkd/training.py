@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from lorkd.exit_codes import STOPPED
+from lorkd.exit_codes import STOPPED, Stopped
 from lorkd.utils import instantiate_group, plain, single_log_stream
 
 if TYPE_CHECKING:
@@ -86,20 +86,19 @@ def _sigterm_to_workers(trainer: pl.Trainer) -> Iterator[list[int]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stopped(trainer: pl.Trainer, step: int | None) -> SystemExit:
-    """Say that SIGTERM stopped the run, where its state is and how to resume; the exit to raise."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
+def _stopped(trainer: pl.Trainer, signal_name: str) -> Stopped:
+    """Say which signal stopped the run at which step, where its state is and how to resume; the exit to raise."""
+    step = reached_step(trainer)
     last = last_checkpoint(trainer)
     where = (
         f"{last} holds it; resume with ckpt_path={last}" if last is not None and last.is_file()
-        else "no last.ckpt was written (callbacks.model_checkpoint.save_last is off)"
+        else "no last.ckpt was written (no checkpoint callback with save_last)"
     )  # fmt: skip
     log.warning(
-        "stopped by SIGTERM at step %s of %d: %s (exit code %d)",
-        "?" if step is None else step, trainer.max_steps, where, STOPPED,
+        "stopped by %s at step %s of %d: %s (exit code %d)",
+        signal_name, "?" if step is None else step, trainer.max_steps, where, STOPPED,
     )  # fmt: skip
-    return SIGTERMException(STOPPED)
+    return Stopped(signal_name)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -132,12 +131,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         try:
             trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        except SIGTERMException:
-            raise _stopped(trainer, reached_step(trainer)) from None
+        except Stopped as exc:
+            raise _stopped(trainer, exc.signal_name) from None
+        except SIGTERMException:  # Lightning's own, before ResumeCheckpoint took the signal over (or without it)
+            raise _stopped(trainer, "SIGTERM") from None
         except ProcessExitedException as exc:  # a ddp_spawn worker's exit
             if not forwarded or exc.exit_code != STOPPED:
                 raise
-            raise _stopped(trainer, reached_step(trainer)) from None
+            raise _stopped(trainer, signal.Signals(forwarded[0]).name) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     step = reached_step(trainer)
     log.info("finished at step %s; output in %s", "?" if step is None else step, cfg.paths.output_dir)

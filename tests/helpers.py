@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -153,11 +154,10 @@ def run_script(script: str, args: Sequence[str], cwd, env=None, timeout: float =
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
-def train_until_sigterm(overrides: Sequence[str], last: Path, cwd, env=None, timeout: float = 300):
-    """``python train.py OVERRIDES`` until ``last`` (its last.ckpt) exists, then SIGTERM to that process,
-    as a scheduler sends it. Returns ``(exit code, stdout and stderr)``; killed on timeout."""
+def train_until_signal(overrides: Sequence[str], last: Path, cwd, env=None, signum: int = signal.SIGTERM, timeout: float = 300):
+    """``python train.py OVERRIDES`` until ``last`` (its last.ckpt) exists, then ``signum`` (SIGTERM, as a
+    scheduler sends it) to that process. Returns ``(exit code, stdout and stderr)``; killed on timeout."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -171,7 +171,7 @@ def train_until_sigterm(overrides: Sequence[str], last: Path, cwd, env=None, tim
         while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signum)
         output, _ = process.communicate(timeout=timeout)
     finally:
         if process.poll() is None:

@@ -5,10 +5,11 @@ temporary files of an interrupted checkpoint write."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import torch
-from helpers import demo_overrides, run_training, train_until_sigterm
+from helpers import demo_overrides, run_training, train_until_signal
 
 from lorkd.exit_codes import STOPPED
 
@@ -36,7 +37,7 @@ def test_sigterm_saves_last_checkpoint_exits_nonzero_and_the_run_resumes(tiny_de
         f"hydra.run.dir={out}",
     ]
     assert not last.exists()
-    code, output = train_until_sigterm(overrides, last, tmp_path, {**os.environ, "WANDB_MODE": "disabled"})
+    code, output = train_until_signal(overrides, last, tmp_path, {**os.environ, "WANDB_MODE": "disabled"})
     assert code == STOPPED, output[-3000:]
     stopped_at = step_of(last)
     assert 2 <= stopped_at < 500
@@ -78,3 +79,28 @@ def test_resume_removes_temporary_files_of_an_interrupted_checkpoint_write(tiny_
     assert not stale.exists()
     assert all(path.read_text() == "keep" for path in kept)
     assert step_of(last) == 2
+
+
+def test_slurm_requeue_signal_saves_last_checkpoint_and_requeues_the_job(tiny_demo_data, tmp_path):
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "last.ckpt"
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.txt"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    slurm = {  # what srun gives a one-task job; --signal=SIGUSR1@120 asks for the requeue signal
+        "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "lorkd", "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+    }  # fmt: skip
+    env = {**os.environ, **slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}", "WANDB_MODE": "disabled"}
+    overrides = [
+        TEACHER, *demo_overrides(tiny_demo_data, out, steps=2), f"paths.cache_dir={tmp_path / 'cache'}",
+        "trainer.max_steps=500", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    code, output = train_until_signal(overrides, last, tmp_path, env, signum=signal.SIGUSR1)
+    assert code == STOPPED, output[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert "requeued SLURM job 4242; it resumes from last.ckpt" in output
+    assert f"stopped by SIGUSR1 at step {step_of(last)} of 500" in output
+    assert not list(out.glob("hpc_ckpt_*.ckpt"))  # the state is in last.ckpt, not in Lightning's own file
