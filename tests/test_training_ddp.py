@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import demo_overrides, train_until_sigterm
+from helpers import demo_overrides, train_until_signal
 
 from lorkd.exit_codes import STOPPED
 
@@ -72,7 +72,7 @@ def test_ddp_sim_teacher_stops_on_sigterm_resumes_and_names_the_step_it_reached(
         f"hydra.run.dir={out}",
     ]
     # SIGTERM to the main process, which passes it on to its two spawned workers
-    code, output = train_until_sigterm([*overrides, "trainer.max_steps=500"], last, tmp_path, _env())
+    code, output = train_until_signal([*overrides, "trainer.max_steps=500"], last, tmp_path, _env())
     assert code == STOPPED, output[-3000:]
     stopped_at = _step(last)
     assert 2 <= stopped_at < 500
