@@ -295,3 +295,33 @@ def test_the_loader_recognises_a_released_file_and_builds_what_its_conversion_ho
     assert all(torch.equal(v, state[k]) for k, v in direct.net.state_dict().items())
     with torch.no_grad():
         torch.testing.assert_close(direct.prompts.queries(["liver"], "ct"), stored.prompts.queries(["liver"], "ct"))
+
+
+def test_a_released_file_is_read_into_a_record_and_built_once(released, converted, monkeypatch):
+    """The reader builds nothing; ``load_model`` builds the student and the text encoder once each (it used to
+    build both, turn them into a checkpoint dict, and build that again), recording what the conversion records."""
+    from lorkd.checkpoints.loading import load_model, read_source
+    from lorkd.models.sat import SAT
+    from lorkd.models.text import TextEncoder
+
+    path, text, lm_dir = converted
+    built = {"SAT": 0, "TextEncoder": 0}
+    for cls in (SAT, TextEncoder):
+        init = cls.__init__
+
+        def counted(self, *args, _init=init, _name=cls.__name__, **kwargs):
+            built[_name] += 1
+            _init(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", counted)
+    record = read_source(released[0], text, str(lm_dir), OVERRIDES)
+    assert built == {"SAT": 0, "TextEncoder": 0}
+    assert record.provenance.reader == "released-lorkd" and record.meta.kind == "lorkd"
+    assert any(k.startswith("student.") for k in record.tensors) and any(k.startswith("language_model.") for k in record.tensors)
+    loaded = load_model(released[0], text_checkpoint=text, language_model_path=str(lm_dir), net_overrides=OVERRIDES)
+    assert built == {"SAT": 1, "TextEncoder": 1}
+    stored = load_model(path)
+    assert loaded.meta.parameter_counts == stored.meta.parameter_counts
+    assert loaded.meta.net == stored.meta.net and loaded.meta.text_encoder == stored.meta.text_encoder
+    assert set(stored.prompts.state_dict()["labels"]) < set(loaded.prompts.state_dict()["labels"])  # every region-map label
+    assert loaded.prompts.language_model is None  # encoded once, then let go, as in a conversion

@@ -1,9 +1,10 @@
 """How a network is built: a network spec (``SAT`` arguments) and, for a LoRKD student, its experts spec.
 
-Training (:class:`~lorkd.modules.lorkd_module.LoRKDModule`), loading (:mod:`lorkd.checkpoints.loading`),
-export, the adapters reader and the released-LoRKD importer all build through :func:`build_network` (or
-:func:`add_experts` on a network they already hold); :func:`backbone_presets` names the
-``configs/backbone`` preset an architecture is.
+:func:`build` turns the record of any source (:class:`~lorkd.checkpoints.schema.SourceRecord`, from the
+readers of :mod:`lorkd.checkpoints.loading`) into its network and prompt bank, once. Training
+(:class:`~lorkd.modules.lorkd_module.LoRKDModule`), export and the adapters reader build through
+:func:`build_network` (or :func:`add_experts` on a network they already hold); :func:`backbone_presets`
+names the ``configs/backbone`` preset an architecture is.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from typing import Any
 import torch
 import yaml
 
+from lorkd.checkpoints.read import sub_state, text_encoder_of
 from lorkd.checkpoints.report import KeyReport, load_mapped
-from lorkd.checkpoints.schema import ExpertsSpec
+from lorkd.checkpoints.schema import ExpertsSpec, SourceRecord
 from lorkd.models.sat import SAT
+from lorkd.models.text import TextEncoder
+from lorkd.prompts import PromptBank
 from lorkd.utils import CONFIG_DIR
 
 # what tells backbone presets apart (the heads' widths included; decoder sizes are set per model config)
@@ -55,6 +59,37 @@ def build_network(
     if state is not None:
         load_mapped(model, state, report if isinstance(report, KeyReport) else KeyReport(source=report))
     return model
+
+
+def build(record: SourceRecord, peft: bool = True, text_encoder: TextEncoder | None = None) -> tuple[SAT, PromptBank]:
+    """The network (in eval mode) and prompt bank of any source's record; every tensor loaded with strict key
+    accounting (the keys the reader explained are listed as such). ``peft``: see :func:`add_experts`;
+    ``text_encoder``: a built one to use instead of the record's (an official SAT file read without one)."""
+    meta, tensors = record.meta, record.tensors
+    report = KeyReport(source=record.provenance.source, explained=dict(record.explained))
+    if meta.kind == "lorkd":
+        net = build_network(meta.net, meta.experts, sub_state(tensors, "student."), report, peft=peft)
+    else:
+        net = build_network(meta.net, state=sub_state(tensors, "net."), report=report)
+    return net.eval(), build_prompts(record, text_encoder)
+
+
+def build_prompts(record: SourceRecord, text_encoder: TextEncoder | None = None) -> PromptBank:
+    """The prompt bank of a record (its text head, or ``text_encoder``), filled with ``record.encode``."""
+    meta = record.meta
+    if text_encoder is None:
+        report = KeyReport(source=f"{record.provenance.source} (text encoder)")
+        text_encoder = text_encoder_of(meta.text_encoder, record.tensors, report)
+    bank = PromptBank(text_encoder)
+    if meta.prompt_bank:
+        bank.load_state_dict(meta.prompt_bank)
+    if record.encode:  # every prompt into the bank, then the language model is let go (a converted checkpoint's bank)
+        bank.ensure(record.encode)
+        state = bank.state_dict()
+        text_encoder.language_model = None
+        bank = PromptBank(text_encoder)
+        bank.load_state_dict(state)
+    return bank
 
 
 @cache

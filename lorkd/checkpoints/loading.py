@@ -1,14 +1,18 @@
 """The one loader: what a file is and how its network is built, for prediction, evaluation, export and training.
 
-:func:`load_model` recognises every supported source and returns a :class:`LoadedModel`:
+:func:`read_source` reads a checkpoint file with the reader of its kind into a
+:class:`~lorkd.checkpoints.schema.SourceRecord` (record + tensors, nothing built);
+:func:`lorkd.checkpoints.build.build` builds any record once. :func:`load_model` does both for every
+supported source and returns a :class:`LoadedModel`:
 
 * a LoRKD checkpoint (``kind: lorkd``): the student with its region experts (``model="experts"``) or its
   teacher (``model="teacher"``, read from the path recorded in the checkpoint, fingerprint checked);
 * a SATModule checkpoint (``kind: sat``): the teacher alone;
 * an official SAT vision file + its paired text encoder (files: ``text_checkpoint`` and
   ``language_model_path``; or a built ``text_encoder``);
-* a released LoRKD file (``lorkd-imbalance-{nano,pro}.pth``), converted in memory
-  (:mod:`lorkd.checkpoints.lorkd_official`; needs its paired text encoder files);
+* a released LoRKD file (``lorkd-imbalance-{nano,pro}.pth``), read as one of our LoRKD checkpoints
+  (:func:`~lorkd.checkpoints.lorkd_official.read_lorkd_official`; needs its paired text encoder files) and
+  built once;
 * an export directory (``lorkd-export``): one merged standalone model per region, no peft involved
   (with ``runtime="onnx"``: its ONNX experts in onnxruntime).
 
@@ -26,12 +30,12 @@ from typing import Any
 import torch
 
 from lorkd.checkpoints import schema
-from lorkd.checkpoints.build import build_network
+from lorkd.checkpoints.build import build, build_network, build_prompts
 from lorkd.checkpoints.exported import ExportedExperts, load_export
-from lorkd.checkpoints.lorkd_official import is_lorkd_official, lorkd_checkpoint_from_official
-from lorkd.checkpoints.read import build_text_encoder_from_meta, read_checkpoint_identity, sub_state
-from lorkd.checkpoints.sat import build_text_encoder, sat_model_from_checkpoint
-from lorkd.checkpoints.schema import CheckpointMeta
+from lorkd.checkpoints.lorkd_official import converted_meta, is_lorkd_official, read_lorkd_official
+from lorkd.checkpoints.read import read_checkpoint_identity, sub_state
+from lorkd.checkpoints.sat import read_official_sat
+from lorkd.checkpoints.schema import CheckpointMeta, Provenance, SourceRecord
 from lorkd.io import file_fingerprint, file_identity
 from lorkd.models.sat import SAT
 from lorkd.models.text import TextEncoder
@@ -114,13 +118,6 @@ class ExportedModel(LoadedModel):
         return self
 
 
-def _prompts(meta: CheckpointMeta, state: Mapping[str, torch.Tensor], source: str) -> PromptBank:
-    text = build_text_encoder_from_meta(meta.text_encoder, sub_state(state, "text_encoder."), source)
-    bank = PromptBank(text)
-    bank.load_state_dict(meta.prompt_bank)
-    return bank
-
-
 class CheckpointError(ValueError):
     """A checkpoint file that torch cannot read (random bytes, truncated, not a checkpoint)."""
 
@@ -165,6 +162,48 @@ def _read(path: str | Path) -> tuple[Any, dict[str, Any]]:
         raise CheckpointError(f"{path} is not a readable checkpoint: {_content(path) or _reason(exc)}") from None
 
 
+def read_source(
+    path: str | Path,
+    text_checkpoint: str | Path | None = None,
+    language_model_path: str | None = None,
+    net_overrides: Mapping[str, Any] | None = None,
+    student_preset: str | None = None,
+    teacher_checkpoint: str | Path | None = None,
+    text_encoder: bool = False,
+) -> SourceRecord:
+    """The record of the checkpoint file at ``path`` and its tensors, nothing built: our checkpoint, an
+    official SAT vision file or a released LoRKD file, each by its own reader (arguments: see
+    :func:`load_model`; ``text_encoder``: the caller gives an official SAT file's built text encoder)."""
+    raw, identity = _read(path)
+    source = str(path)
+    meta = schema.read(raw, source)
+    if meta is not None:
+        if meta.kind == "sat" and net_overrides:
+            meta = replace(meta, net={**meta.net, **net_overrides})
+        return SourceRecord(meta, Provenance(source, "checkpoint", identity), raw["state_dict"])
+    state = raw.get("model_state_dict", raw)
+    if is_lorkd_official(state):
+        if not (text_checkpoint and language_model_path):
+            raise ValueError(
+                f"{path} is a released LoRKD checkpoint: also give its paired text encoder (text_checkpoint=...) "
+                "and a local BioLORD-2023-C folder (language_model_path=...)"
+            )
+        record = read_lorkd_official(
+            state, Provenance(source, "released-lorkd", identity), text_checkpoint, language_model_path, student_preset,
+            teacher_checkpoint=teacher_checkpoint, net_overrides=net_overrides,
+        )  # fmt: skip
+        if file_identity(path) != identity:  # its fingerprint read the file again
+            raise CheckpointError(f"{path} changed while it was read: load it again once it is fully written")
+        return record
+    if not text_encoder and not (text_checkpoint and language_model_path):
+        raise ValueError(
+            f"{path} is an official SAT vision checkpoint: also give its paired text encoder "
+            "(text_checkpoint=...) and a local language model folder (language_model_path=...)"
+        )
+    provenance = Provenance(source, "official-sat", identity)
+    return read_official_sat(raw, provenance, None if text_encoder else text_checkpoint, language_model_path, net_overrides)
+
+
 def load_model(
     path: str | Path,
     model: str = "experts",
@@ -177,12 +216,12 @@ def load_model(
     runtime: str = "torch",
     peft: bool = True,
 ) -> LoadedModel:
-    """Build the network and prompt bank stored at ``path`` (see module docstring), in eval mode.
+    """Read the source at ``path`` (see module docstring) and build its network and prompt bank once, in eval mode.
 
     Official files record no text encoder and not all of their architecture: ``text_checkpoint`` and
     ``language_model_path`` (or, for an official SAT file, a built ``text_encoder``) give it, ``net_overrides``
     the architecture arguments their keys do not hold (e.g. ``decoder_heads``); ``student_preset`` and
-    ``teacher_checkpoint`` as in :func:`~lorkd.checkpoints.lorkd_official.lorkd_checkpoint_from_official`.
+    ``teacher_checkpoint`` as in :func:`~lorkd.checkpoints.lorkd_official.read_lorkd_official`.
     ``runtime="onnx"``: an export's experts run their ``model.onnx`` with onnxruntime (``lorkd-export ... onnx=true``).
     ``peft=False``: a LoRKD student's experts are the peft-free layers of :mod:`lorkd.experts.plain` (same
     outputs; for inference, which then does not import peft); True (training, export): peft adapters.
@@ -197,57 +236,51 @@ def load_model(
         return ExportedModel(load_export(path), runtime)
     if runtime != "torch":
         raise ValueError(f"runtime={runtime!r} needs an export directory written with `lorkd-export ... onnx=true`, not {path}")
-    raw, identity = _read(path)
-    source = str(path)
-    overrides = dict(net_overrides or {})
-    meta = schema.read(raw, source)
-    if meta is None and is_lorkd_official(raw.get("model_state_dict", raw)):
-        if not (text_checkpoint and language_model_path):
-            raise ValueError(
-                f"{path} is a released LoRKD checkpoint: also give its paired text encoder (text_checkpoint=...) "
-                "and a local BioLORD-2023-C folder (language_model_path=...)"
-            )
-        del raw
-        raw = lorkd_checkpoint_from_official(
-            path, text_checkpoint, language_model_path, student_preset, teacher_checkpoint=teacher_checkpoint,
-            net_overrides=overrides,
-        )  # fmt: skip
-        if file_identity(path) != identity:  # the converter read the file again
-            raise CheckpointError(f"{path} changed while it was read: load it again once it is fully written")
-        meta = schema.read(raw, source)
-    if meta is None:  # official SAT vision file
-        if text_encoder is None and not (text_checkpoint and language_model_path):
-            raise ValueError(
-                f"{path} is an official SAT vision checkpoint: also give its paired text encoder "
-                "(text_checkpoint=...) and a local language model folder (language_model_path=...)"
-            )
-        net, _ = sat_model_from_checkpoint(raw, **overrides)
-        text = text_encoder or build_text_encoder(language_model_path, str(text_checkpoint), query_dim=net.query_dim)
-        return LoadedModel(net.eval(), PromptBank(text), "teacher", source=source, identity=identity)
-    state = raw["state_dict"]
-    prompts = _prompts(meta, state, source)
+    record = read_source(
+        path, text_checkpoint, language_model_path, net_overrides, student_preset, teacher_checkpoint, text_encoder is not None
+    )  # fmt: skip
+    if record.meta.kind == "lorkd" and model == "teacher":
+        return _teacher_of(record)
+    return loaded_model(record, peft, text_encoder)
+
+
+def loaded_model(record: SourceRecord, peft: bool = True, text_encoder: TextEncoder | None = None) -> LoadedModel:
+    """The :class:`LoadedModel` of a record: :func:`~lorkd.checkpoints.build.build`, once."""
+    net, prompts = build(record, peft, text_encoder)
+    meta, provenance = record.meta, record.provenance
+    if provenance.reader == "released-lorkd":
+        meta = converted_meta(record, net, prompts)
     region_map = RegionMap(**meta.region_map) if meta.region_map else None
-    data = dict(meta.data)
-    if meta.kind == "sat":
-        net = build_network({**meta.net, **overrides}, state=sub_state(state, "net."), report=source)
-        return LoadedModel(net.eval(), prompts, "teacher", [], region_map, data, source, meta=meta, identity=identity)
-    if model == "teacher":
-        saved = meta.teacher
-        if saved is None:
-            raise ValueError(f"{path} does not record the teacher it was distilled from (model=teacher needs it)")
-        if not Path(saved.path).is_file():
-            raise FileNotFoundError(
-                f"the teacher {path} was distilled from ({saved.path}) does not exist: model=teacher (and "
-                "routing.fallback=teacher) read it from there; put it back or use the experts"
-            )
-        teacher = load_teacher(saved.path, _overrides(saved.net), prompts.text_encoder)
-        if teacher.fingerprint != saved.fingerprint:
-            raise ValueError(f"teacher file {saved.path} changed since {path} was distilled from it")
-        return replace(teacher, prompts=prompts, region_map=region_map, data=data, loaded_from=source, identity=identity)
-    net = build_network(meta.net, meta.experts, sub_state(state, "student."), source, peft=peft).eval()
+    kind = "experts" if meta.kind == "lorkd" else "teacher"
+    experts = list(meta.experts.regions) if meta.experts is not None else []
+    official = provenance.reader == "official-sat"
     return LoadedModel(
-        net, prompts, "experts", list(meta.experts.regions), region_map, data, source, meta=meta, identity=identity
-    )
+        net, prompts, kind, experts, region_map, dict(meta.data), provenance.source, meta=None if official else meta,
+        identity=provenance.identity,
+    )  # fmt: skip
+
+
+def _teacher_of(record: SourceRecord) -> LoadedModel:
+    """The teacher a LoRKD record was distilled from (its file, fingerprint checked), with the student's
+    prompts, region map and preprocessing."""
+    path, meta = record.provenance.source, record.meta
+    saved = meta.teacher
+    if saved is None:
+        raise ValueError(f"{path} does not record the teacher it was distilled from (model=teacher needs it)")
+    if not Path(saved.path).is_file():
+        raise FileNotFoundError(
+            f"the teacher {path} was distilled from ({saved.path}) does not exist: model=teacher (and "
+            "routing.fallback=teacher) read it from there; put it back or use the experts"
+        )
+    prompts = build_prompts(record)
+    teacher = load_teacher(saved.path, _overrides(saved.net), prompts.text_encoder)
+    if teacher.fingerprint != saved.fingerprint:
+        raise ValueError(f"teacher file {saved.path} changed since {path} was distilled from it")
+    region_map = RegionMap(**meta.region_map) if meta.region_map else None
+    return replace(
+        teacher, prompts=prompts, region_map=region_map, data=dict(meta.data), loaded_from=path,
+        identity=record.provenance.identity,
+    )  # fmt: skip
 
 
 def _overrides(net_config: Mapping[str, Any]) -> dict[str, Any]:

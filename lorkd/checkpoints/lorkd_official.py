@@ -13,14 +13,16 @@ Layout (``model_state_dict``, 830 / 994 keys; reference/lorkd.md §9):
 
 Expert index order: abdomen, brain, head_and_neck, lower_limb, pelvis, spine, thorax, upper_limb.
 
-Two ways in: :func:`load_lorkd_official` builds the student in memory (routing with
-``lorkd.experts.route``); :func:`convert_lorkd_official` writes one of our LoRKD checkpoints (with the text
-head and a prompt bank for every region-map label), which ``load_model``/``predict.py``/``eval.py``,
-``lorkd-export`` and ``student_init=checkpoint`` fine-tuning then read like a trained one.
+Ways in: :func:`read_lorkd_official` is the reader ``load_model`` uses (the record of one of our LoRKD
+checkpoints and its tensors, nothing built; ``lorkd.checkpoints.build.build`` builds it once, with a
+prompt bank for every region-map label); :func:`load_lorkd_official` builds the student alone in memory
+(routing with ``lorkd.experts.route``); :func:`convert_lorkd_official` writes one of our LoRKD checkpoints,
+which ``predict.py``/``eval.py``, ``lorkd-export`` and fine-tuning then read like a trained one.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -30,10 +32,22 @@ from typing import Any
 import torch
 
 from lorkd.checkpoints import schema
-from lorkd.checkpoints.build import backbone_presets, build_network, preset_differences
+from lorkd.checkpoints.build import backbone_presets, build, build_network, preset_differences
 from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport, read_state_dict
-from lorkd.checkpoints.sat import infer_sat_config, load_sat_text_encoder, sat_vision_to_model_keys
-from lorkd.checkpoints.schema import CheckpointMeta, ExpertsSpec, TeacherSource, TextHead
+from lorkd.checkpoints.sat import (
+    infer_sat_config,
+    load_sat_text_encoder,
+    read_sat_text,
+    sat_vision_to_model_keys,
+)
+from lorkd.checkpoints.schema import (
+    CheckpointMeta,
+    ExpertsSpec,
+    Provenance,
+    SourceRecord,
+    TeacherSource,
+    TextHead,
+)
 from lorkd.io import atomic_write, file_fingerprint
 from lorkd.models.sat import SAT
 from lorkd.models.text import TextEncoder
@@ -149,6 +163,23 @@ def _student_state(plain: Mapping[str, torch.Tensor], lora: Mapping[str, Mapping
     return out
 
 
+def _read_student(
+    state: Mapping[str, torch.Tensor], source: str, student_preset: str | None, regions: Sequence[str], net_overrides: Mapping[str, Any]
+) -> tuple[dict[str, Any], ExpertsSpec, str | None, dict[str, torch.Tensor], KeyReport]:
+    """A released student's architecture, experts spec, preset, tensors in our keys and the keys explained."""
+    if not is_lorkd_official(state):
+        raise CheckpointMismatchError(f"{source}: no lora_A_list keys; not a released LoRKD checkpoint")
+    report = KeyReport(source=source)
+    plain, lora = _split(state, report)
+    report.raise_if_unexplained()
+    ranks, factor = _expert_ranks(lora, regions, source)
+    experts = ExpertsSpec(list(regions), ranks, factor, OFFICIAL_SCALING, style="lorkd", train_base=True)
+    net = {**infer_sat_config(plain), **net_overrides}
+    defaults = {k: p.default for k, p in inspect.signature(SAT).parameters.items() if p.default is not p.empty}
+    preset = _match_preset({**defaults, **net}, student_preset, source)
+    return net, experts, preset, _student_state(plain, lora, regions), report
+
+
 def load_lorkd_official(
     path: str | Path,
     student_preset: str | None = None,
@@ -165,16 +196,8 @@ def load_lorkd_official(
     local BioLORD-2023-C folder with config and tokenizer) the text encoder is loaded too.
     """
     source = str(path)
-    state = read_state_dict(path)
-    if not is_lorkd_official(state):
-        raise CheckpointMismatchError(f"{source}: no lora_A_list keys; not a released LoRKD checkpoint")
-    report = KeyReport(source=source)
-    plain, lora = _split(state, report)
-    report.raise_if_unexplained()
-    ranks, factor = _expert_ranks(lora, regions, source)
-    experts = ExpertsSpec(list(regions), ranks, factor, OFFICIAL_SCALING, style="lorkd", train_base=True)
-    net = build_network({**infer_sat_config(plain), **net_overrides}, experts, _student_state(plain, lora, regions), report)
-    preset = _match_preset(net.config, student_preset, source)
+    net_config, experts, preset, state, report = _read_student(read_state_dict(path), source, student_preset, regions, net_overrides)
+    net = build_network(net_config, experts, state, report)
     text = None
     if text_checkpoint is not None:
         if not language_model_path:
@@ -194,6 +217,66 @@ def _teacher_meta(teacher_checkpoint: str | Path) -> tuple[TeacherSource, int]:
     return TeacherSource(path=str(path.resolve()), fingerprint=file_fingerprint([path]), net=config), count
 
 
+def _parameter_counts(state: Mapping[str, torch.Tensor], regions: Sequence[str]) -> dict[str, int]:
+    """The student's parameter counts read off its tensors (as ``base_parameter_count`` and
+    ``expert_parameter_counts`` count them on the built network)."""
+    base = sum(v.numel() for k, v in state.items() if ".lora_" not in k)
+    experts = {r: sum(v.numel() for k, v in state.items() if f".lora_A.{r}." in k or f".lora_B.{r}." in k) for r in regions}
+    counts = {"student_base": base, "experts_all": sum(experts.values()), "deployed_expert": base}
+    return counts | {f"expert_{k}": v for k, v in experts.items()}
+
+
+def read_lorkd_official(
+    state: Mapping[str, torch.Tensor],
+    provenance: Provenance,
+    text_checkpoint: str | Path,
+    language_model_path: str,
+    student_preset: str | None = None,
+    region_map: RegionMap | None = None,
+    labels: Sequence[str] | None = None,
+    teacher_checkpoint: str | Path | None = None,
+    net_overrides: Mapping[str, Any] | None = None,
+) -> SourceRecord:
+    """The reader of a released LoRKD file (its ``model_state_dict``, already loaded) and its paired text
+    encoder: the record of one of our LoRKD checkpoints and its tensors, nothing built.
+
+    The build encodes ``labels`` (default: every label of the region map) into the prompt bank with the
+    paired language model, so the network needs no language model afterwards; ``teacher_checkpoint`` (the
+    SAT vision file distilled from) is recorded for ``model="teacher"`` and parameter ratios;
+    ``net_overrides`` as in :func:`load_lorkd_official` (the released files use SAT's defaults).
+    """
+    source = provenance.source
+    net, experts, preset, student, report = _read_student(state, source, student_preset, OFFICIAL_REGIONS, dict(net_overrides or {}))
+    region_map = region_map or RegionMap.from_config("sat49")  # the released experts' routing
+    if tuple(region_map.regions) != OFFICIAL_REGIONS:
+        raise ValueError(f"the released experts are in order {list(OFFICIAL_REGIONS)}; region map has {region_map.regions}")
+    head, text, explained = read_sat_text(text_checkpoint, language_model_path)
+    if head.query_dim != int(net["query_dim"]):
+        raise CheckpointMismatchError(f"{text_checkpoint}: query dim {head.query_dim}, the student's is {net['query_dim']}")
+    counts = _parameter_counts(student, OFFICIAL_REGIONS)
+    teacher = None
+    if teacher_checkpoint is not None:
+        teacher, counts["teacher"] = _teacher_meta(teacher_checkpoint)
+    meta = CheckpointMeta(
+        kind="lorkd",
+        net=net,
+        experts=experts,
+        text_encoder=head,
+        prompt_bank={},
+        region_map=region_map.to_dict(),
+        data={"preprocess": dict(schema.SAT_PREPROCESS), "patch_size": list(schema.SAT_PATCH_SIZE)},
+        teacher=teacher,
+        parameter_counts=counts,
+        converted_from={
+            "path": str(Path(source).resolve()), "fingerprint": file_fingerprint([Path(source)]),
+            "preset": preset, "text_checkpoint": str(Path(text_checkpoint).resolve()),
+        },
+    )  # fmt: skip
+    tensors = {f"student.{k}": v for k, v in student.items()} | text
+    encode = list(labels) if labels is not None else sorted({k.split("_", 1)[1] for k in region_map.label_region})
+    return SourceRecord(meta, provenance, tensors, explained={**report.explained, **explained}, encode=encode)
+
+
 def lorkd_checkpoint_from_official(
     path: str | Path,
     text_checkpoint: str | Path,
@@ -204,48 +287,31 @@ def lorkd_checkpoint_from_official(
     teacher_checkpoint: str | Path | None = None,
     net_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A released checkpoint as one of our LoRKD checkpoints (``state_dict`` + :mod:`~lorkd.checkpoints.schema` record), in memory.
-
-    The prompt bank is filled for ``labels`` (default: every label of the region map) with the paired
-    language model, so the result needs no language model later; ``teacher_checkpoint`` (the SAT vision
-    file distilled from) is recorded for ``model="teacher"`` and parameter ratios; ``net_overrides`` as in
-    :func:`load_lorkd_official` (the released files use SAT's defaults).
-    """
-    from lorkd.experts import base_parameter_count, expert_parameter_counts  # peft: only when converting
-
-    official = load_lorkd_official(path, student_preset, text_checkpoint, language_model_path, **dict(net_overrides or {}))
-    region_map = region_map or RegionMap.from_config("sat49")  # the released experts' routing
-    if tuple(region_map.regions) != OFFICIAL_REGIONS:
-        raise ValueError(f"the released experts are in order {list(OFFICIAL_REGIONS)}; region map has {region_map.regions}")
-    text = official.text_encoder
-    assert text is not None
-    bank = PromptBank(text)
-    bank.ensure(labels if labels is not None else sorted({k.split("_", 1)[1] for k in region_map.label_region}))
-    counts = {"student_base": base_parameter_count(official.net)}
-    experts = expert_parameter_counts(official.net.backbone)
-    counts.update(experts_all=sum(experts.values()), deployed_expert=counts["student_base"])
-    counts.update({f"expert_{k}": v for k, v in experts.items()})
-    teacher = None
-    if teacher_checkpoint is not None:
-        teacher, counts["teacher"] = _teacher_meta(teacher_checkpoint)
-    meta = CheckpointMeta(
-        kind="lorkd",
-        net=dict(official.net.config),
-        experts=official.experts,
-        # the bank holds every prompt; the official tower is not a plain folder
-        text_encoder=replace(TextHead.of(text), language_model_path=None),
-        prompt_bank=bank.state_dict(),
-        region_map=region_map.to_dict(),
-        data={"preprocess": dict(schema.SAT_PREPROCESS), "patch_size": list(schema.SAT_PATCH_SIZE)},
-        teacher=teacher,
-        parameter_counts=counts,
-        converted_from={
-            "path": str(Path(path).resolve()), "fingerprint": file_fingerprint([Path(path)]),
-            "preset": official.preset, "text_checkpoint": str(Path(text_checkpoint).resolve()),
-        },
+    """A released checkpoint as one of our LoRKD checkpoints (``state_dict`` + :mod:`~lorkd.checkpoints.schema` record), in memory:
+    :func:`read_lorkd_official`, built once (the prompt bank filled for ``labels``)."""
+    record = read_lorkd_official(
+        read_state_dict(path), Provenance(str(path), "released-lorkd"), text_checkpoint, language_model_path,
+        student_preset, region_map, labels, teacher_checkpoint, net_overrides,
     )  # fmt: skip
-    state = {f"student.{k}": v for k, v in official.net.state_dict().items()}
-    state.update({f"text_encoder.{k}": v for k, v in text.state_dict().items()})
+    net, bank = build(record)
+    return checkpoint_of(record, net, bank)
+
+
+def converted_meta(record: SourceRecord, net: SAT, bank: PromptBank) -> CheckpointMeta:
+    """The record of a built released file as our LoRKD checkpoint records it: the network's full
+    arguments, the bank holding every prompt, no language model (the official tower is not a plain folder)."""
+    return replace(
+        record.meta, net=dict(net.config), prompt_bank=bank.state_dict(),
+        text_encoder=replace(TextHead.of(bank.text_encoder), language_model_path=None),
+    )  # fmt: skip
+
+
+def checkpoint_of(record: SourceRecord, net: SAT, bank: PromptBank) -> dict[str, Any]:
+    """A built released file as one of our LoRKD checkpoints: its network's and text head's tensors and
+    :func:`converted_meta`."""
+    meta = converted_meta(record, net, bank)
+    state = {f"student.{k}": v for k, v in net.state_dict().items()}
+    state.update({f"text_encoder.{k}": v for k, v in bank.text_encoder.state_dict().items()})
     return schema.write({"state_dict": state}, meta)
 
 

@@ -48,8 +48,20 @@ def sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch
 
 def build_text_encoder_from_meta(head: TextHead, state: Mapping[str, torch.Tensor], source: str) -> TextEncoder:
     """The text head stored in one of our checkpoints; its language model only if the folder still exists."""
-    lm_path = head.language_model_path
-    lm = LanguageModel(lm_path, max_length=head.max_length) if lm_path and Path(lm_path).is_dir() else None
+    tensors = {f"text_encoder.{k}": v for k, v in state.items()}
+    return text_encoder_of(head, tensors, KeyReport(source=f"{source} (text encoder)"))
+
+
+def text_encoder_of(head: TextHead, tensors: Mapping[str, torch.Tensor], report: KeyReport) -> TextEncoder:
+    """The text encoder a record describes: ``head`` with the ``text_encoder.`` tensors loaded (strict key
+    accounting into ``report``) and its language model: with ``language_model.`` weights (an official text
+    encoder), on ``head``'s folder, which must exist; without, only if the folder still exists."""
+    lm_path, weights = head.language_model_path, sub_state(tensors, "language_model.")
+    lm = None
+    if weights:
+        lm = LanguageModel(lm_path, max_length=head.max_length, weights=weights)
+    elif lm_path and Path(lm_path).is_dir():
+        lm = LanguageModel(lm_path, max_length=head.max_length)
     encoder = TextEncoder(lm, hidden_dim=head.hidden_dim, query_dim=head.query_dim, proj_hidden=head.proj_hidden)
-    load_mapped(encoder, state, KeyReport(source=f"{source} (text encoder)"))
+    load_mapped(encoder, sub_state(tensors, "text_encoder."), report)
     return encoder

@@ -1,4 +1,5 @@
-"""Import official SAT checkpoints (vision model and text encoder) with strict key accounting.
+"""Import official SAT checkpoints (vision model and text encoder) with strict key accounting;
+:func:`read_official_sat` is the reader of an official SAT file (a record and its tensors, nothing built).
 
 Vision file: ``{'model_state_dict': {'module.backbone...', ...}}`` with ``all_modules.{0,1}`` aliases of
 each conv/norm, ``multihead_attn.in_proj_{weight,bias}`` (q|k|v stacked) and optional deep-supervision
@@ -16,7 +17,9 @@ from typing import Any
 import torch
 
 from lorkd.checkpoints.build import build_network
+from lorkd.checkpoints.read import text_encoder_of
 from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport, load_mapped, read_state_dict
+from lorkd.checkpoints.schema import CheckpointMeta, Provenance, SourceRecord, TextHead
 from lorkd.models.sat import SAT
 from lorkd.models.text import TextEncoder
 from lorkd.prompts import LanguageModel
@@ -150,6 +153,37 @@ def sat_model_from_checkpoint(source: str | Path | Mapping[str, Any], **net_over
     return model, load_sat_vision(model, state)
 
 
+def read_sat_text(
+    source: str | Path | Mapping[str, Any], language_model_path: str, max_length: int = 64
+) -> tuple[TextHead, dict[str, torch.Tensor], dict[str, str]]:
+    """An official SAT text-encoder file read, nothing built: its text head record (with
+    ``language_model_path``), its tensors (the head's under ``text_encoder.``, the language model's
+    ``text_tower.biolord.*`` under ``language_model.``) and the keys explained without loading them."""
+    state = strip_prefix(read_state_dict(source))
+    name = str(source) if isinstance(source, (str, Path)) else "state_dict"
+    lm_weights, head, explained = {}, {}, {}
+    for key, value in state.items():
+        if key.startswith("text_tower.biolord."):
+            lm_weights[key[len("text_tower.biolord.") :]] = value
+        elif "atlas_tower" in key or "temperature" in key:
+            explained[key] = "knowledge-pretraining leftover (SAT drops it too)"
+        else:
+            head[key] = value
+    if not lm_weights:
+        raise CheckpointMismatchError(f"{name}: no text_tower.biolord.* keys; is this a SAT text encoder?")
+    proj = head.get("projection_layer.0.weight")
+    out = head.get("projection_layer.2.weight")
+    if proj is None or out is None:
+        raise CheckpointMismatchError(f"{name}: no projection_layer weights")
+    record = TextHead(
+        hidden_dim=int(proj.shape[1]), query_dim=int(out.shape[0]), proj_hidden=int(proj.shape[0]),
+        language_model_path=language_model_path, max_length=max_length,
+    )  # fmt: skip
+    explained["text_tower.biolord.*"] = f"{len(lm_weights)} language-model tensors (loaded on first use)"
+    tensors = {f"text_encoder.{k}": v for k, v in head.items()} | {f"language_model.{k}": v for k, v in lm_weights.items()}
+    return record, tensors, explained
+
+
 def load_sat_text_encoder(
     source: str | Path | Mapping[str, Any], language_model_path: str, max_length: int = 64
 ) -> tuple[TextEncoder, KeyReport]:
@@ -158,27 +192,41 @@ def load_sat_text_encoder(
     ``language_model_path`` is a local folder with the language model's config and tokenizer (e.g.
     BioLORD-2023-C); its weights come from the checkpoint's ``text_tower.biolord.*`` tensors.
     """
-    state = strip_prefix(read_state_dict(source))
-    report = KeyReport(source=str(source) if isinstance(source, (str, Path)) else "state_dict")
-    lm_weights, head = {}, {}
-    for key, value in state.items():
-        if key.startswith("text_tower.biolord."):
-            lm_weights[key[len("text_tower.biolord.") :]] = value
-        elif "atlas_tower" in key or "temperature" in key:
-            report.explained[key] = "knowledge-pretraining leftover (SAT drops it too)"
-        else:
-            head[key] = value
-    if not lm_weights:
-        raise CheckpointMismatchError(f"{report.source}: no text_tower.biolord.* keys; is this a SAT text encoder?")
-    lm = LanguageModel(language_model_path, max_length=max_length, weights=lm_weights)
-    proj = head.get("projection_layer.0.weight")
-    out = head.get("projection_layer.2.weight")
-    if proj is None or out is None:
-        raise CheckpointMismatchError(f"{report.source}: no projection_layer weights")
-    encoder = TextEncoder(lm, hidden_dim=int(proj.shape[1]), query_dim=int(out.shape[0]), proj_hidden=int(proj.shape[0]))
-    load_mapped(encoder, head, report)
-    report.explained["text_tower.biolord.*"] = f"{len(lm_weights)} language-model tensors (loaded on first use)"
-    return encoder, report
+    head, tensors, explained = read_sat_text(source, language_model_path, max_length)
+    report = KeyReport(source=str(source) if isinstance(source, (str, Path)) else "state_dict", explained=explained)
+    return text_encoder_of(head, tensors, report), report
+
+
+def read_official_sat(
+    raw: Mapping[str, Any],
+    provenance: Provenance,
+    text_checkpoint: str | Path | None,
+    language_model_path: str | None,
+    net_overrides: Mapping[str, Any] | None = None,
+) -> SourceRecord:
+    """The reader of an official SAT vision file (``raw``, already loaded) and its paired text encoder:
+    architecture read off the keys (``net_overrides``: what they do not record), keys renamed; nothing built.
+    Without ``text_checkpoint`` the record has no text side (the caller gives a built text encoder)."""
+    state = read_state_dict(raw)
+    net = {**infer_sat_config(state), **dict(net_overrides or {})}
+    report = KeyReport(source=provenance.source)
+    tensors = sat_vision_to_model_keys(state, report)
+    if not net.get("deep_supervision", True):
+        for key in [k for k in tensors if k.startswith("mid_mask_embed_proj.")]:
+            report.explained[key] = "deep-supervision head (training only; model built without deep supervision)"
+            del tensors[key]
+    record = {f"net.{k}": v for k, v in tensors.items()}
+    head = TextHead(hidden_dim=0, query_dim=int(net["query_dim"]), proj_hidden=0)
+    if text_checkpoint:
+        if not language_model_path:
+            raise ValueError("an official SAT text-encoder checkpoint needs language_model_path (config + tokenizer)")
+        head, text, explained = read_sat_text(text_checkpoint, language_model_path)
+        if head.query_dim != net["query_dim"]:
+            raise CheckpointMismatchError(f"{text_checkpoint}: query dim {head.query_dim}, configured {net['query_dim']}")
+        record.update(text)
+        report.explained.update({f"{text_checkpoint}: {k}": why for k, why in explained.items()})
+    meta = CheckpointMeta(kind="sat", text_encoder=head, prompt_bank={}, net=net)
+    return SourceRecord(meta, provenance, record, explained=report.explained)
 
 
 def build_text_encoder(

@@ -1,7 +1,11 @@
-"""What a LoRKD or SAT checkpoint of this project records about itself (``checkpoint["lorkd"]``).
+"""What a LoRKD or SAT checkpoint of this project records about itself (``checkpoint["lorkd"]``), and the
+record every source is read into (:class:`SourceRecord`).
 
 One typed record, written by :func:`write` (training modules, the released-LoRKD converter) and read
-by :func:`read` (teacher loading, prediction loading, export, resume). Version 1 is the layout every
+by :func:`read` (teacher loading, prediction loading, export, resume). The readers of
+:mod:`lorkd.checkpoints.loading` turn each source kind (our checkpoint, an official SAT file, a released
+LoRKD file) into a :class:`SourceRecord`: this record, its provenance and its tensors, nothing built;
+:func:`lorkd.checkpoints.build.build` turns any of them into the network and its prompt bank. Version 1 is the layout every
 checkpoint has had so far; a file without a ``version`` field is version 1. A newer version, an
 unknown kind or a missing field is a clear error naming the file.
 """
@@ -94,6 +98,36 @@ class CheckpointMeta:
     parameter_counts: dict[str, int] = field(default_factory=dict)
     converted_from: dict[str, Any] | None = None  # a released LoRKD file: its path, fingerprint, preset
     version: int = VERSION
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a record's tensors come from."""
+
+    source: str  # the file whose weights these are
+    reader: str  # "checkpoint" | "official-sat" | "released-lorkd"
+    identity: dict[str, Any] = field(default_factory=dict)  # file_identity of the bytes read (predict's resume key)
+
+
+@dataclass
+class SourceRecord:
+    """What a reader returns: the record of a source (architecture ``meta.net``, ``meta.experts``, text head
+    ``meta.text_encoder``, prompts ``meta.prompt_bank``, region map, preprocessing ``meta.data``), its
+    provenance and its tensors, nothing built.
+
+    ``tensors``: the network's under ``net.`` (kind ``sat``) or ``student.`` (kind ``lorkd``), the text
+    head's under ``text_encoder.``, a paired language model's weights under ``language_model.`` (official
+    text encoders); ``explained``: keys of the file the reader accounted for without loading them (aliases,
+    split tensors), which the build's strict key report lists; ``encode``: prompts the build encodes with
+    the language model into the bank (a released file's region-map labels), after which the bank holds every
+    prompt and the language model is let go (as in a converted checkpoint).
+    """
+
+    meta: CheckpointMeta
+    provenance: Provenance
+    tensors: dict[str, Any]
+    explained: dict[str, str] = field(default_factory=dict)
+    encode: list[str] = field(default_factory=list)
 
 
 _NESTED = {"text_encoder": TextHead, "experts": ExpertsSpec, "teacher": TeacherSource}
