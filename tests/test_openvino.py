@@ -86,6 +86,7 @@ def test_a_second_predictor_reuses_the_cache_and_a_rewritten_checkpoint_is_conve
     assert len(conversions) == 1
     network = first._compiled[next(iter(first._compiled))][0]
     assert network.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert network.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"  # not bf16, AMX CPUs' default
     Predictor.from_checkpoint(path, **options).check(["liver", "spleen"], "ct")  # the same expert
     assert len(conversions) == 1
     # other bytes of the same size: one expert weight changed (stat identity moves on with the file's mtime)
@@ -112,6 +113,11 @@ def test_auto_runs_openvino_on_the_cpu_and_torch_without_it_or_when_conversion_f
     auto = Predictor.from_checkpoint(tiny_lorkd_ckpt, device="cpu", runtime="auto", cache_dir=tmp_path)
     group = auto.check(["liver"], "ct")[0]
     assert auto.cpu_runtime == "openvino" and isinstance(auto._network(group)[0], OpenVinoExpert)
+    auto.device = torch.device("cuda")  # GPUs: torch (bf16 autocast), without looking for a GPU here
+    assert auto._cpu_runtime() is None
+    auto.runtime = "openvino"
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        auto._cpu_runtime()
     net, expert = Predictor.from_checkpoint(tiny_lorkd_ckpt, device="cpu")._network(group)
 
     def broken(*args):

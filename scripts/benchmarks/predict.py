@@ -2,7 +2,7 @@
 
 Both run the same network (random weights, a student with its 8 region experts) on the same image,
 in one process, one after the other:
-  ours   Predictor.predict: preprocessing, labels grouped by expert, each window encoded once and
+  ours   Predictor.predict (``--runtime``, default predict.py's: auto): preprocessing, labels grouped by expert, each window encoded once and
          decoded ``max_queries`` prompts at a time, stitching on the CPU when the volume is large,
          labels mapped back to the input grid only where they can pass the threshold, slab by slab
          (labels whose boxes overlap in one sampling), masks and the multilabel map.
@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -280,6 +282,8 @@ def main() -> None:
     parser.add_argument("--naive-sw-batch-size", type=int, default=2, help="the naive loop's")
     parser.add_argument("--max-queries", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
+                        help="ours (default: predict.py's, auto; networks converted in the warm-up)")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -318,16 +322,21 @@ def main() -> None:
         "naive": functools.partial(naive, sw_batch_size=batch),
         "naive, our resampling": functools.partial(naive_our_resampling, sw_batch_size=batch),
     }
+    cache_dir = tempfile.mkdtemp(prefix="lorkd-openvino-")  # converted networks: this run's own
     for preset in args.presets:
         window = args.window_tiny if preset == "tiny" else args.window_nano
         predictor = Predictor(
             build_model(preset, window, regions, labels), device=device, overlap=args.overlap,
-            sw_batch_size=args.sw_batch_size, max_queries=args.max_queries,
+            sw_batch_size=args.sw_batch_size, max_queries=args.max_queries, runtime=args.runtime,
+            cache_dir=cache_dir,
         )  # fmt: skip
-        print(f"# {preset}: ours runs {predictor.sw_batch_size} window(s) per forward", flush=True)
+        print(f"# {preset}: ours runs {predictor.sw_batch_size} window(s) per forward, "
+              f"runtime {args.runtime} ({predictor.cpu_runtime or 'torch'})", flush=True)  # fmt: skip
         for name, cases in workloads.items():
             ours(predictor, warm_up)  # imports and one-time allocations outside the timings
             naive(predictor, warm_up)
+            for case in cases:  # every expert converted (OpenVINO) before the timings
+                predictor.check(case.labels, case.modality)
             results = measure(methods, predictor, cases)
             (t_ours, m_ours), (t_naive, m_naive), (t_ours_grid, m_ours_grid) = (results[k] for k in methods)
             per_case = np.mean([len(c.labels) for c in cases])
@@ -338,6 +347,7 @@ def main() -> None:
                 f"| {m_ours_grid:.0f} | {m_ours / max(m_ours_grid, 1e-9):.2f} |",
                 flush=True,
             )
+    shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
