@@ -55,19 +55,10 @@ def load(
     """
     from lorkd.inference.predictor import Predictor
 
-    for _ in range(attempts):
-        predictor = Predictor.from_checkpoint(
-            model,
-            model=network,
-            text_checkpoint=text_checkpoint,
-            language_model_path=language_model_path,
-            net_overrides=net_overrides,
-            device=device,
-            **options,
-        )
-        if predictor.teacher is None or predictor.teacher.identity == predictor.model.identity:
-            return predictor
-    raise OSError(f"{model} changed while it was read, {attempts} times: run again once it is written")
+    return Predictor.load(
+        model, network, device=device, text_checkpoint=text_checkpoint, language_model_path=language_model_path,
+        net_overrides=net_overrides, attempts=attempts, **options,
+    )  # fmt: skip
 
 
 def _cache_key(model: str | Path, network: str, device: Any, options: dict[str, Any]) -> tuple:

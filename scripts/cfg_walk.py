@@ -360,11 +360,13 @@ def receiving(call: ast.Call, target: Def, bound: bool, parts: dict[str, Shape],
             for p in free:  # a node another ** gave stays a node
                 if not isinstance(received.get(p), dict):
                     received[p] = _child(found, p)
-            received |= {kwarg: {}} if kwarg else {}
+            if kwarg:  # what no parameter takes: the children of the part not named by one
+                rest = {c: v for c, v in found.items() if c not in positional and c not in keyword_only} if isinstance(found, dict) else {}
+                received[kwarg] = {**(received.get(kwarg) or {}), **rest}
         elif k.arg in positional or k.arg in keyword_only:
             received[k.arg] = found
         elif kwarg:
-            received[kwarg] = {}
+            received[kwarg] = {**(received.get(kwarg) or {}), k.arg: found}
     return received
 
 

@@ -160,9 +160,8 @@ def _prepare(
     region_map: RegionMap | None,
 ) -> tuple[Any, list[Any], Any]:
     """The task, cases and predictor, after every check that can fail before any case runs."""
-    from lorkd.api import load
     from lorkd.evaluation.task import EvaluationTask, model_info
-    from lorkd.inference.predictor import NEUTRAL_OPTIONS
+    from lorkd.inference.predictor import NEUTRAL_OPTIONS, Predictor
 
     out = check_writable_folder(output_dir)
     records_folder(out)
@@ -182,7 +181,7 @@ def _prepare(
     cases, problems = read_manifest(manifest, require_masks=True)
     if not cases:
         raise ManifestError(manifest, problems)
-    predictor = load(checkpoint, network, device="cpu", **official, **options)
+    predictor = Predictor.load(checkpoint, network, device="cpu", **official, **options)
     fingerprint = run_fingerprint(settings, predictor.model.identity, network, inference)  # the bytes loaded
     task = EvaluationTask(
         out,

@@ -374,6 +374,17 @@ class Predictor:
             teacher = load_model(path, "teacher")
         return cls(loaded, teacher=teacher, runtime=runtime, **options)
 
+    @classmethod
+    def load(cls, path: str | Path, model: str = "experts", attempts: int = 3, **options: Any) -> Predictor:
+        """:meth:`from_checkpoint`, again while a fallback teacher was read from another version of the file
+        (rewritten between the two reads), up to ``attempts`` loads: ``model.identity`` is that of the bytes
+        loaded (:func:`lorkd.api.load`; predict and eval start up through it)."""
+        for _ in range(attempts):
+            predictor = cls.from_checkpoint(path, model, **options)
+            if predictor.teacher is None or predictor.teacher.identity == predictor.model.identity:
+                return predictor
+        raise OSError(f"{path} changed while it was read, {attempts} times: run again once it is written")
+
     # ---- devices ----------------------------------------------------------------------------------
     def to(self, device: torch.device | str) -> Predictor:
         """Move the networks (not the text side: queries are computed once on the CPU) to ``device``."""

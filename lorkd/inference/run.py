@@ -33,10 +33,10 @@ def predictor_options(cfg: DictConfig) -> dict[str, Any]:
 
 def load_predictor(cfg: DictConfig) -> Predictor:
     """The Predictor of ``ckpt_path`` (network ``model``) with the config's options and ``official.*``
-    (:func:`lorkd.api.load`)."""
-    from lorkd.api import load
+    (:meth:`Predictor.load <lorkd.inference.predictor.Predictor.load>`, as :func:`lorkd.api.load` and eval)."""
+    from lorkd.inference.predictor import Predictor
 
-    return load(cfg.ckpt_path, cfg.model, device="cpu", **plain(cfg.official), **predictor_options(cfg))
+    return Predictor.load(cfg.ckpt_path, cfg.model, device="cpu", **plain(cfg.official), **predictor_options(cfg))
 
 
 def check_prompts(predictor: Predictor, cases: Sequence[Case]) -> None:
