@@ -241,7 +241,8 @@ def load_model(
     )  # fmt: skip
     if record.meta.kind == "lorkd" and model == "teacher":
         return _teacher_of(record)
-    return loaded_model(record, peft, text_encoder)
+    # a built text encoder stands in for an official SAT file's missing one; our checkpoints carry their own
+    return loaded_model(record, peft, text_encoder if record.provenance.reader == "official-sat" else None)
 
 
 def loaded_model(record: SourceRecord, peft: bool = True, text_encoder: TextEncoder | None = None) -> LoadedModel:

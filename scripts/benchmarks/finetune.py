@@ -11,6 +11,7 @@ Dice (fine-tuned expert, peer), the abdomen expert's old labels' Dice before and
 other expert, the maximum absolute difference of its logits before and after (must be 0).
 
     python scripts/benchmarks/finetune.py [--steps 150] [--train 8] [--test 4] [--out outputs/benchmarks/finetune]
+        [--teacher T.ckpt --student LORKD.ckpt]
 """
 
 from __future__ import annotations
@@ -111,12 +112,16 @@ def train_peer(ckpt: Path, data: Path, steps: int, size: int, out: Path, seed: i
     dm = LoRKDDataModule(train_manifest=data, preprocess=read_training_data(ckpt, "preprocess"),
                          patch_size=read_training_data(ckpt, "patch_size"), cache_dir=out / "cache",
                          samples_per_epoch=steps * 2, batch_size=2, region_map=region_map, seed=seed,
+                         max_queries=16, neg_ratio=16.0,  # every label a query: the gallbladder's target is always known
                          dataset_import={"region": "abdomen"}, augment={"on_device": "auto"})  # fmt: skip
     dm.setup("fit")
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.0)
-    step = 0
+    step, batches = 0, 0
     while step < steps:
         for batch in dm.train_dataloader():
+            batches += 1
+            if batches > 20 * steps:
+                raise RuntimeError(f"{NEW!r} is a query of too few patches ({step} of {batches} batches)")
             batch = dm.on_after_batch_transfer(batch, 0)
             keep = [b for b, labels in enumerate(batch["labels"]) if NEW in labels]
             if not keep:
@@ -141,6 +146,8 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--lorkd-steps", type=int, default=350)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmarks" / "finetune")
+    parser.add_argument("--teacher", type=Path, default=DEMO / "teacher" / "checkpoints" / "last.ckpt")
+    parser.add_argument("--student", type=Path, default=DEMO / "lorkd" / "checkpoints" / "last.ckpt", help="LoRKD checkpoint (default: the demo's; trained when missing)")
     args = parser.parse_args()
 
     from lorkd.checkpoints.loading import load_model, read_training_data
@@ -148,8 +155,10 @@ def main() -> None:
     from lorkd.experts import expert_parameter_counts
     from lorkd.inference.sliding_window import sliding_window_probabilities
 
-    teacher, student = DEMO / "teacher" / "checkpoints" / "last.ckpt", DEMO / "lorkd" / "checkpoints" / "last.ckpt"
+    teacher, student = args.teacher.resolve(), args.student.resolve()
     if not student.is_file():
+        if student != (DEMO / "lorkd" / "checkpoints" / "last.ckpt").resolve():
+            raise SystemExit(f"--student {student}: no such file")
         run(["scripts/demo.py", f"--teacher-steps={args.teacher_steps}", f"--lorkd-steps={args.lorkd_steps}"])
     data = write_abdomen_dataset(args.out / "Dataset901_DemoGallbladder", train=args.train, test=args.test, new_label=NEW)
     start = time.perf_counter()
