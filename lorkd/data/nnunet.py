@@ -429,3 +429,15 @@ def write_manifests(imported: ImportedDataset, out: str | Path) -> dict[str, Pat
     if problems:
         raise DatasetError(imported.folder, problems)
     return written
+
+
+def summary(imported: ImportedDataset, written: Mapping[str, Path]) -> str:
+    """What ``lorkd-data import`` wrote and how to train on it."""
+    first = next(row for rows in imported.rows.values() for row in rows)
+    lines = [f"{imported.folder} ({imported.format}): {first['modality']}, labels {', '.join(first['label'])}"]
+    lines += [f"  {split}: {len(imported.rows[split])} case(s) -> {path}" for split, path in written.items()]
+    lines += [f"  new label {key.split('_', 1)[1]!r} ({key.split('_', 1)[0]}) -> region {region}" for key, region in sorted(imported.added.items())]
+    train = f"data.train_manifest={written['train']}" if "train" in written else ""
+    val = f" data.val_manifest={written['val']}" if "val" in written else ""
+    lines.append(f"train with: lorkd-train experiment=... {train}{val}")
+    return "\n".join(lines)
