@@ -29,6 +29,7 @@ BIN = Path(sys.executable).parent
 APPS = {
     "train.py": "train", "eval.py": "eval", "predict.py": "predict", "lorkd-train": "train",
     "lorkd-eval": "eval", "lorkd-predict": "predict", "lorkd-export": "export", "lorkd-labels": "labels",
+    "lorkd-data": "data_import",
     "lorkd.commands.check_manifest": "check_manifest", "lorkd.commands.labels": "labels",
     "scripts/convert_lorkd_official.py": "convert", "scripts/export_experts.py": "export",
     "scripts/slurm/train.sbatch": "train", "scripts/slurm/eval.sbatch": "eval",
@@ -56,6 +57,10 @@ def app_and_arguments(command: str) -> tuple[str, list[str]] | None:
     """The config name and the overrides of a command that starts a Hydra app (None for other commands)."""
     words = shlex.split(command)
     for i, word in enumerate(words):
+        if word == "lorkd-data":  # `lorkd-data import DIR key=value...`: the overrides its entry point makes of it
+            from lorkd.cli import _data_arguments
+
+            return APPS[word], _data_arguments(words[i + 1 :])
         if word in APPS:
             return APPS[word], words[i + 1 :]
     return None
