@@ -119,6 +119,17 @@ def test_mapping_file_renames_and_assigns_regions(tmp_path: Path, sat49: RegionM
     assert "region 'nowhere' for label 'liver cyst'" in text and "label(s) ['spleen'] are not in" in text
 
 
+def test_a_mapping_files_default_region_goes_to_unknown_labels_only(tmp_path: Path, sat49: RegionMap) -> None:
+    folder = nnunet_dataset(tmp_path / "d", labels={"background": 0, "heart": 1, "gallbladder polyp": 2})
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text("region: abdomen\nlabels:\n  heart: heart\n")
+    imported = import_dataset(folder, {"mapping": str(mapping)}, sat49)  # heart stays in the thorax
+    assert imported.added == {"ct_gallbladder polyp": "abdomen"} and sat49.label_region["ct_heart"] == "thorax"
+    mapping.write_text("labels:\n  heart: {name: heart, region: abdomen}\n")  # given per label: a conflict
+    with pytest.raises(DatasetError, match="label 'heart' is in region 'thorax' of the region map, not 'abdomen'"):
+        import_dataset(folder, {"mapping": str(mapping), "region": "abdomen"}, sat49)
+
+
 @pytest.mark.parametrize(
     ("channels", "options", "modality"),
     [({"0": "T2"}, {}, "mri"), ({"0": "ADC"}, {}, "mri"), ({"0": "PET"}, {}, "pet"), ({"0": "FLAIR"}, {}, "mri"),

@@ -165,11 +165,12 @@ def _modality(description: Path, channels: Mapping[str, Any], options: ImportOpt
 
 def _labels(
     description: Path, raw: Any, decathlon: bool, mapping_path: str | None, problems: list[str]
-) -> tuple[list[str], dict[str, str]]:
-    """Prompts for ids 1..N and the regions given for some of them (mapping file or ``region``)."""
+) -> tuple[list[str], dict[str, str], str | None]:
+    """Prompts for ids 1..N, the regions the mapping file gives some of them, and its default region (for the
+    labels the region map does not know)."""
     if not isinstance(raw, dict) or not raw:
         problems.append(f"{description}: 'labels' must be a non-empty mapping")
-        return [], {}
+        return [], {}, None
     ids: dict[int, str] = {}
     for key, value in raw.items():
         name, value = (value, key) if decathlon else (key, value)
@@ -196,12 +197,10 @@ def _labels(
         names.append(name)
         if "region" in entry:
             regions[name] = entry["region"]
-        elif default_region:
-            regions[name] = default_region
     unknown = sorted(set(mapping) - set(ids.values()))
     if unknown:
         problems.append(f"{mapping_path}: label(s) {unknown} are not in {description} (its labels: {sorted(ids.values())})")
-    return names, regions
+    return names, regions, default_region
 
 
 def _split(ids: list[str], folder: Path, options: ImportOptions, problems: list[str]) -> dict[str, list[str]]:
@@ -331,7 +330,7 @@ def import_dataset(
         problems.append(f"{description}: needs 'channel_names' (nnU-Net v2) or 'modality' (Decathlon)")
         raise DatasetError(folder, problems)
     channel, modality = _modality(description, channels, options, problems)
-    labels, given = _labels(description, meta.get("labels"), decathlon, options.mapping, problems)
+    labels, given, default_region = _labels(description, meta.get("labels"), decathlon, options.mapping, problems)
     if decathlon:
         found = _decathlon_cases(folder, meta, problems)
         if len(channels) > 1:
@@ -339,7 +338,7 @@ def import_dataset(
                 _four_d(split, channel, len(channels), problems)
     else:
         found = _nnunet_cases(folder, meta, _ending(description, meta, problems), channel, problems)
-    added = _regions(description, labels, modality, given, options, region_map, problems)
+    added = _regions(description, labels, modality, given, default_region or options.region, options, region_map, problems)
     by_id = {row["id"]: row for row in found["train"]}
     parts = _split(sorted(by_id), folder, options, problems)
     dataset = options.dataset or str(meta.get("name") or folder.name)
@@ -366,16 +365,17 @@ def import_dataset(
 
 
 def _regions(
-    description: Path, labels: list[str], modality: str, given: dict[str, str], options: ImportOptions,
-    region_map: RegionMap | None, problems: list[str],
+    description: Path, labels: list[str], modality: str, given: dict[str, str], default: str | None,
+    options: ImportOptions, region_map: RegionMap | None, problems: list[str],
 ) -> dict[str, str]:
-    """``"<modality>_<label>" -> region`` for the labels the region map does not know; every such label needs one."""
+    """``"<modality>_<label>" -> region`` for the labels the region map does not know (``given`` per label, else
+    ``default``); every such label needs one. A known label keeps its region; one given another is a problem."""
     if region_map is None or not modality:
         return {}
     added, missing = {}, []
     for label in labels:
         key = mod_label(modality, label)
-        region = given.get(label, options.region)
+        region = given.get(label, default)
         if key in region_map:
             known = region_map.label_region[key]
             if label in given and given[label] != known:
