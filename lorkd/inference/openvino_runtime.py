@@ -134,7 +134,7 @@ def convert_network(net: torch.nn.Module, expert: int | None, window: Sequence[i
 
     query_dim = int(net.query_dim)
     window = [int(w) for w in window]
-    example = (torch.zeros(2, 1, *window), torch.zeros(3, query_dim))
+    example = (torch.zeros(1, 1, *window), torch.zeros(2, query_dim))  # one window: the least memory
     module = _Probabilities(net.to("cpu").eval(), expert)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant for one window
