@@ -239,7 +239,8 @@ class Predictor:
         overlap: window overlap (0.5, gaussian blending).
         sw_batch_size: windows per forward (default: :func:`default_sw_batch_size`, 1 for large CPU
             windows, else 2); at least 2 for small CPU windows, where one window takes a slow conv path.
-        max_queries: prompts decoded per pass (bounds the logits' memory; results do not depend on it).
+        max_queries: prompts decoded per pass (bounds the logits' memory; results do not depend on it); ONNX
+            and OpenVINO experts decode a group's prompts in one pass (a pass per chunk would encode again).
         threshold: probability above which a voxel belongs to a label.
         fallback: who segments labels without an expert: None (error), ``"base"`` or ``"teacher"``.
         amp: autocast on CUDA (default: on for CUDA; never on the CPU).

@@ -91,12 +91,12 @@ class WindowModel:
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
         b, n = windows.shape[0], self.queries.shape[0]
-        direct = getattr(self.net, "probabilities", None)  # an ONNX expert: the whole network in one call
-        if direct is not None:
-            chunks = [direct(windows, self.queries[s : s + self.max_queries]) for s in range(0, n, self.max_queries)]
+        direct = getattr(self.net, "probabilities", None)  # an ONNX/OpenVINO expert: the whole network in one call
+        if direct is not None:  # every prompt at once: a pass per max_queries prompts would encode the windows again
+            out = direct(windows, self.queries)
             if self.progress is not None:
                 self.progress(b)
-            return torch.cat(chunks, dim=1)
+            return out
         with self._autocast(windows.device):
             with self._route(b):
                 features = self.net.encode(windows)
