@@ -20,11 +20,15 @@ REQUIRED = {  # values an experiment leaves to the user (???)
     "pro": ["teacher.checkpoint=/x/SAT_Pro.pth", *_TEXT],
     "teacher_nano": [_DATA],
     "teacher_pro": [_DATA],
+    "finetune": ["teacher.checkpoint=/x/teacher.ckpt", "model.student_state.path=/x/lorkd.ckpt",
+                 "model.finetune_region=abdomen", _DATA],
 }
 
 
 def test_every_experiment_is_listed():
-    assert set(EXPERIMENTS) == {"demo", "demo_teacher", "nano", "pro", "real_anatomy", "teacher_nano", "teacher_pro"}
+    assert set(EXPERIMENTS) == {
+        "demo", "demo_teacher", "finetune", "nano", "pro", "real_anatomy", "teacher_nano", "teacher_pro"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -35,7 +39,8 @@ def test_experiment_composes_and_resolves(experiment, tmp_path):
     assert resolved["_target_"].startswith("lorkd.modules.")
     OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=False)
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    assert trainer["precision"] == ("32-true" if experiment.startswith(("demo", "real")) else "bf16-mixed")
+    cpu = experiment.startswith(("demo", "real", "finetune"))  # finetune: one adapter, CPU-sized by default
+    assert trainer["precision"] == ("32-true" if cpu else "bf16-mixed")
 
 
 @pytest.mark.parametrize(
@@ -56,7 +61,7 @@ def test_real_experiments_build_the_right_student(experiment, student, teacher):
 
 def test_cli_help_and_cfg_job():
     help_out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert help_out.returncode == 0 and "experiment: demo, demo_teacher, nano, pro" in help_out.stdout
+    assert help_out.returncode == 0 and "experiment: demo, demo_teacher, finetune, nano, pro" in help_out.stdout
     job = subprocess.run(
         [sys.executable, "train.py", "experiment=pro", "teacher.checkpoint=/x.pth", "--cfg", "job"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
