@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml | $(PY)
 
 setup: $(STAMP)  ## create/reuse .venv and install the project with its dev, demo and optional-feature extras
 
-test: setup  ## run the whole test suite (slow tests included)
-	$(PY) -m pytest -q
+# Two pytest processes: one process running the whole suite died with SIGSEGV (no Python traceback) in
+# test_predict_cli's two-process test, twice in a row, while each half passes in a process of its own.
+# The cause is not found yet (see the issue notes); the split keeps every test running.
+test: setup  ## run the whole test suite (slow tests included), in two pytest processes
+	$(PY) -m pytest -q $(sort $(wildcard tests/test_[a-k]*.py))
+	$(PY) -m pytest -q $(sort $(wildcard tests/test_[l-z]*.py))
 
 test-fast: setup  ## skip tests marked slow
 	$(PY) -m pytest -q -m "not slow"

@@ -24,5 +24,5 @@ def test_equals_what_the_hydra_apps_instantiate():
 
 
 def test_unknown_name_lists_the_known_maps():
-    with pytest.raises(FileNotFoundError, match=r"'sat50'.*known: demo, sat49"):
+    with pytest.raises(FileNotFoundError, match=r"'sat50'.*known: checkpoint, demo, sat49"):
         RegionMap.from_config("sat50")
