@@ -55,6 +55,21 @@ def ranks(name: str) -> dict:
     return yaml.safe_load((CONFIG_DIR / "experts" / f"{name}.yaml").read_text())
 
 
+def lorkd_step(student: SAT, optimizer: torch.optim.Optimizer, image: torch.Tensor, queries: torch.Tensor,
+               target: torch.Tensor, qmask: torch.Tensor, region: torch.Tensor,
+               teacher_logits: torch.Tensor | None = None) -> None:  # fmt: skip
+    """One optimizer step of the student routed to ``region``: Dice+BCE, plus 0.1 x KD given teacher logits
+    (what this script times, and what ``memory.py --calibrate`` counts)."""
+    optimizer.zero_grad(set_to_none=True)
+    with route(student.backbone, region):
+        logits = student(image, queries)
+    loss = segmentation_loss(logits, target, qmask)[0]
+    if teacher_logits is not None:
+        loss = loss + 0.1 * distillation_loss(logits, teacher_logits, qmask)
+    loss.backward()
+    optimizer.step()
+
+
 def measure(fn: Callable[[], None], repeats: int, device: torch.device) -> tuple[float, float]:
     """(median seconds, peak GiB) of ``fn`` after one warm-up call."""
     fn()
@@ -238,14 +253,8 @@ def step_lines(args: argparse.Namespace, device: torch.device) -> list[str]:
     region = torch.tensor([5], device=device)  # spine: the largest Pro expert (rank 16)
 
     def student_step(teacher_logits: torch.Tensor | None = None) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype), route(student.backbone, region):
-            logits = student(image, queries)
-        loss = segmentation_loss(logits, target, qmask)[0]
-        if teacher_logits is not None:
-            loss = loss + 0.1 * distillation_loss(logits, teacher_logits, qmask)
-        loss.backward()
-        optimizer.step()
+        with torch.autocast(device.type, dtype=dtype):
+            lorkd_step(student, optimizer, image, queries, target, qmask, region, teacher_logits)
 
     params = sum(p.numel() for n, p in student.named_parameters() if ".lora_" not in n)
     experts = sum(p.numel() for n, p in student.named_parameters() if ".lora_" in n)

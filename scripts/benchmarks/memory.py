@@ -43,9 +43,8 @@ H100 = {
 def calibration(size=(288, 288, 96), prompts: int = 8) -> dict[str, float]:
     """Counted peaks (GiB, before the CUDA overhead) of gpu_check.py's rows, in its order and with what it
     kept alive: the student and its AdamW states throughout, the last teacher during the routing table."""
-    from lorkd.experts import add_region_experts, route
-    from lorkd.losses import distillation_loss, segmentation_loss
-    from scripts.benchmarks.gpu_check import REGIONS, ranks, sat_from_preset
+    from lorkd.experts import add_region_experts
+    from scripts.benchmarks.gpu_check import REGIONS, lorkd_step, ranks, sat_from_preset
 
     meta = torch.device("meta")
     with meta:
@@ -73,14 +72,7 @@ def calibration(size=(288, 288, 96), prompts: int = 8) -> dict[str, float]:
         return tracker.peak / GIB
 
     def student_step(teacher_logits=None) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with route(student.backbone, region):
-            logits = student(image, queries)
-        loss = segmentation_loss(logits, target, qmask)[0]
-        if teacher_logits is not None:
-            loss = loss + 0.1 * distillation_loss(logits, teacher_logits, qmask)
-        loss.backward()
-        optimizer.step()
+        lorkd_step(student, optimizer, image, queries, target, qmask, region, teacher_logits)
 
     out = {"student": count(student_step)}
     for name, preset in [("sat_nano", "unet_nano"), ("sat_pro", "unet_pro")]:
