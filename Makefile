@@ -21,12 +21,12 @@ $(STAMP): pyproject.toml | $(PY)
 
 setup: $(STAMP)  ## create/reuse .venv and install the project with its dev, demo and optional-feature extras
 
-# Two pytest processes: one process running the whole suite died with SIGSEGV (no Python traceback) in
-# test_predict_cli's two-process test, twice in a row, while each half passes in a process of its own.
-# The cause is not found yet (see the issue notes); the split keeps every test running.
-test: setup  ## run the whole test suite (slow tests included), in two pytest processes
-	$(PY) -m pytest -q $(sort $(wildcard tests/test_[a-k]*.py))
-	$(PY) -m pytest -q $(sort $(wildcard tests/test_[l-z]*.py))
+# One pytest process per test file: a process that had loaded OpenVINO (test_openvino, runtime=auto predict runs)
+# and ran other files' in-process training died with SIGSEGV (no Python traceback) in a later test that starts
+# child processes (test_predict_cli's two-process predict, test_training_ddp), three times on fresh clones; every
+# file passes in a process of its own. The cause is not found yet (see the issue notes).
+test: setup  ## run the whole test suite (slow tests included), one pytest process per test file
+	@status=0; for f in $(sort $(wildcard tests/test_*.py)); do $(PY) -m pytest -q $$f || status=1; done; exit $$status
 
 test-fast: setup  ## skip tests marked slow
 	$(PY) -m pytest -q -m "not slow"
