@@ -169,16 +169,36 @@ def environment_line() -> str:
     )
 
 
+def as_nnunet(data: Path, out: Path) -> str:
+    """Write the demo data as nnU-Net v2 datasets (:func:`lorkd.data.demo_nnunet.write_nnunet_datasets`);
+    the command that trains the demo teacher on them, as on the manifests."""
+    from lorkd.data.demo_nnunet import write_nnunet_datasets
+
+    folders = write_nnunet_datasets(data, out)
+    trained = [str(f) for f in folders if (f / "splits_final.json").is_file()]
+    listed = "\n".join(f"  {f}" for f in folders)
+    return (
+        f"the demo data ({data}) as {len(folders)} nnU-Net v2 datasets:\n{listed}\n"
+        f"train the demo teacher on them (the same cases, labels and order as its manifests):\n"
+        f"  python train.py experiment=demo_teacher data.train_manifest=[{','.join(trained)}] data.val_manifest=null "
+        f"data.test_manifest=[{','.join(str(f) for f in folders)}]"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--lorkd-steps", type=int, default=350)
+    parser.add_argument("--as-nnunet", type=Path, metavar="DIR", help="only write the demo data as nnU-Net v2 datasets into DIR")
     args = parser.parse_args()
     os.environ.update(PINNED)  # every stage (training, evaluation) runs in a subprocess that inherits it
     start = time.time()
     data = DEMO / "data"
     if not (data / "test.jsonl").is_file():
         run(["scripts/make_demo_data.py", "--out", str(data)])
+    if args.as_nnunet:
+        print(as_nnunet(data, args.as_nnunet))
+        return
     train_stage("demo_teacher", DEMO / "teacher", args.teacher_steps, [])
     train_stage("demo", DEMO / "lorkd", args.lorkd_steps, [])
     table = patch_dice_table(DEMO / "lorkd")

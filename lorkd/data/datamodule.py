@@ -38,6 +38,19 @@ def augment_on_device(cfg: AugmentConfig) -> bool:
     return cfg.enabled and (cfg.on_device == "auto" or bool(cfg.on_device))
 
 
+def unique_cases(cases: list[Case], split: str) -> list[Case]:
+    """``cases`` (of several manifests or dataset folders); a ValueError names a (dataset, id) found twice."""
+    first: dict[tuple[str, str], Case] = {}
+    twice = []
+    for case in cases:
+        seen = first.setdefault((case.dataset, case.id), case)
+        if seen is not case:
+            twice.append(f"{case.source}: case {case.id!r} of dataset {case.dataset!r} is also in {seen.source}")
+    if twice:
+        raise ValueError(f"data.{split}_manifest: {len(twice)} case(s) given twice:\n" + "\n".join(twice))
+    return cases
+
+
 class LoRKDDataModule(L.LightningDataModule):
     """Train / val / test / predict data from jsonl manifests.
 
@@ -54,7 +67,9 @@ class LoRKDDataModule(L.LightningDataModule):
     A manifest may also be an nnU-Net v2 or Decathlon dataset folder (:mod:`lorkd.data.nnunet`, read with
     ``dataset_import``'s options): ``train_manifest=DIR`` trains on its train split and, without a
     ``val_manifest``, validates on its val split; ``test_manifest=DIR``/``predict_manifest=DIR`` read its
-    ``imagesTs``. Labels new to the region map (their lines' ``label_region``) are added to ``region_map``,
+    ``imagesTs``. Each manifest may be a list of manifests and dataset folders, read in order as one (a case,
+    by dataset and id, at most once; without a ``val_manifest``, the folders among the training entries give
+    validation). Labels new to the region map (their lines' ``label_region``) are added to ``region_map``,
     which training shares with the model, so that its checkpoints know them. ``regions`` keeps only the
     training and validation items of those expert regions (fine-tuning one expert).
 
@@ -95,8 +110,13 @@ class LoRKDDataModule(L.LightningDataModule):
         regions: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
+        train_manifest, val_manifest, test_manifest, predict_manifest = (
+            plain(m) for m in (train_manifest, val_manifest, test_manifest, predict_manifest)
+        )
         if val_manifest is None and is_dataset_folder(train_manifest):
             val_manifest = train_manifest
+        elif val_manifest is None and isinstance(train_manifest, list):
+            val_manifest = [entry for entry in train_manifest if is_dataset_folder(entry)] or None
         self.dataset_import = ImportOptions.coerce(plain(dataset_import))
         self._imported: dict[str, ImportedDataset] = {}
         self.regions = list(plain(regions)) if regions else None
@@ -134,12 +154,16 @@ class LoRKDDataModule(L.LightningDataModule):
         """Validated cases of a split (loaded once); predict manifests need no masks."""
         if split not in self.cases:
             path = self.manifests[split]
-            if path is None:
+            entries = path if isinstance(path, (list, tuple)) else [path] if path is not None else []
+            if not entries:
                 raise ValueError(f"no {split}_manifest configured (set data.{split}_manifest=...)")
-            if is_dataset_folder(path):
-                self.cases[split] = self._dataset_cases(path, split)
-            else:
-                self.cases[split] = load_manifest(path, require_masks=split != "predict", region_map=self.region_map)
+            cases: list[Case] = []
+            for entry in entries:
+                if is_dataset_folder(entry):
+                    cases += self._dataset_cases(entry, split)
+                else:
+                    cases += load_manifest(entry, require_masks=split != "predict", region_map=self.region_map)
+            self.cases[split] = unique_cases(cases, split)
             if self.region_map is not None:
                 add_labels(self.region_map, self.cases[split])
         return self.cases[split]

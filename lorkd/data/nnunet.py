@@ -89,9 +89,10 @@ class ImportedDataset:
     cases: dict[str, list[Case]] = field(default_factory=dict)
 
 
-def is_dataset_folder(path: str | Path | None) -> bool:
-    """Whether ``path`` is a folder holding a ``dataset.json`` (an nnU-Net or Decathlon dataset)."""
-    return path is not None and Path(path).is_dir() and (Path(path) / "dataset.json").is_file()
+def is_dataset_folder(path: object) -> bool:
+    """Whether ``path`` (any value: a list of manifests is none) is a folder holding a ``dataset.json`` (an
+    nnU-Net or Decathlon dataset)."""
+    return isinstance(path, (str, Path)) and Path(path).is_dir() and (Path(path) / "dataset.json").is_file()
 
 
 def _label_name(name: str) -> str:
