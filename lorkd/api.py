@@ -43,7 +43,7 @@ def load(
     """Load ``model`` once into a :class:`~lorkd.inference.predictor.Predictor` (predict many images with it).
 
     Args:
-        model: our LoRKD or SAT checkpoint, an official SAT or released LoRKD file, or an export folder.
+        model: our LoRKD or SAT checkpoint, an official SAT or official LoRKD file, or an export folder.
         network: ``"experts"`` (the LoRKD student with its region experts) or ``"teacher"``.
         device: where the network runs (None: CUDA when available, else the CPU).
         text_checkpoint, language_model_path, net_overrides: for official SAT files (their paired text
@@ -152,14 +152,14 @@ def export(
     teacher_checkpoint: str | Path | None = None,
     net_overrides: dict[str, Any] | None = None,
 ) -> Path:
-    """Export a trained LoRKD checkpoint (or a released ``lorkd-imbalance-*.pth``) as one merged standalone
+    """Export a trained LoRKD checkpoint (or an official ``lorkd-imbalance-*.pth``) as one merged standalone
     model per region plus peft adapters in ``output_dir``; returns ``output_dir`` (``lorkd-export`` calls it).
 
     Args:
         regions: experts to export (None: all).
         overwrite: replace an earlier export at ``output_dir`` (else an existing one is an error).
         onnx: also ``<region>/model.onnx`` (the ``onnx`` extra; predict with ``runtime="onnx"``).
-        text_checkpoint, language_model_path: a released file's paired text encoder and local BioLORD folder
+        text_checkpoint, language_model_path: an official file's paired text encoder and local BioLORD folder
             (required for them); ``student_preset`` (nano | pro) checks its architecture,
             ``teacher_checkpoint`` records the SAT file it was distilled from, ``net_overrides`` gives
             architecture arguments not stored in it.

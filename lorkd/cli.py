@@ -126,7 +126,7 @@ def _evaluate(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
 def _predict(cfg: DictConfig) -> None:
-    from lorkd.inference.run import predict as run
+    from lorkd.commands.predict import predict as run
 
     def job() -> int:
         rows = run(cfg)
@@ -179,8 +179,8 @@ def predict(*args: Any, **kwargs: Any) -> None:
 @_checked
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
 def export(cfg: DictConfig) -> None:
-    """``lorkd-export ckpt_path=CKPT output_dir=DIR`` (see ``lorkd.checkpoints.commands``)."""
-    from lorkd.checkpoints.commands import export as run
+    """``lorkd-export ckpt_path=CKPT output_dir=DIR`` (see ``lorkd.commands.export``)."""
+    from lorkd.commands.export import export as run
 
     run(cfg)
 
@@ -189,7 +189,7 @@ def export(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="convert")
 def convert(cfg: DictConfig) -> None:
     """``python scripts/convert_lorkd_official.py ckpt_path=PTH output_path=CKPT official...``."""
-    from lorkd.checkpoints.commands import convert as run
+    from lorkd.commands.export import convert as run
 
     run(cfg)
 
@@ -212,14 +212,14 @@ def check_manifest(cfg: DictConfig) -> None:
 @_checked
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="labels")
 def labels(cfg: DictConfig) -> None:
-    """``lorkd-labels ckpt_path=CKPT [modality=ct] [json=true]``: the labels a model knows (:mod:`lorkd.labels`); a user error is one line, exit 1."""
+    """``lorkd-labels ckpt_path=CKPT [modality=ct] [json=true]``: the labels a model knows (:mod:`lorkd.label_catalogue`); a user error is one line, exit 1."""
     import json
 
-    from lorkd.checkpoints.commands import run_command
+    from lorkd.commands.export import run_command
 
     def job() -> str:
         from lorkd.checkpoints.loading import load_model
-        from lorkd.labels import catalogue, format_catalogue
+        from lorkd.label_catalogue import catalogue, format_catalogue
 
         entry = catalogue(load_model(cfg.ckpt_path, cfg.model), cfg.modality)
         return json.dumps(entry, indent=2) if cfg.json else format_catalogue(entry)

@@ -25,14 +25,14 @@ DESCRIPTIONS: dict[Any, str] = {
     "text_encoder.language_model_path": _BIOLORD,
     "data.train_manifest": "the training manifest (jsonl, one case a line; data.val_manifest=... adds validation)",
     "ckpt_path": "the model: a LoRKD or SATModule checkpoint, an official SAT vision file, or an export folder",
-    ("export", "ckpt_path"): "our LoRKD checkpoint, or a released lorkd-imbalance-{nano,pro}.pth",
-    ("convert", "ckpt_path"): "a released lorkd-imbalance-{nano,pro}.pth",
+    ("export", "ckpt_path"): "our LoRKD checkpoint, or an official lorkd-imbalance-{nano,pro}.pth",
+    ("convert", "ckpt_path"): "an official lorkd-imbalance-{nano,pro}.pth",
     "input": "what to segment: a NIfTI file, a folder of NIfTI files or DICOM series, a DICOM series folder, "
     "or a jsonl manifest",
     "output_dir": "the folder to write the results into",
     ("export", "output_dir"): "the export folder to create",
     "output_path": "the LoRKD checkpoint to write (.ckpt)",
-    "official.text_checkpoint": "the released file's paired {nano,pro}_text_encoder.pth",
+    "official.text_checkpoint": "the official file's paired {nano,pro}_text_encoder.pth",
     "official.language_model_path": _BIOLORD,
     "manifests": "one jsonl manifest, or a list of them: manifests=[a.jsonl,b.jsonl]",
 }

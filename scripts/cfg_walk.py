@@ -39,11 +39,11 @@ ENTRIES = {"predict": ("lorkd.cli._predict", "predict"), "eval": ("lorkd.cli._ev
 CONVERSIONS = {"plain", "dict", "list", "tuple", "str", "int", "float", "bool", "Path", "sorted", "to_container"}
 # layer of a module, by the longest matching prefix (higher: closer to the commands)
 LAYERS = {
-    "lorkd.cli": 6, "lorkd.commands": 6, "lorkd.inference.run": 6, "lorkd.checkpoints.commands": 6, "lorkd.training": 6,
+    "lorkd.cli": 6, "lorkd.commands": 6, "lorkd.training": 6,
     "lorkd.api": 5,
     "lorkd.inference": 4, "lorkd.evaluation": 4, "lorkd.modules": 4,
     "lorkd.checkpoints": 3,
-    "lorkd.data": 2, "lorkd.experts": 2, "lorkd.prompts": 2, "lorkd.regions": 2, "lorkd.labels": 2,
+    "lorkd.data": 2, "lorkd.experts": 2, "lorkd.prompts": 2, "lorkd.regions": 2, "lorkd.label_catalogue": 2,
     "lorkd": 1,
 }  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Convert a released ``lorkd-imbalance-{nano,pro}.pth`` into one of our LoRKD checkpoints (``configs/convert.yaml``).
+"""Convert an official ``lorkd-imbalance-{nano,pro}.pth`` into one of our LoRKD checkpoints (``configs/convert.yaml``).
 
 python scripts/convert_lorkd_official.py ckpt_path=lorkd-imbalance-pro.pth output_path=lorkd-pro.ckpt \
     official.text_checkpoint=pro_text_encoder.pth official.language_model_path=/models/BioLORD-2023-C \

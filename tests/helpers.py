@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from lorkd.checkpoints.sat import official_vision_state as official_vision_layout  # noqa: F401 (used by tests)
+from lorkd.checkpoints.sat_official import official_vision_state as official_vision_layout  # noqa: F401 (used by tests)
 from lorkd.models.sat import SAT
 from lorkd.utils import CONFIG_DIR, register_resolvers
 

@@ -13,7 +13,7 @@ import cfg_walk  # noqa: E402
 
 def test_predict_cfg_walk_reaches_the_loader_and_stops_within_its_target():
     walk = cfg_walk.walk(*cfg_walk.ENTRIES["predict"])
-    assert "lorkd.inference.run:predict" in walk.stops
+    assert "lorkd.commands.predict:predict" in walk.stops
     assert "lorkd.checkpoints.loading:read_source" in walk.stops  # the checkpoint options reach its reader
     assert len(walk.stops) <= 40
     assert not [c for c in walk.climbs if c[1].startswith("lorkd.checkpoints")]

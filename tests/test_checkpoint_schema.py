@@ -63,8 +63,8 @@ def test_unknown_or_malformed_records_are_clear_errors(change, message):
         schema.read(stored, "new.ckpt")
 
 
-def test_sat_preprocessing_recorded_for_released_files_is_the_default_recipe():
-    """The plain values the released-LoRKD converter records (it imports no lorkd.data) are SAT's recipe."""
+def test_sat_preprocessing_recorded_for_official_files_is_the_default_recipe():
+    """The plain values the official-LoRKD converter records (it imports no lorkd.data) are SAT's recipe."""
     from lorkd.data.transforms import PreprocessConfig
 
     assert schema.SAT_PREPROCESS == PreprocessConfig().to_dict()

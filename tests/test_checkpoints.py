@@ -2,8 +2,8 @@ import pytest
 import torch
 from helpers import official_text_layout, official_vision_layout, tiny_sat
 
-from lorkd.checkpoints.report import CheckpointMismatchError
-from lorkd.checkpoints.sat import (
+from lorkd.checkpoints.key_report import CheckpointMismatchError
+from lorkd.checkpoints.sat_official import (
     infer_sat_config,
     load_sat_text_encoder,
     load_sat_vision,

@@ -12,7 +12,7 @@ import pytest
 from helpers import compose_config
 
 from lorkd.cli import check_manifest
-from lorkd.data.io import CaseError, read_volume
+from lorkd.data.image_reader import CaseError, read_volume
 from lorkd.data.manifest import LineDefaults, ManifestError, load_manifest, read_manifest, validate_manifest
 
 GOOD = {"image": "ct/case1.nii.gz", "label": ["liver"], "modality": "ct", "dataset": "D", "mask": "ct/case1_seg.nii.gz"}

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import lorkd.data.transforms as transforms
-from lorkd.data.io import CaseError, reordered
+from lorkd.data.image_reader import CaseError, reordered
 from lorkd.data.manifest import Case
 from lorkd.data.transforms import (
     InversionInfo,

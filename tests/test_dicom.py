@@ -12,10 +12,10 @@ import pytest
 from dicom_series import write_dicom_series
 from helpers import compose_config
 
-from lorkd.data.io import CaseError, read_volume
+from lorkd.commands.predict import predict
+from lorkd.data.image_reader import CaseError, read_volume
 from lorkd.exit_codes import NotStarted
 from lorkd.inference.inputs import discover_cases
-from lorkd.inference.run import predict
 
 pydicom = pytest.importorskip("pydicom")
 hd = pytest.importorskip("highdicom")

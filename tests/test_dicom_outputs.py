@@ -12,11 +12,11 @@ import pytest
 from dicom_series import write_dicom_series
 from helpers import compose_config
 
-from lorkd.data.io import CaseError
-from lorkd.inference.cases import PredictionTask
+from lorkd.commands.predict import predict
+from lorkd.data.image_reader import CaseError
 from lorkd.inference.inputs import discover_cases
+from lorkd.inference.prediction_task import PredictionTask
 from lorkd.inference.predictor import Prediction, Predictor, read_input
-from lorkd.inference.run import predict
 
 pydicom = pytest.importorskip("pydicom")
 hd = pytest.importorskip("highdicom")

@@ -24,7 +24,7 @@ from lorkd.evaluation.pipeline import manifest_problems
 from lorkd.evaluation.records import CaseRecord, load_records, record_path, save_record
 from lorkd.evaluation.rows import case_rows, voxel_spacing
 from lorkd.evaluation.settings import MetricSettings
-from lorkd.inference.runner import ShardSampler
+from lorkd.inference.case_runner import ShardSampler
 from lorkd.io import UnsafePathError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +213,7 @@ def test_eval_config_composes_and_runs_in_output_dir(tmp_path):
 
 
 def test_both_spaces_give_sane_rows(tiny_lorkd_ckpt, tiny_cases):
-    from lorkd.evaluation.cases import evaluate_case
+    from lorkd.evaluation.scoring import evaluate_case
     from lorkd.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(tiny_lorkd_ckpt, device="cpu", window=(32, 32, 16))

@@ -1,4 +1,4 @@
-"""Both expert parameterisations (``experts.style=peft`` and the released ``lorkd``) train and export."""
+"""Both expert parameterisations (``experts.style=peft`` and the official ``lorkd``) train and export."""
 
 import pytest
 import torch
@@ -36,7 +36,7 @@ def test_a_few_optimisation_steps_reduce_the_loss_and_move_only_the_used_experts
 
 
 @pytest.mark.slow
-def test_a_lorkd_style_fit_checkpoints_the_released_shapes_and_exports(tiny_demo_data, tiny_teacher_ckpt, tmp_path):
+def test_a_lorkd_style_fit_checkpoints_the_official_shapes_and_exports(tiny_demo_data, tiny_teacher_ckpt, tmp_path):
     from lorkd.checkpoints.export import export_experts
     from lorkd.checkpoints.exported import load_export
     from lorkd.checkpoints.loading import load_model

@@ -113,7 +113,7 @@ def test_expert_counts_ranks_and_trainable_set():
     enc = next(m for n, m in layers.items() if ".encoder." in n)
     dec = next(m for n, m in layers.items() if ".decoder." in n)
     assert enc.r["brain"] == 3 and dec.r["brain"] == 6 and enc.scaling["brain"] == dec.scaling["brain"] == 2.0
-    # released layout: A (3r, 9·Cin), B (3·Cout, 3r)
+    # official layout: A (3r, 9·Cin), B (3·Cout, 3r)
     cin, cout = enc.get_base_layer().in_channels, enc.get_base_layer().out_channels
     assert enc.lora_A["brain"].weight.shape == (9, 9 * cin) and enc.lora_B["brain"].weight.shape == (3 * cout, 9)
     counts = expert_parameter_counts(net)

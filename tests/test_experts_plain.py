@@ -11,7 +11,7 @@ import torch
 from helpers import TINY, tiny_sat
 
 from lorkd.checkpoints.build import build_network
-from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.key_report import KeyReport, load_mapped
 from lorkd.checkpoints.schema import ExpertsSpec
 from lorkd.experts import add_region_experts, route
 from lorkd.experts.plain import ExpertConv3d, PlainExperts, add_plain_experts

@@ -72,7 +72,7 @@ def test_new_label_in_catalogue_predict_eval_export(finetuned: tuple[Path, Path]
     from lorkd.checkpoints.export import export_experts
     from lorkd.data.nnunet import import_dataset, write_manifests
     from lorkd.inference.predictor import Predictor
-    from lorkd.labels import catalogue
+    from lorkd.label_catalogue import catalogue
 
     data, after = finetuned
     model = load_model(after)

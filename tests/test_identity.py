@@ -15,9 +15,9 @@ import torch
 from helpers import compose_config
 from test_eval import run_eval, write_case, write_manifest
 
+from lorkd.commands.predict import predict
 from lorkd.data.manifest import read_manifest
 from lorkd.evaluation.records import input_digest
-from lorkd.inference.run import predict
 from lorkd.inference.writer import MARKER
 from lorkd.io import file_identity
 

@@ -38,7 +38,7 @@ def test_catalogue_of_a_lorkd_checkpoint_lists_every_label_with_its_expert(tiny_
 
 
 def test_catalogue_of_an_export_matches_its_checkpoint(tiny_export, distinct_lorkd_ckpt):
-    from lorkd.labels import catalogue
+    from lorkd.label_catalogue import catalogue
 
     exported, checkpoint = catalogue(load_model(tiny_export)), catalogue(load_model(distinct_lorkd_ckpt))
     assert exported["labels"] == checkpoint["labels"]

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 from helpers import compose_config
 
-from lorkd.inference.run import predict
+from lorkd.commands.predict import predict
 from lorkd.io import printable
 
 FORGED = "[2026-01-01 00:00:00,000][lorkd][INFO] - all cases verified"

@@ -1,4 +1,4 @@
-"""Released LoRKD checkpoints: a file in the ``lorkd-imbalance-*.pth`` layout, built here from a tiny student by
+"""Official LoRKD checkpoints: a file in the ``lorkd-imbalance-*.pth`` layout, built here from a tiny student by
 re-layout code independent of the importer, loads with every key accounted for and routes exactly."""
 
 import re
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import yaml
 from helpers import TINY, official_text_layout, tiny_sat
 
+from lorkd.checkpoints.key_report import CheckpointMismatchError, KeyReport
 from lorkd.checkpoints.lorkd_official import (
     OFFICIAL_REGIONS,
     _split,
@@ -16,7 +17,6 @@ from lorkd.checkpoints.lorkd_official import (
     convert_lorkd_official,
     load_lorkd_official,
 )
-from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport
 from lorkd.experts import add_region_experts, route
 from lorkd.models.sat import SAT
 from lorkd.utils import CONFIG_DIR
@@ -27,8 +27,8 @@ OVERRIDES = {"decoder_heads": 4, "dropout": 0.0, "latent_stride": 16}  # what th
 _QKV = re.compile(r"^(.*\.multihead_attn)\.(q|k|v)_proj\.(weight|bias)$")
 
 
-def released_layout(net: SAT, ranks=RANKS, seed=0, device="cpu") -> dict[str, torch.Tensor]:
-    """What the released wrapper saves: ``model.module.`` + ``stages.{i}.conv.conv`` W0 + ``lora_{A,B}_list.{t}``
+def official_layout(net: SAT, ranks=RANKS, seed=0, device="cpu") -> dict[str, torch.Tensor]:
+    """What the official wrapper saves: ``model.module.`` + ``stages.{i}.conv.conv`` W0 + ``lora_{A,B}_list.{t}``
     (A (3r, 9Cin), B (3Cout, 3r), decoder r doubled) + stacked in_proj, and the backbone again under ``unet.``."""
     g = torch.Generator().manual_seed(seed)
 
@@ -60,18 +60,18 @@ def released_layout(net: SAT, ranks=RANKS, seed=0, device="cpu") -> dict[str, to
                 out[f"{base}.in_proj_{kind}"] = torch.cat([state[f"{base}.{p}_proj.{kind}"] for p in "qkv"])
         else:
             out[key] = value
-    released = {f"model.module.{k}": v.clone() for k, v in out.items()}
-    for key in list(released):
+    official = {f"model.module.{k}": v.clone() for k, v in out.items()}
+    for key in list(official):
         if key.startswith("model.module.backbone."):
-            released[f"unet.{key[len('model.module.backbone.'):]}"] = released[key]  # the same tensor, twice
-    return released
+            official[f"unet.{key[len('model.module.backbone.'):]}"] = official[key]  # the same tensor, twice
+    return official
 
 
-def merged_by_hand(released: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
+def merged_by_hand(official: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
     """Plain SAT state with expert ``t`` folded in: W0 + 2·view(B_t @ A_t), computed from the file's tensors (fp64)."""
-    released = {k: v.double() for k, v in released.items()}
+    official = {k: v.double() for k, v in official.items()}
     out = {}
-    for key, value in released.items():
+    for key, value in official.items():
         if key.startswith("unet.") or ".lora_" in key:
             continue
         key = key[len("model.module.") :]
@@ -80,7 +80,7 @@ def merged_by_hand(released: dict[str, torch.Tensor], t: int) -> dict[str, torch
             stage, i, part, kind = m.groups()
             if part == "conv.conv" and kind == "weight":
                 prefix = f"model.module.{stage}.stages.{i}.conv"
-                a, b = released[f"{prefix}.lora_A_list.{t}"], released[f"{prefix}.lora_B_list.{t}"]
+                a, b = official[f"{prefix}.lora_A_list.{t}"], official[f"{prefix}.lora_B_list.{t}"]
                 value = value + 2 * (b @ a).view(value.shape)
             out[f"{stage}.convs.{i}.{'conv' if part == 'conv.conv' else 'norm'}.{kind}"] = value
         elif ".in_proj_" in key:
@@ -93,10 +93,10 @@ def merged_by_hand(released: dict[str, torch.Tensor], t: int) -> dict[str, torch
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory):
+def official(tmp_path_factory):
     torch.manual_seed(0)
-    state = released_layout(tiny_sat())
-    path = tmp_path_factory.mktemp("released") / "lorkd-imbalance-tiny.pth"
+    state = official_layout(tiny_sat())
+    path = tmp_path_factory.mktemp("official") / "lorkd-imbalance-tiny.pth"
     torch.save({"model_state_dict": state}, path)
     return path, state
 
@@ -106,8 +106,8 @@ def _inputs(b=2, dtype=torch.float64):
     return torch.randn(b, 1, 16, 16, 16, generator=g, dtype=dtype), torch.randn(3, 64, generator=g, dtype=dtype)
 
 
-def test_every_key_is_loaded_or_explained(released):
-    path, state = released
+def test_every_key_is_loaded_or_explained(official):
+    path, state = official
     loaded = load_lorkd_official(path, **OVERRIDES)
     report = loaded.report
     assert report.ok and not report.missing and not report.unexpected and not report.mismatched
@@ -123,11 +123,11 @@ def test_every_key_is_loaded_or_explained(released):
         "regions": list(OFFICIAL_REGIONS), "ranks": RANKS, "decoder_rank_factor": 2,
         "scaling": 2.0, "style": "lorkd", "train_base": True,
     }  # fmt: skip
-    assert loaded.preset is None  # the tiny student is neither released preset
+    assert loaded.preset is None  # the tiny student is neither official preset
 
 
-def test_a_routed_layer_equals_the_conv_computed_from_the_file(released):
-    path, state = released
+def test_a_routed_layer_equals_the_conv_computed_from_the_file(official):
+    path, state = official
     net = load_lorkd_official(path, **OVERRIDES).net.double()
     modules = dict(net.backbone.named_modules())
     g = torch.Generator().manual_seed(4)
@@ -148,8 +148,8 @@ def test_a_routed_layer_equals_the_conv_computed_from_the_file(released):
                 torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
 
 
-def test_the_routed_student_equals_a_plain_sat_merged_from_the_file(released):
-    path, state = released
+def test_the_routed_student_equals_a_plain_sat_merged_from_the_file(official):
+    path, state = official
     net = load_lorkd_official(path, **OVERRIDES).net.double()
     x, q = _inputs()
     for t in (0, 3, 5, 7):
@@ -163,8 +163,8 @@ def test_the_routed_student_equals_a_plain_sat_merged_from_the_file(released):
     assert not torch.allclose(mixed[0], mixed[1])
 
 
-def test_wrong_preset_and_broken_files_fail_clearly(released, tmp_path):
-    path, state = released
+def test_wrong_preset_and_broken_files_fail_clearly(official, tmp_path):
+    path, state = official
     with pytest.raises(CheckpointMismatchError, match=r"not a LoRKD-pro student \(features: checkpoint \[8, 16, 32, 64\]"):
         load_lorkd_official(path, student_preset="pro")
 
@@ -190,14 +190,14 @@ def test_wrong_preset_and_broken_files_fail_clearly(released, tmp_path):
     "preset, backbone, n_keys",
     [("nano", "unet_student_nano", 830), ("pro", "unet_nano", 994)],
 )
-def test_released_key_counts_and_every_real_size_key_has_its_place(preset, backbone, n_keys):
+def test_official_key_counts_and_every_real_size_key_has_its_place(preset, backbone, n_keys):
     """Real LoRKD-Nano / LoRKD-Pro sizes on the meta device: 830 / 994 keys, all mapped onto our student's keys."""
     spec = yaml.safe_load((CONFIG_DIR / "backbone" / f"{backbone}.yaml").read_text())
     ranks = yaml.safe_load((CONFIG_DIR / "experts" / f"ranks_{preset}.yaml").read_text())["ranks"]
     args = {k: spec[k] for k in ("features", "strides", "n_convs", "proj_hidden", "mask_hidden")}
     with torch.device("meta"):
         net = SAT(**args)
-        state = released_layout(net, ranks, device="meta")
+        state = official_layout(net, ranks, device="meta")
         assert len(state) == n_keys
         report = KeyReport(source=preset)
         plain, lora = _split({k: v for k, v in state.items() if not k.startswith("unet.")}, report)
@@ -217,23 +217,23 @@ def _text_encoder_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def converted(released, tmp_path_factory):
+def converted(official, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("converted")
     text, lm_dir = _text_encoder_file(tmp)
     out = convert_lorkd_official(
-        released[0], tmp / "lorkd-tiny.ckpt", text_checkpoint=text, language_model_path=str(lm_dir),
+        official[0], tmp / "lorkd-tiny.ckpt", text_checkpoint=text, language_model_path=str(lm_dir),
         labels=["liver", "brainstem", "spleen"], net_overrides=OVERRIDES,
     )  # fmt: skip
     return out, text, lm_dir
 
 
-def test_a_converted_checkpoint_loads_for_inference_and_exports_exactly(released, converted, tmp_path):
+def test_a_converted_checkpoint_loads_for_inference_and_exports_exactly(official, converted, tmp_path):
     from lorkd.checkpoints.export import export_experts
     from lorkd.checkpoints.exported import load_export
     from lorkd.checkpoints.loading import load_model
 
     path, text, lm_dir = converted
-    source = load_lorkd_official(released[0], text_checkpoint=text, language_model_path=str(lm_dir), **OVERRIDES)
+    source = load_lorkd_official(official[0], text_checkpoint=text, language_model_path=str(lm_dir), **OVERRIDES)
     loaded = load_model(path)
     assert loaded.experts == list(OFFICIAL_REGIONS) and loaded.data["patch_size"] == [288, 288, 96]
     assert loaded.region_map.region_of("liver", "ct") == "abdomen"
@@ -245,7 +245,7 @@ def test_a_converted_checkpoint_loads_for_inference_and_exports_exactly(released
     assert exported.experts == ["abdomen", "spine"]
     card = exported.card("spine")
     assert card["expert"] == {**card["expert"], "style": "lorkd", "scaling": 2.0, "rank": 2, "decoder_rank": 4}
-    assert card["source"]["converted_from"]["path"] == str(released[0].resolve())
+    assert card["source"]["converted_from"]["path"] == str(official[0].resolve())
     x = _inputs(dtype=torch.float32)[0]
     for region in ("abdomen", "spine"):
         index = torch.full((2,), OFFICIAL_REGIONS.index(region))
@@ -260,7 +260,7 @@ def test_a_converted_checkpoint_loads_for_inference_and_exports_exactly(released
 
 @pytest.mark.slow
 def test_a_converted_checkpoint_starts_a_lorkd_fine_tuning(converted, tiny_teacher_ckpt, region_map):
-    """``student_init=checkpoint`` with ``experts.style=lorkd`` picks up the released base and experts exactly."""
+    """``student_init=checkpoint`` with ``experts.style=lorkd`` picks up the official base and experts exactly."""
     from functools import partial
 
     from lorkd.checkpoints.loading import load_teacher, read_student_state
@@ -280,24 +280,24 @@ def test_a_converted_checkpoint_starts_a_lorkd_fine_tuning(converted, tiny_teach
     assert all(p.requires_grad for n, p in module.student.backbone.named_parameters() if ".lora_" in n)
 
 
-def test_the_loader_recognises_a_released_file_and_builds_what_its_conversion_holds(released, converted):
-    """``load_model`` on the released file itself (with its text encoder files) equals loading its conversion."""
+def test_the_loader_recognises_a_official_file_and_builds_what_its_conversion_holds(official, converted):
+    """``load_model`` on the official file itself (with its text encoder files) equals loading its conversion."""
     from lorkd.checkpoints.loading import load_model
 
     path, text, lm_dir = converted
-    with pytest.raises(ValueError, match="is a released LoRKD checkpoint: also give its paired text encoder"):
-        load_model(released[0])
-    direct = load_model(released[0], text_checkpoint=text, language_model_path=str(lm_dir), net_overrides=OVERRIDES)
+    with pytest.raises(ValueError, match="is an official LoRKD checkpoint: also give its paired text encoder"):
+        load_model(official[0])
+    direct = load_model(official[0], text_checkpoint=text, language_model_path=str(lm_dir), net_overrides=OVERRIDES)
     stored = load_model(path)
-    assert direct.experts == stored.experts == list(OFFICIAL_REGIONS) and direct.source == str(released[0])
-    assert direct.meta.converted_from["path"] == str(released[0].resolve()) and direct.meta.experts.style == "lorkd"
+    assert direct.experts == stored.experts == list(OFFICIAL_REGIONS) and direct.source == str(official[0])
+    assert direct.meta.converted_from["path"] == str(official[0].resolve()) and direct.meta.experts.style == "lorkd"
     state = stored.net.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in direct.net.state_dict().items())
     with torch.no_grad():
         torch.testing.assert_close(direct.prompts.queries(["liver"], "ct"), stored.prompts.queries(["liver"], "ct"))
 
 
-def test_a_released_file_is_read_into_a_record_and_built_once(released, converted, monkeypatch):
+def test_a_official_file_is_read_into_a_record_and_built_once(official, converted, monkeypatch):
     """The reader builds nothing; ``load_model`` builds the student and the text encoder once each (it used to
     build both, turn them into a checkpoint dict, and build that again), recording what the conversion records."""
     from lorkd.checkpoints.loading import load_model, read_source
@@ -314,11 +314,11 @@ def test_a_released_file_is_read_into_a_record_and_built_once(released, converte
             _init(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "__init__", counted)
-    record = read_source(released[0], text, str(lm_dir), OVERRIDES)
+    record = read_source(official[0], text, str(lm_dir), OVERRIDES)
     assert built == {"SAT": 0, "TextEncoder": 0}
-    assert record.provenance.reader == "released-lorkd" and record.meta.kind == "lorkd"
+    assert record.provenance.reader == "official-lorkd" and record.meta.kind == "lorkd"
     assert any(k.startswith("student.") for k in record.tensors) and any(k.startswith("language_model.") for k in record.tensors)
-    loaded = load_model(released[0], text_checkpoint=text, language_model_path=str(lm_dir), net_overrides=OVERRIDES)
+    loaded = load_model(official[0], text_checkpoint=text, language_model_path=str(lm_dir), net_overrides=OVERRIDES)
     assert built == {"SAT": 1, "TextEncoder": 1}
     stored = load_model(path)
     assert loaded.meta.parameter_counts == stored.meta.parameter_counts

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from lorkd.data.geometry import Grid, placement
-from lorkd.data.io import CaseError
+from lorkd.data.image_reader import CaseError
 from lorkd.data.manifest import Case, validate_manifest
 from lorkd.data.transforms import PreprocessConfig, preprocess_case, preprocess_image, to_preprocessed_grid
-from lorkd.evaluation.cases import evaluate_case
+from lorkd.evaluation.scoring import evaluate_case
 from lorkd.evaluation.settings import MetricSettings
 
 SHAPE = (20, 16, 8)

@@ -101,8 +101,8 @@ def test_an_undecodable_dicom_series_keeps_the_whole_reason_on_one_line(tmp_path
     import pydicom
     from dicom_series import write_dicom_series
 
-    from lorkd.data.io import CaseError, read_volume
-    from lorkd.inference.cases import case_error
+    from lorkd.data.image_reader import CaseError, read_volume
+    from lorkd.inference.prediction_task import case_error
 
     write_dicom_series(np.zeros((8, 6, 3), np.float32), np.eye(4), tmp_path / "series")
     reason = (

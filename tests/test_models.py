@@ -107,9 +107,9 @@ def test_without_autograd_skips_and_concatenations_are_freed_once_used():
         # the skip this stage concatenated, and the concatenation itself, once the first conv is done
         second.register_forward_pre_hook(lambda m, args, i=i: alive.append((skips[-(i + 2)]() is not None, cats[-1]() is not None)))
     with torch.inference_mode():
-        released = net.backbone(net.check_input(x), pool=net.pool_kernels)
+        official = net.backbone(net.check_input(x), pool=net.pool_kernels)
         inferred = net(x, q)
-    assert released.skips == [] and [p.shape for p in released.pooled] == [p.shape for p in kept.pooled]
+    assert official.skips == [] and [p.shape for p in official.pooled] == [p.shape for p in kept.pooled]
     assert alive == [(False, False)] * 2 * len(net.backbone.decoder.stages)
     assert torch.equal(inferred, trained)
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from helpers import compose_config
 
-from lorkd.checkpoints.commands import export
 from lorkd.checkpoints.exported import ExportIntegrityError
 from lorkd.checkpoints.onnx import OnnxExpert
+from lorkd.commands.export import export
+from lorkd.commands.predict import predict
 from lorkd.inference.predictor import Predictor
-from lorkd.inference.run import predict
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

@@ -13,10 +13,10 @@ import pytest
 import torch
 from helpers import compose_config
 
+from lorkd.commands.predict import predict
 from lorkd.inference import openvino_runtime
 from lorkd.inference.openvino_runtime import OpenVinoExpert
 from lorkd.inference.predictor import Predictor
-from lorkd.inference.run import predict
 
 pytest.importorskip("openvino")
 REGIONS = ["abdomen", "thorax", "brain"]  # the demo test cases' experts

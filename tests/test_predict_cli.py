@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from helpers import compose_config, run_script
 
+from lorkd.commands.predict import predict
 from lorkd.data.manifest import ManifestError
 from lorkd.exit_codes import NotStarted
 from lorkd.inference.inputs import discover_cases
 from lorkd.inference.predictor import Prediction
-from lorkd.inference.run import predict
 from lorkd.inference.writer import (
     MARKER,
     completed,
@@ -174,7 +174,7 @@ def test_inputs_are_validated_up_front(tmp_path):
 
 
 def test_a_folder_of_non_ascii_or_clashing_names_gets_one_case_folder_each(tmp_path):
-    from lorkd.inference.cases import case_folder
+    from lorkd.inference.prediction_task import case_folder
 
     for name in ("肝", "脾", "a b", "a_b", "a+b", "Ωmega"):
         write_case(tmp_path / "in" / f"{name}.nii.gz")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from helpers import compose_config
 
+from lorkd.commands.predict import predict
 from lorkd.inference.predictor import Predictor
-from lorkd.inference.run import predict
 
 
 @pytest.fixture(scope="module")

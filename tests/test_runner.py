@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lorkd.data.manifest import Case
-from lorkd.inference.lightning_runner import CaseRunner
-from lorkd.inference.runner import run_cases as run_plain
-from lorkd.inference.runner import single_device
+from lorkd.inference.case_runner import run_cases as run_plain
+from lorkd.inference.case_runner import single_device
+from lorkd.inference.case_runner_lightning import LightningCaseRunner
 
 
 def make_case(name: str) -> Case:
@@ -71,7 +71,7 @@ def run_cases(task: RecordingTask, overwrite: bool, lightning: bool) -> list[str
         result = run_plain(task, cases, predictor, "cpu", overwrite=overwrite)
         assert predictor.device == torch.device("cpu")
         return result
-    runner = CaseRunner(task, cases, predictor, overwrite=overwrite)
+    runner = LightningCaseRunner(task, cases, predictor, overwrite=overwrite)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, use_distributed_sampler=False,

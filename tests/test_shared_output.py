@@ -15,9 +15,9 @@ import pytest
 from helpers import compose_config, run_script
 from test_identity import write_scan
 
+from lorkd.commands.predict import predict
 from lorkd.inference import writer
-from lorkd.inference.cases import PredictionTask
-from lorkd.inference.run import predict
+from lorkd.inference.prediction_task import PredictionTask
 from lorkd.io import FileLock, _temporary_prefix, lock_path
 
 ARGS = ("labels=[liver]", "modality=ct", "progress=false")
@@ -116,7 +116,7 @@ def test_eval_on_a_full_disk_reports_every_case_and_says_which_records_it_could_
 FULL_DISK = """
 import errno, itertools, sys
 from pathlib import Path
-from lorkd.inference import cases, writer
+from lorkd.inference import prediction_task, writer
 calls = itertools.count(1)
 real = writer.save_nifti
 def filling(image, path):
@@ -127,7 +127,7 @@ def filling(image, path):
 def summary(path, rows):
     raise OSError(errno.ENOSPC, "No space left on device")
 writer.save_nifti = filling
-cases.write_summary = summary
+prediction_task.write_summary = summary
 sys.argv = ["predict.py", *sys.argv[1:]]
 from lorkd.cli import predict
 predict()

@@ -9,8 +9,8 @@ import numpy as np
 from helpers import compose_config
 from test_predict_cli import write_case
 
+from lorkd.commands.predict import predict
 from lorkd.inference.predictor import Prediction
-from lorkd.inference.run import predict
 from lorkd.inference.statistics import label_statistics
 from lorkd.inference.writer import save_prediction
 

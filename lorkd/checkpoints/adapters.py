@@ -7,7 +7,7 @@ Folder layout (``DIR/adapters`` of an export)::
     <region>/adapter_model.safetensors   peft ``save_pretrained`` output, one folder per expert
     <region>/adapter_config.json
 
-``experts.style=lorkd`` adapters hold the released A (3r, 9·Cin) / B (3·Cout, 3r) tensors, which peft's own
+``experts.style=lorkd`` adapters hold the official A (3r, 9·Cin) / B (3·Cout, 3r) tensors, which peft's own
 Conv3d LoRA cannot host: reload them with :func:`load_adapters` (it registers our custom layer), not with
 ``PeftModel.from_pretrained``.
 """
@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from lorkd.checkpoints.build import add_experts
 from lorkd.checkpoints.exported import BASE, load_plain_sat, read_json, verify_file
-from lorkd.checkpoints.report import CheckpointMismatchError
+from lorkd.checkpoints.key_report import CheckpointMismatchError
 from lorkd.checkpoints.schema import ExpertsSpec
 from lorkd.experts import merged_unet
 from lorkd.experts.build import set_trainable

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import yaml
 
+from lorkd.checkpoints.key_report import KeyReport, load_mapped
 from lorkd.checkpoints.read import sub_state, text_encoder_of
-from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.schema import ExpertsSpec, SourceRecord
 from lorkd.models.sat import SAT
 from lorkd.models.text import TextEncoder

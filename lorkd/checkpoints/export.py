@@ -1,6 +1,6 @@
 """Export a LoRKD checkpoint: per region a standalone SAT with that expert merged into W0, plus peft adapters.
 
-Input: one of our LoRKD checkpoints, or a released ``lorkd-imbalance-{nano,pro}.pth`` (converted in memory
+Input: one of our LoRKD checkpoints, or an official ``lorkd-imbalance-{nano,pro}.pth`` (converted in memory
 by :mod:`lorkd.checkpoints.lorkd_official`; needs its paired text encoder). Output layout and the loader:
 :mod:`lorkd.checkpoints.exported`. The export is written into a temporary sibling folder and moved into
 place at the end, so the target is either a complete export or untouched.
@@ -182,7 +182,7 @@ def export_experts(
 
     ``onnx``: also ``out/<region>/model.onnx`` (:mod:`lorkd.checkpoints.onnx`), recorded in ``index.json``.
 
-    ``official``: for a released LoRKD file, ``text_checkpoint``, ``language_model_path`` and optionally
+    ``official``: for an official LoRKD file, ``text_checkpoint``, ``language_model_path`` and optionally
     ``student_preset``, ``teacher_checkpoint``, ``net_overrides`` (see :func:`~lorkd.checkpoints.loading.load_model`).
     """
     out = Path(out)

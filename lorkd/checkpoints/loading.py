@@ -10,7 +10,7 @@ supported source and returns a :class:`LoadedModel`:
 * a SATModule checkpoint (``kind: sat``): the teacher alone;
 * an official SAT vision file + its paired text encoder (files: ``text_checkpoint`` and
   ``language_model_path``; or a built ``text_encoder``);
-* a released LoRKD file (``lorkd-imbalance-{nano,pro}.pth``), read as one of our LoRKD checkpoints
+* an official LoRKD file (``lorkd-imbalance-{nano,pro}.pth``), read as one of our LoRKD checkpoints
   (:func:`~lorkd.checkpoints.lorkd_official.read_lorkd_official`; needs its paired text encoder files) and
   built once;
 * an export directory (``lorkd-export``): one merged standalone model per region, no peft involved
@@ -34,7 +34,7 @@ from lorkd.checkpoints.build import build, build_network, build_prompts
 from lorkd.checkpoints.exported import ExportedExperts, load_export
 from lorkd.checkpoints.lorkd_official import converted_meta, is_lorkd_official, read_lorkd_official
 from lorkd.checkpoints.read import read_checkpoint_identity, sub_state
-from lorkd.checkpoints.sat import read_official_sat
+from lorkd.checkpoints.sat_official import read_official_sat
 from lorkd.checkpoints.schema import CheckpointMeta, Provenance, SourceRecord
 from lorkd.io import file_fingerprint, file_identity
 from lorkd.models.sat import SAT
@@ -172,7 +172,7 @@ def read_source(
     text_encoder: bool = False,
 ) -> SourceRecord:
     """The record of the checkpoint file at ``path`` and its tensors, nothing built: our checkpoint, an
-    official SAT vision file or a released LoRKD file, each by its own reader (arguments: see
+    official SAT vision file or an official LoRKD file, each by its own reader (arguments: see
     :func:`load_model`; ``text_encoder``: the caller gives an official SAT file's built text encoder)."""
     raw, identity = _read(path)
     source = str(path)
@@ -185,11 +185,11 @@ def read_source(
     if is_lorkd_official(state):
         if not (text_checkpoint and language_model_path):
             raise ValueError(
-                f"{path} is a released LoRKD checkpoint: also give its paired text encoder (text_checkpoint=...) "
+                f"{path} is an official LoRKD checkpoint: also give its paired text encoder (text_checkpoint=...) "
                 "and a local BioLORD-2023-C folder (language_model_path=...)"
             )
         record = read_lorkd_official(
-            state, Provenance(source, "released-lorkd", identity), text_checkpoint, language_model_path, student_preset,
+            state, Provenance(source, "official-lorkd", identity), text_checkpoint, language_model_path, student_preset,
             teacher_checkpoint=teacher_checkpoint, net_overrides=net_overrides,
         )  # fmt: skip
         if file_identity(path) != identity:  # its fingerprint read the file again
@@ -249,7 +249,7 @@ def loaded_model(record: SourceRecord, peft: bool = True, text_encoder: TextEnco
     """The :class:`LoadedModel` of a record: :func:`~lorkd.checkpoints.build.build`, once."""
     net, prompts = build(record, peft, text_encoder)
     meta, provenance = record.meta, record.provenance
-    if provenance.reader == "released-lorkd":
+    if provenance.reader == "official-lorkd":
         meta = converted_meta(record, net, prompts)
     region_map = RegionMap(**meta.region_map) if meta.region_map else None
     kind = "experts" if meta.kind == "lorkd" else "teacher"
@@ -306,7 +306,7 @@ def _lorkd_checkpoint(path: str | Path) -> tuple[Any, CheckpointMeta]:
     raw, _ = _read(path)
     meta = schema.read(raw, str(path))
     if meta is None or meta.kind != "lorkd":
-        raise ValueError(f"{path} is not a LoRKD checkpoint of this project (convert a released file first)")
+        raise ValueError(f"{path} is not a LoRKD checkpoint of this project (convert an official file first)")
     return raw, meta
 
 

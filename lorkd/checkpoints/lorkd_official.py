@@ -1,4 +1,4 @@
-"""Released LoRKD checkpoints (``lorkd-imbalance-{nano,pro}.pth``) -> our ``experts.style=lorkd`` student.
+"""Official LoRKD checkpoints (``lorkd-imbalance-{nano,pro}.pth``) -> our ``experts.style=lorkd`` student.
 
 Layout (``model_state_dict``, 830 / 994 keys; reference/lorkd.md §9):
 
@@ -6,7 +6,7 @@ Layout (``model_state_dict``, 830 / 994 keys; reference/lorkd.md §9):
 * ``….conv.lora_A_list.{t}`` (3·r_t, 9·Cin) and ``….conv.lora_B_list.{t}`` (3·Cout, 3·r_t): expert t,
   ΔW_t = 2·(B_t @ A_t).view(Cout, Cin, 3, 3, 3); decoder ranks are twice the encoder's
 * ``….stages.{i}.norm.*``, ``model.module.backbone.decoder.transpconvs.{s}.*``
-* ``unet.*``: the same backbone tensors again (the released adapter wrapper registers the backbone twice);
+* ``unet.*``: the same backbone tensors again (the official adapter wrapper registers the backbone twice);
   checked identical and explained, never loaded twice
 * ``model.module.{projection_layer, transformer_decoder, mask_embed_proj}.*`` with
   ``multihead_attn.in_proj_{weight,bias}`` (q|k|v stacked; split into our q/k/v projections)
@@ -33,8 +33,8 @@ import torch
 
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.build import backbone_presets, build, build_network, preset_differences
-from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport, read_state_dict
-from lorkd.checkpoints.sat import (
+from lorkd.checkpoints.key_report import CheckpointMismatchError, KeyReport, read_state_dict
+from lorkd.checkpoints.sat_official import (
     infer_sat_config,
     load_sat_text_encoder,
     read_sat_text,
@@ -56,7 +56,7 @@ from lorkd.regions import RegionMap
 
 OFFICIAL_REGIONS = ("abdomen", "brain", "head_and_neck", "lower_limb", "pelvis", "spine", "thorax", "upper_limb")
 OFFICIAL_SCALING = 2.0
-STUDENT_PRESETS = {"nano": "unet_student_nano", "pro": "unet_nano"}  # released file -> student backbone config
+STUDENT_PRESETS = {"nano": "unet_student_nano", "pro": "unet_nano"}  # official file -> student backbone config
 _MODEL_PREFIX = "model."  # the wrapper's ``model`` (a DDP-wrapped Maskformer: ``model.module.*``)
 _ALIAS_PREFIX = "unet."
 _UNIT = re.compile(r"^(backbone\.(?:encoder\.stages\.\d+\.0|decoder\.stages\.\d+))\.stages\.(\d+)\.(conv|norm)\.(.+)$")
@@ -66,7 +66,7 @@ _PEFT = "backbone.base_model.model."
 
 @dataclass
 class OfficialLoRKD:
-    """A released LoRKD student loaded into our model: ``net.backbone`` is a peft model with 8 lorkd-style experts."""
+    """An official LoRKD student loaded into our model: ``net.backbone`` is a peft model with 8 lorkd-style experts."""
 
     net: SAT
     experts: ExpertsSpec
@@ -88,7 +88,7 @@ def _split(state: Mapping[str, torch.Tensor], report: KeyReport) -> tuple[dict[s
         if key.startswith(_ALIAS_PREFIX):
             twin = f"{_MODEL_PREFIX}module.backbone.{key[len(_ALIAS_PREFIX):]}"
             if twin in state and torch.equal(state[twin], value):
-                report.explained[key] = f"alias of {twin} (the released adapter wrapper registers the backbone as `unet` too)"
+                report.explained[key] = f"alias of {twin} (the official adapter wrapper registers the backbone as `unet` too)"
             else:
                 report.unexpected.append(f"{key} (differs from {twin} or has no twin)")
             continue
@@ -137,7 +137,7 @@ def _expert_ranks(lora: Mapping[str, Mapping[tuple[str, int], torch.Tensor]], re
 
 
 def _match_preset(config: Mapping[str, Any], wanted: str | None, source: str) -> str | None:
-    """The released student preset this architecture is; with ``wanted``, raise unless it is that one."""
+    """The official student preset this architecture is; with ``wanted``, raise unless it is that one."""
     if wanted is not None and wanted not in STUDENT_PRESETS:
         raise ValueError(f"student_preset must be one of {sorted(STUDENT_PRESETS)} or None, got {wanted!r}")
     found = [p for p, backbone in STUDENT_PRESETS.items() if backbone in backbone_presets(config)]
@@ -166,9 +166,9 @@ def _student_state(plain: Mapping[str, torch.Tensor], lora: Mapping[str, Mapping
 def _read_student(
     state: Mapping[str, torch.Tensor], source: str, student_preset: str | None, regions: Sequence[str], net_overrides: Mapping[str, Any]
 ) -> tuple[dict[str, Any], ExpertsSpec, str | None, dict[str, torch.Tensor], KeyReport]:
-    """A released student's architecture, experts spec, preset, tensors in our keys and the keys explained."""
+    """An official student's architecture, experts spec, preset, tensors in our keys and the keys explained."""
     if not is_lorkd_official(state):
-        raise CheckpointMismatchError(f"{source}: no lora_A_list keys; not a released LoRKD checkpoint")
+        raise CheckpointMismatchError(f"{source}: no lora_A_list keys; not an official LoRKD checkpoint")
     report = KeyReport(source=source)
     plain, lora = _split(state, report)
     report.raise_if_unexplained()
@@ -188,7 +188,7 @@ def load_lorkd_official(
     regions: Sequence[str] = OFFICIAL_REGIONS,
     **net_overrides: Any,
 ) -> OfficialLoRKD:
-    """Load a released LoRKD student with strict key accounting (every key loaded or explained).
+    """Load an official LoRKD student with strict key accounting (every key loaded or explained).
 
     ``student_preset`` ("nano" | "pro") is checked against the architecture read off the keys (None: any);
     ``net_overrides`` sets what the keys do not record (``decoder_heads``, ``dropout``, ``latent_stride``).
@@ -237,19 +237,19 @@ def read_lorkd_official(
     teacher_checkpoint: str | Path | None = None,
     net_overrides: Mapping[str, Any] | None = None,
 ) -> SourceRecord:
-    """The reader of a released LoRKD file (its ``model_state_dict``, already loaded) and its paired text
+    """The reader of an official LoRKD file (its ``model_state_dict``, already loaded) and its paired text
     encoder: the record of one of our LoRKD checkpoints and its tensors, nothing built.
 
     The build encodes ``labels`` (default: every label of the region map) into the prompt bank with the
     paired language model, so the network needs no language model afterwards; ``teacher_checkpoint`` (the
     SAT vision file distilled from) is recorded for ``model="teacher"`` and parameter ratios;
-    ``net_overrides`` as in :func:`load_lorkd_official` (the released files use SAT's defaults).
+    ``net_overrides`` as in :func:`load_lorkd_official` (the official files use SAT's defaults).
     """
     source = provenance.source
     net, experts, preset, student, report = _read_student(state, source, student_preset, OFFICIAL_REGIONS, dict(net_overrides or {}))
-    region_map = region_map or RegionMap.from_config("sat49")  # the released experts' routing
+    region_map = region_map or RegionMap.from_config("sat49")  # the official experts' routing
     if tuple(region_map.regions) != OFFICIAL_REGIONS:
-        raise ValueError(f"the released experts are in order {list(OFFICIAL_REGIONS)}; region map has {region_map.regions}")
+        raise ValueError(f"the official experts are in order {list(OFFICIAL_REGIONS)}; region map has {region_map.regions}")
     head, text, explained = read_sat_text(text_checkpoint, language_model_path)
     if head.query_dim != int(net["query_dim"]):
         raise CheckpointMismatchError(f"{text_checkpoint}: query dim {head.query_dim}, the student's is {net['query_dim']}")
@@ -287,10 +287,10 @@ def lorkd_checkpoint_from_official(
     teacher_checkpoint: str | Path | None = None,
     net_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A released checkpoint as one of our LoRKD checkpoints (``state_dict`` + :mod:`~lorkd.checkpoints.schema` record), in memory:
+    """An official checkpoint as one of our LoRKD checkpoints (``state_dict`` + :mod:`~lorkd.checkpoints.schema` record), in memory:
     :func:`read_lorkd_official`, built once (the prompt bank filled for ``labels``)."""
     record = read_lorkd_official(
-        read_state_dict(path), Provenance(str(path), "released-lorkd"), text_checkpoint, language_model_path,
+        read_state_dict(path), Provenance(str(path), "official-lorkd"), text_checkpoint, language_model_path,
         student_preset, region_map, labels, teacher_checkpoint, net_overrides,
     )  # fmt: skip
     net, bank = build(record)
@@ -298,7 +298,7 @@ def lorkd_checkpoint_from_official(
 
 
 def converted_meta(record: SourceRecord, net: SAT, bank: PromptBank) -> CheckpointMeta:
-    """The record of a built released file as our LoRKD checkpoint records it: the network's full
+    """The record of a built official file as our LoRKD checkpoint records it: the network's full
     arguments, the bank holding every prompt, no language model (the official tower is not a plain folder)."""
     return replace(
         record.meta, net=dict(net.config), prompt_bank=bank.state_dict(),
@@ -307,7 +307,7 @@ def converted_meta(record: SourceRecord, net: SAT, bank: PromptBank) -> Checkpoi
 
 
 def checkpoint_of(record: SourceRecord, net: SAT, bank: PromptBank) -> dict[str, Any]:
-    """A built released file as one of our LoRKD checkpoints: its network's and text head's tensors and
+    """A built official file as one of our LoRKD checkpoints: its network's and text head's tensors and
     :func:`converted_meta`."""
     meta = converted_meta(record, net, bank)
     state = {f"student.{k}": v for k, v in net.state_dict().items()}

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lorkd.checkpoints.report import KeyReport, load_mapped
+from lorkd.checkpoints.key_report import KeyReport, load_mapped
 from lorkd.checkpoints.schema import TextHead
 from lorkd.io import read_stable
 from lorkd.models.text import TextEncoder

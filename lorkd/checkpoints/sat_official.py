@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from lorkd.checkpoints.build import build_network
+from lorkd.checkpoints.key_report import CheckpointMismatchError, KeyReport, load_mapped, read_state_dict
 from lorkd.checkpoints.read import text_encoder_of
-from lorkd.checkpoints.report import CheckpointMismatchError, KeyReport, load_mapped, read_state_dict
 from lorkd.checkpoints.schema import CheckpointMeta, Provenance, SourceRecord, TextHead
 from lorkd.models.sat import SAT
 from lorkd.models.text import TextEncoder

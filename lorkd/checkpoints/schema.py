@@ -1,9 +1,9 @@
 """What a LoRKD or SAT checkpoint of this project records about itself (``checkpoint["lorkd"]``), and the
 record every source is read into (:class:`SourceRecord`).
 
-One typed record, written by :func:`write` (training modules, the released-LoRKD converter) and read
+One typed record, written by :func:`write` (training modules, the official-LoRKD converter) and read
 by :func:`read` (teacher loading, prediction loading, export, resume). The readers of
-:mod:`lorkd.checkpoints.loading` turn each source kind (our checkpoint, an official SAT file, a released
+:mod:`lorkd.checkpoints.loading` turn each source kind (our checkpoint, an official SAT file, an official
 LoRKD file) into a :class:`SourceRecord`: this record, its provenance and its tensors, nothing built;
 :func:`lorkd.checkpoints.build.build` turns any of them into the network and its prompt bank. Version 1 is the layout every
 checkpoint has had so far; a file without a ``version`` field is version 1. A newer version, an
@@ -19,10 +19,10 @@ from typing import Any
 KEY = "lorkd"
 VERSION = 1
 KINDS = ("sat", "lorkd")
-# SAT's training crop: the patch size recorded for released files and used for files that record none
+# SAT's training crop: the patch size recorded for official files and used for files that record none
 SAT_PATCH_SIZE = (288, 288, 96)
 # SAT's preprocessing as plain values (``lorkd.data.transforms.PreprocessConfig().to_dict()``): recorded for
-# released files, whose converter imports no ``lorkd.data``
+# official files, whose converter imports no ``lorkd.data``
 SAT_PREPROCESS = {
     "orientation": "RAS", "spacing": [1.0, 1.0, 3.0], "crop_foreground": True, "crop_margin_mm": 0.0,
     "ct_window": [-500.0, 1000.0], "percentiles": [0.5, 99.5], "interpolation": "bilinear", "nan_policy": "error",
@@ -96,7 +96,7 @@ class CheckpointMeta:
     experts: ExpertsSpec | None = None  # kind "lorkd"
     teacher: TeacherSource | None = None  # kind "lorkd", when known
     parameter_counts: dict[str, int] = field(default_factory=dict)
-    converted_from: dict[str, Any] | None = None  # a released LoRKD file: its path, fingerprint, preset
+    converted_from: dict[str, Any] | None = None  # an official LoRKD file: its path, fingerprint, preset
     version: int = VERSION
 
 
@@ -105,7 +105,7 @@ class Provenance:
     """Where a record's tensors come from."""
 
     source: str  # the file whose weights these are
-    reader: str  # "checkpoint" | "official-sat" | "released-lorkd"
+    reader: str  # "checkpoint" | "official-sat" | "official-lorkd"
     identity: dict[str, Any] = field(default_factory=dict)  # file_identity of the bytes read (predict's resume key)
 
 
@@ -119,7 +119,7 @@ class SourceRecord:
     head's under ``text_encoder.``, a paired language model's weights under ``language_model.`` (official
     text encoders); ``explained``: keys of the file the reader accounted for without loading them (aliases,
     split tensors), which the build's strict key report lists; ``encode``: prompts the build encodes with
-    the language model into the bank (a released file's region-map labels), after which the bank holds every
+    the language model into the bank (an official file's region-map labels), after which the bank holds every
     prompt and the language model is let go (as in a converted checkpoint).
     """
 

@@ -14,7 +14,7 @@ def arguments(cfg: DictConfig) -> dict[str, Any]:
     """The keyword arguments of :func:`lorkd.evaluation.pipeline.evaluate` that ``cfg`` describes."""
     from hydra.utils import instantiate
 
-    from lorkd.inference.run import predictor_options
+    from lorkd.commands.predict import predictor_options
 
     callbacks = plain(cfg.get("callbacks")) or {}
     return {

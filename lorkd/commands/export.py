@@ -1,4 +1,4 @@
-"""The jobs behind ``lorkd-export`` (``configs/export.yaml``) and the released-checkpoint converter
+"""The jobs behind ``lorkd-export`` (``configs/export.yaml``) and the official-LoRKD converter
 (``configs/convert.yaml``); :mod:`lorkd.cli` makes them Hydra apps.
 
     lorkd-export ckpt_path=outputs/lorkd/checkpoints/last.ckpt output_dir=exports/lorkd [only=[abdomen,thorax]] [onnx=true]
@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from lorkd.checkpoints.exported import ExportIntegrityError
-from lorkd.checkpoints.report import CheckpointMismatchError
+from lorkd.checkpoints.key_report import CheckpointMismatchError
 
 _USER_ERRORS = (
     FileExistsError, FileNotFoundError, KeyError, ValueError, CheckpointMismatchError, ExportIntegrityError,
@@ -30,7 +30,7 @@ _USER_ERRORS = (
 
 
 def _official(cfg: DictConfig) -> dict[str, Any]:
-    """The ``official:`` options that are set (for released LoRKD files)."""
+    """The ``official:`` options that are set (for official LoRKD files)."""
     return {k: v for k, v in OmegaConf.to_container(cfg.official, resolve=True, throw_on_missing=True).items() if v is not None}
 
 
@@ -59,7 +59,7 @@ def export(cfg: DictConfig) -> None:
 
 
 def convert(cfg: DictConfig) -> None:
-    """Released ``lorkd-imbalance-*.pth`` -> one of our LoRKD checkpoints (see lorkd.checkpoints.lorkd_official)."""
+    """Official ``lorkd-imbalance-*.pth`` -> one of our LoRKD checkpoints (see lorkd.checkpoints.lorkd_official)."""
     from lorkd.checkpoints.lorkd_official import convert_lorkd_official
 
     run_command("convert_lorkd_official", lambda: convert_lorkd_official(cfg.ckpt_path, cfg.output_path, **_official(cfg)))

@@ -2,7 +2,7 @@
 
 One device runs the cases in order in this process, without Lightning; ``trainer.devices=N`` (and
 ``trainer.num_nodes``) shards them through ``Trainer.predict``, each case exactly once
-(:mod:`lorkd.inference.runner` with :class:`~lorkd.inference.cases.PredictionTask`).
+(:mod:`lorkd.inference.case_runner` with :class:`~lorkd.inference.prediction_task.PredictionTask`).
 Prompts of every case are checked before anything runs.
 """
 
@@ -85,7 +85,7 @@ def _prepare(cfg: DictConfig) -> tuple[list[Case], Predictor, dict[str, Any]]:
 
 
 def _trainer(cfg: DictConfig) -> Any:
-    from lorkd.inference.lightning_runner import make_trainer
+    from lorkd.inference.case_runner_lightning import make_trainer
 
     return make_trainer(cfg.trainer, use_distributed_sampler=False)
 
@@ -95,8 +95,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
 
     Raises :class:`~lorkd.exit_codes.NotStarted` (one line) when the run cannot start.
     """
-    from lorkd.inference.cases import PredictionTask
-    from lorkd.inference.runner import run_cases, single_device
+    from lorkd.inference.case_runner import run_cases, single_device
+    from lorkd.inference.prediction_task import PredictionTask
 
     try:
         device = single_device(plain(cfg.trainer))  # one process: no Lightning
@@ -114,8 +114,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         )
     if trainer is None:
         return run_cases(task, cases, predictor, device, cfg.overwrite, progress=cfg.progress)
-    from lorkd.inference.lightning_runner import CaseRunner
+    from lorkd.inference.case_runner_lightning import LightningCaseRunner
 
-    runner = CaseRunner(task, cases, predictor, cfg.overwrite, progress=cfg.progress)
+    runner = LightningCaseRunner(task, cases, predictor, cfg.overwrite, progress=cfg.progress)
     trainer.predict(runner, return_predictions=False)
     return runner.result

@@ -10,7 +10,7 @@ together. A mask whose grid is its image's:
 * resampled, i.e. another voxel size over the same space (the same outer voxel faces, within the
   tolerance, axes matched up to permutation and flip): resampled onto the image's grid, nearest
   neighbour;
-* anything else (shifted, rotated, another field of view): :class:`~lorkd.data.io.CaseError` naming
+* anything else (shifted, rotated, another field of view): :class:`~lorkd.data.image_reader.CaseError` naming
   both files and what differs. A mask is never read voxel by voxel on another grid.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from lorkd.data.io import CaseError, header_grid, read_volume
+from lorkd.data.image_reader import CaseError, header_grid, read_volume
 
 GEOMETRY_TOLERANCE = 1e-3  # mm (fraction of a voxel for voxels over 1 mm): grids this close are one grid
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lorkd.data.io import CaseError
+from lorkd.data.image_reader import CaseError
 
 MAX_INPUT_VOXELS = 2**29  # 537M: 512x512x2048 (2 GiB as float32); a 512x512x1000 CT takes 262M
 MAX_RESAMPLED_VOXELS = 2**28  # 268M at the target spacing (1 GiB per float32 map); 500x500x2000 mm at 1x1x3: 167M

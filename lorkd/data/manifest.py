@@ -32,7 +32,7 @@ import nibabel as nib
 import numpy as np
 
 from lorkd.data.geometry import Grid, mask_placement
-from lorkd.data.io import CaseError, header_grid
+from lorkd.data.image_reader import CaseError, header_grid
 from lorkd.io import file_identity
 from lorkd.regions import (
     RegionMap,

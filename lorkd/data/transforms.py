@@ -12,7 +12,7 @@ Documented edge cases:
 * all-background volume (e.g. a CT with HU <= 0 everywhere): cropping to the voxels > 0 would give
   an empty box, so the full volume is kept and a warning is logged;
 * constant volume: the z-score has std 0, the result is all zeros (never NaN);
-* NaN/Inf voxels: :class:`~lorkd.data.io.CaseError` naming the file (``nan_policy="error"``, the
+* NaN/Inf voxels: :class:`~lorkd.data.image_reader.CaseError` naming the file (``nan_policy="error"``, the
   default) or replaced by 0 (``nan_policy="zero"``);
 * 4-D input with a singleton channel is squeezed; any other non-3-D input is a ``CaseError``.
 * an image beyond the size guards of :mod:`lorkd.data.limits` (voxels as stored, voxels at the target
@@ -33,7 +33,7 @@ import numpy as np
 
 from lorkd.data.geometry import Grid, read_mask
 from lorkd.data.grid import reach, resample, resample_slabs, target_grid
-from lorkd.data.io import (
+from lorkd.data.image_reader import (
     NAN_POLICIES,
     CaseError,
     Volume,

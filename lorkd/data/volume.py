@@ -1,7 +1,7 @@
 """What a reader returns: a 3-D volume with its affine, and the error of a case whose file cannot be used.
 
-Shared by :mod:`lorkd.data.io` (the one reader) and :mod:`lorkd.data.dicom` (DICOM series), which
-:mod:`lorkd.data.io` calls: this module imports neither, so the two import no cycle.
+Shared by :mod:`lorkd.data.image_reader` (the one reader) and :mod:`lorkd.data.dicom` (DICOM series), which
+:mod:`lorkd.data.image_reader` calls: this module imports neither, so the two import no cycle.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Steps (one process runs them without Lightning; with several, every rank runs th
 
 1. read the manifest, keeping going past bad lines (reported as failed cases);
 2. load the Predictor and check everything else that can fail before any case runs;
-3. run the cases with the one case runner (:mod:`lorkd.inference.runner`) and
+3. run the cases with the one case runner (:mod:`lorkd.inference.case_runner`) and
    :class:`~lorkd.evaluation.task.EvaluationTask`: rank 0 keeps the records already in ``OUT/cases/``
    made with the same fingerprint (resume), the other cases are evaluated (each on exactly one rank),
    each record is stored when its case is done, and rank 0 writes the reports.
@@ -108,7 +108,7 @@ def evaluate(
 
     Raises :class:`~lorkd.exit_codes.NotStarted` (one line) when the run cannot start.
     """
-    from lorkd.inference.runner import run_cases
+    from lorkd.inference.case_runner import run_cases
 
     trainer = {"_target_": TRAINER, **(trainer or {"devices": 1})}
     callbacks = dict(callbacks or {})
@@ -125,15 +125,15 @@ def evaluate(
     if lightning is None:
         run_cases(task, cases, predictor, device, overwrite, progress=progress)
         return load_summary(output_dir)
-    from lorkd.inference.lightning_runner import CaseRunner
+    from lorkd.inference.case_runner_lightning import LightningCaseRunner
 
-    lightning.predict(CaseRunner(task, cases, predictor, overwrite=overwrite), return_predictions=False)
+    lightning.predict(LightningCaseRunner(task, cases, predictor, overwrite=overwrite), return_predictions=False)
     return load_summary(output_dir) if lightning.is_global_zero else None
 
 
 def _single_device(trainer: Mapping[str, Any]) -> Any:
-    """The device of a one-process run (:func:`~lorkd.inference.runner.single_device`), else None."""
-    from lorkd.inference.runner import single_device
+    """The device of a one-process run (:func:`~lorkd.inference.case_runner.single_device`), else None."""
+    from lorkd.inference.case_runner import single_device
 
     return single_device(trainer)
 
@@ -141,7 +141,7 @@ def _single_device(trainer: Mapping[str, Any]) -> Any:
 def _trainer(trainer: Mapping[str, Any], callbacks: Mapping[str, Any]) -> Any:
     from hydra.utils import instantiate
 
-    from lorkd.inference.lightning_runner import make_trainer
+    from lorkd.inference.case_runner_lightning import make_trainer
 
     made = [instantiate(node) for node in callbacks.values() if isinstance(node, Mapping) and "_target_" in node]
     return make_trainer(dict(trainer), callbacks=made, logger=False, use_distributed_sampler=False)

@@ -1,8 +1,8 @@
-"""Evaluation as a :class:`~lorkd.inference.runner.CaseTask`: a case in, its metric record out.
+"""Evaluation as a :class:`~lorkd.inference.case_runner.CaseTask`: a case in, its metric record out.
 
 * done (kept, unless ``overwrite``): a successful record in ``OUT/cases/`` of the same run
   fingerprint and unchanged inputs (:func:`~lorkd.evaluation.records.load_records`);
-* run: the Predictor's masks against the manifest's (:func:`~lorkd.evaluation.cases.evaluate_record`),
+* run: the Predictor's masks against the manifest's (:func:`~lorkd.evaluation.scoring.evaluate_record`),
   a failing case a record holding its error;
 * save: the record, atomically, the moment the case is done (an interrupted run resumes from there);
 * finish (rank 0, every record of the run, kept ones included): ``per_case.csv``, ``summary.json``,
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from lorkd.data.manifest import Case
-from lorkd.evaluation.cases import evaluate_record
 from lorkd.evaluation.outputs import write_outputs
 from lorkd.evaluation.records import (
     CaseRecord,
@@ -29,9 +28,10 @@ from lorkd.evaluation.records import (
     records_folder,
     save_record,
 )
+from lorkd.evaluation.scoring import evaluate_record
 from lorkd.evaluation.settings import MetricSettings
+from lorkd.inference.case_runner import WindowProgress
 from lorkd.inference.predictor import Predictor
-from lorkd.inference.runner import WindowProgress
 from lorkd.io import DiskFullError, disk_full, lock_path, printable
 from lorkd.regions import RegionMap
 

@@ -4,7 +4,7 @@ Two parameterisations of an expert's weight update ``ΔW`` (both registered as c
 
 * ``peft`` (:class:`RoutedLoraConv3d`): peft's conv LoRA, ``A`` = Conv3d(Cin→r, k³), ``B`` = Conv3d(r→Cout, 1³),
   ``ΔW[o,i] = s·Σ_j B[o,j]·A[j,i]``.
-* ``lorkd`` (:class:`LorkdLoraConv3d`): the released LoRKD experts, ``A`` (r·k, Cin·k²), ``B`` (Cout·k, r·k),
+* ``lorkd`` (:class:`LorkdLoraConv3d`): the official LoRKD experts, ``A`` (r·k, Cin·k²), ``B`` (Cout·k, r·k),
   ``ΔW = s·view(B @ A)`` (stored as bias-free ``nn.Linear`` weights of those shapes).
 
 Routing (:mod:`lorkd.experts.routed`, shared with the peft-free layers used at inference): while a
@@ -37,7 +37,7 @@ class RoutedLoraConv3d(RoutedConv, PeftLoraConv3d):
 
 
 class LorkdLoraConv3d(RoutedLoraConv3d):
-    """The released LoRKD expert parameterisation (``experts.style=lorkd``).
+    """The official LoRKD expert parameterisation (``experts.style=lorkd``).
 
     ``A`` (r·k, Cin·k²) and ``B`` (Cout·k, r·k) with ``ΔW = s·(B @ A).view(Cout, Cin, k, k, k)``; as a
     Cout×(Cin·k³) matrix this update can have rank up to 3r. Parameters per expert: r·(k³·Cin + k²·Cout).

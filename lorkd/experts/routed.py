@@ -42,7 +42,7 @@ class Routing:
 
 
 def lorkd_delta(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``ΔW = s·view(B @ A)`` of the released LoRKD experts, shaped like the base ``weight``."""
+    """``ΔW = s·view(B @ A)`` of the official LoRKD experts, shaped like the base ``weight``."""
     return (b @ a).view(weight.shape) * scaling
 
 

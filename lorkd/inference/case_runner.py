@@ -1,9 +1,9 @@
 """The one case runner of ``predict.py`` and ``eval.py``: a plain loop in one process, ``Trainer.predict`` over several.
 
-A case goes along one path, whatever the task (:class:`~lorkd.inference.cases.PredictionTask`,
+A case goes along one path, whatever the task (:class:`~lorkd.inference.prediction_task.PredictionTask`,
 :class:`~lorkd.evaluation.task.EvaluationTask`) and however many processes run it
 (:class:`CaseLoop` holds the steps; :func:`run_cases` drives them in this process without Lightning,
-:class:`~lorkd.inference.lightning_runner.CaseRunner` through ``Trainer.predict`` on every rank):
+:class:`~lorkd.inference.case_runner_lightning.LightningCaseRunner` through ``Trainer.predict`` on every rank):
 
 1. **skip or run**: unless ``overwrite``, rank 0 asks the task which cases an earlier run finished
    (:meth:`CaseTask.finished`) before any rank writes, and broadcasts the answer, so every rank

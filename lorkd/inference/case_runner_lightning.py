@@ -1,7 +1,7 @@
-""":class:`CaseRunner`: the steps of :class:`~lorkd.inference.runner.CaseLoop` on every rank of ``Trainer.predict``.
+""":class:`LightningCaseRunner`: the steps of :class:`~lorkd.inference.case_runner.CaseLoop` on every rank of ``Trainer.predict``.
 
 Used when a run has several processes (``trainer.devices``/``num_nodes`` above 1, torchrun, SLURM); one
-process runs :func:`~lorkd.inference.runner.run_cases` instead, without Lightning.
+process runs :func:`~lorkd.inference.case_runner.run_cases` instead, without Lightning.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from torch.utils.data import DataLoader
 
 from lorkd.data.datasets import CaseDataset, collate_case
 from lorkd.data.manifest import Case
-from lorkd.inference.runner import CaseLoop, CaseTask, Outcome, ShardSampler
+from lorkd.inference.case_runner import CaseLoop, CaseTask, Outcome, ShardSampler
 from lorkd.utils import single_log_stream
 
 
-class CaseRunner(pl.LightningModule, Generic[Outcome]):
-    """Runs ``cases`` with ``task`` (see :mod:`lorkd.inference.runner`); ``predictor`` is moved to the
+class LightningCaseRunner(pl.LightningModule, Generic[Outcome]):
+    """Runs ``cases`` with ``task`` (see :mod:`lorkd.inference.case_runner`); ``predictor`` is moved to the
     rank's device; :attr:`result` is the run's result on every rank after ``Trainer.predict``."""
 
     def __init__(

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from lorkd.data.dicom import series_headers
-from lorkd.data.io import CaseError
+from lorkd.data.image_reader import CaseError
 from lorkd.inference.predictor import Prediction
 from lorkd.inference.segment_codes import segment_codes
 

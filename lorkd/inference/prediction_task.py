@@ -1,4 +1,4 @@
-"""Prediction as a :class:`~lorkd.inference.runner.CaseTask`: a case in, its folder of files out.
+"""Prediction as a :class:`~lorkd.inference.case_runner.CaseTask`: a case in, its folder of files out.
 
 A case is done (kept, unless ``overwrite``) when its folder holds a complete prediction made for the
 same key: the case's identity (image path, size and mtime_ns, labels, modality, region, orientation)
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from lorkd.data.manifest import Case, case_identity
+from lorkd.inference.case_runner import WindowProgress
 from lorkd.inference.inputs import case_folder_name
 from lorkd.inference.predictor import Prediction, Predictor
-from lorkd.inference.runner import WindowProgress
 from lorkd.inference.writer import completed as complete_marker
 from lorkd.inference.writer import save_prediction, write_summary
 from lorkd.io import DiskFullError, disk_full, lock_path, printable

@@ -39,7 +39,7 @@ import torch
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.loading import LoadedModel, load_model
 from lorkd.data.body import body_mask
-from lorkd.data.io import CaseError, check_finite, read_volume, reordered, squeeze_to_3d
+from lorkd.data.image_reader import CaseError, check_finite, read_volume, reordered, squeeze_to_3d
 from lorkd.data.limits import LIMITS
 from lorkd.data.transforms import (
     InversionInfo,
@@ -58,7 +58,7 @@ from lorkd.inference.sliding_window import (
     sliding_window_probabilities,
 )
 from lorkd.io import printable
-from lorkd.labels import HINT as LABELS_HINT
+from lorkd.label_catalogue import HINT as LABELS_HINT
 from lorkd.models.sat import window_size
 from lorkd.prompts import PromptBank
 from lorkd.regions import UnknownLabelError, canonical_modality, normalize_label, normalize_labels
@@ -436,8 +436,8 @@ class Predictor:
     # ---- prompts ----------------------------------------------------------------------------------
     def labels(self, modality: str | None = None) -> dict[str, Any]:
         """The model's label catalogue: labels per modality, their region and expert, parameter counts
-        (see :func:`lorkd.labels.catalogue`; ``lorkd-labels`` prints it)."""
-        from lorkd.labels import catalogue
+        (see :func:`lorkd.label_catalogue.catalogue`; ``lorkd-labels`` prints it)."""
+        from lorkd.label_catalogue import catalogue
 
         return catalogue(self.model, modality)
 

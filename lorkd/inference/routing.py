@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from lorkd.labels import HINT as LABELS_HINT
+from lorkd.label_catalogue import HINT as LABELS_HINT
 from lorkd.regions import RegionMap, UnknownLabelError, canonical_modality, mod_label, normalize_label
 
 FALLBACKS = (None, "base", "teacher")

@@ -26,7 +26,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from lorkd.data.io import available_cores, reordered
+from lorkd.data.image_reader import available_cores, reordered
 from lorkd.inference.predictor import Prediction
 from lorkd.inference.statistics import voxel_volume_ml
 from lorkd.io import atomic_write, folder_inside, path_inside, remove_temporaries, safe_name, write_json
@@ -128,7 +128,7 @@ _WRITERS = available_cores()
 
 
 def save_nifti(image: nib.Nifti1Image, path: str | Path) -> None:
-    """``nib.save`` with a 3-D array first copied into NIfTI's order by :func:`~lorkd.data.io.reordered`
+    """``nib.save`` with a 3-D array first copied into NIfTI's order by :func:`~lorkd.data.image_reader.reordered`
     (the same file: nibabel would otherwise reorder it slice by slice, several times slower)."""
     data = image.dataobj
     if isinstance(data, np.ndarray) and data.ndim == 3 and not data.flags.f_contiguous:

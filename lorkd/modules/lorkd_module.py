@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.build import add_experts
+from lorkd.checkpoints.key_report import KeyReport, load_mapped
 from lorkd.checkpoints.loading import LoadedModel
-from lorkd.checkpoints.report import KeyReport, load_mapped
 from lorkd.checkpoints.schema import CheckpointMeta, ExpertsSpec, TeacherSource
 from lorkd.experts import base_parameter_count, expert_parameter_counts, forward_routed
 from lorkd.experts.routed import check_mixed_batch

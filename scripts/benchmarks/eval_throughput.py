@@ -3,7 +3,7 @@
     python scripts/benchmarks/eval_throughput.py --ckpt CKPT [--manifest outputs/demo/data/test.jsonl]
         [--model experts|teacher] [--space original|preprocessed] [--threads N]
 
-One process, the evaluation's own per-case function (:func:`lorkd.evaluation.cases.evaluate_case`, what
+One process, the evaluation's own per-case function (:func:`lorkd.evaluation.scoring.evaluate_case`, what
 ``eval.py`` runs for each case) with the default metric settings, after one warm-up case. Stages are
 timed by wrapping the functions it calls: the Predictor's prediction (of which the network: every window
 batch through :class:`WindowModel`), reading the reference masks, the confusion counts behind Dice, and
@@ -22,10 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import lorkd.evaluation.cases as cases_module  # noqa: E402
 import lorkd.evaluation.metrics as metrics_module  # noqa: E402
+import lorkd.evaluation.scoring as scoring_module  # noqa: E402
 from lorkd.data.manifest import ManifestError, read_manifest  # noqa: E402
-from lorkd.evaluation.cases import evaluate_case  # noqa: E402
+from lorkd.evaluation.scoring import evaluate_case  # noqa: E402
 from lorkd.evaluation.settings import MetricSettings  # noqa: E402
 from lorkd.inference.predictor import Predictor  # noqa: E402
 from lorkd.inference.sliding_window import WindowModel  # noqa: E402
@@ -53,7 +53,7 @@ def main() -> None:
     Predictor.predict = timer.wrap("prediction", Predictor.predict)
     Predictor.predict_preprocessed = timer.wrap("prediction", Predictor.predict_preprocessed)
     WindowModel.__call__ = timer.wrap("network", WindowModel.__call__)
-    cases_module.load_masks = timer.wrap("reference masks", cases_module.load_masks)
+    scoring_module.load_masks = timer.wrap("reference masks", scoring_module.load_masks)
     metrics_module.confusion_counts = timer.wrap("Dice (confusion counts)", metrics_module.confusion_counts)
     metrics_module._surface_dice = timer.wrap("NSD (surface distances)", metrics_module._surface_dice)
     start = time.perf_counter()

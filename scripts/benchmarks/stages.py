@@ -47,7 +47,7 @@ from scripts.benchmarks.predict import build_model, ct_volume  # noqa: E402
 STAGES = ("reading", "preprocessing", "body mask", "network", "stitching", "inversion", "assembling", "other", "writing")
 # what ``python predict.py`` imports before its first case (the one-process path: no Lightning, peft or MONAI)
 STARTUP = (
-    "import lorkd.cli, lorkd.inference.run, lorkd.inference.runner, lorkd.inference.predictor, lorkd.inference.writer"
+    "import lorkd.cli, lorkd.commands.predict, lorkd.inference.case_runner, lorkd.inference.predictor, lorkd.inference.writer"
     "; import time; from lorkd.utils import freeze_startup_objects; freeze_startup_objects(); print(time.time())"
 )
 

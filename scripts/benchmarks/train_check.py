@@ -59,7 +59,7 @@ def write_teacher(folder: Path, backbone: str, query_dim: int = 768) -> Path:
     """A random-weight SAT teacher of ``backbone`` (configs/backbone) in the official vision layout."""
     import yaml
 
-    from lorkd.checkpoints.sat import official_vision_state
+    from lorkd.checkpoints.sat_official import official_vision_state
     from lorkd.models.sat import SAT
     from lorkd.utils import CONFIG_DIR
 
