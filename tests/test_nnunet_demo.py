@@ -3,6 +3,7 @@ bit for bit as its manifests do; a list of manifests / dataset folders as data.*
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def test_demo_as_nnunet_datasets_reads_the_same_cases(tiny_demo_data: Path, tmp_
 
 def test_demo_teacher_trains_bit_identical_from_nnunet_datasets(tiny_demo_data: Path, tmp_path: Path) -> None:
     folders = [str(f) for f in write_nnunet_datasets(tiny_demo_data, tmp_path / "raw")]
-    weights = {}
+    weights, metrics = {}, {}
     for name, data in (
         ("manifests", [f"data.{s}_manifest={tiny_demo_data}/{s}.jsonl" for s in ("train", "val", "test")]),
         ("nnunet", [f"data.train_manifest=[{','.join(folders)}]", "data.val_manifest=null", f"data.test_manifest=[{','.join(folders)}]"]),
@@ -58,9 +59,18 @@ def test_demo_teacher_trains_bit_identical_from_nnunet_datasets(tiny_demo_data: 
         # regions change every 2 samples: the 8 samples of 4 steps come from several datasets
         run_training(["experiment=demo_teacher", *common, *data, "data.region_change_interval=2"], out)
         weights[name] = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+        metrics[name] = _validation_metrics(out)
     assert weights["nnunet"].keys() == weights["manifests"].keys()
     changed = [k for k, v in weights["manifests"].items() if not torch.equal(v, weights["nnunet"][k])]
     assert not changed, changed
+    # validation patches are drawn per case in order: the same cases in the same order, the same Dice
+    assert metrics["nnunet"] == metrics["manifests"] and any(k.startswith("val/dice") for k in metrics["nnunet"])
+
+
+def _validation_metrics(run: Path) -> dict[str, str]:
+    """Every ``val/...`` value a run logged (its CSV log), as written."""
+    rows = [row for path in sorted(run.glob("csv/**/metrics.csv")) for row in csv.DictReader(path.open())]
+    return {k: v for row in rows for k, v in row.items() if k.startswith("val/") and v}
 
 
 def test_a_list_of_manifests_refuses_a_case_twice(tiny_demo_data: Path) -> None:
