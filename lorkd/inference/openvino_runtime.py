@@ -15,6 +15,10 @@ The converted model (OpenVINO IR, float32 weights) is cached on disk under
 structure, the window and the OpenVINO, torch and converter versions, so a changed checkpoint is never
 served stale. It is compiled for the CPU with an explicit precision (``f32`` by default: OpenVINO's own
 default is bf16 on CPUs with AMX or AVX-512 BF16) and thread count.
+
+``int8``: the converted model is quantised once by NNCF's post-training quantisation, calibrated on
+windows of cases the user gives (:class:`Calibration`), and cached under a key of its own that adds the
+calibration cases' identity; layers NNCF leaves unquantised run in f32.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +43,21 @@ from lorkd.inference.sliding_window import WindowModel
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("f32", "bf16")
+PRECISIONS = ("f32", "bf16", "int8")
 CONVERTER_VERSION = 1  # bump when the converted graph changes for the same network
-_OV_PRECISION = {"f32": "f32", "bf16": "bf16"}
+_OV_PRECISION = {"f32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the layers NNCF left in float run in f32
 INSTALL = 'pip install -e ".[openvino]"'
+# (window (1, 1, X, Y, Z), queries (labels, query_dim)) float32 arrays: one input of the converted model
+Sample = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What an int8 network is calibrated on: ``identity`` (JSON-able; the cases, e.g. their files' identity
+    and labels) keys the cache; ``samples()`` returns the model inputs, computed only when quantising."""
+
+    identity: Mapping[str, Any]
+    samples: Callable[[], list[Sample]]
 
 
 def available() -> bool:
@@ -77,6 +93,8 @@ def check_precision(precision: str) -> None:
     """``precision`` is one of :data:`PRECISIONS` and this CPU runs it natively (ValueError otherwise)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "int8" and importlib.util.find_spec("nncf") is None:
+        raise ImportError(f"precision=int8 quantises with NNCF, which is not installed: {INSTALL}")
     if precision == "bf16":
         cpu = cpu_description()
         if "BF16" not in cpu["capabilities"]:
@@ -155,27 +173,54 @@ def _publish(stage: Path, folder: Path) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def cached_model(
-    net: torch.nn.Module, expert: int | None, window: Sequence[int], key: str, cache_dir: str | Path
-) -> Path:
-    """The IR file of the converted network under ``cache_dir/openvino/key``, converting it first if absent."""
+def _save(model: Any, xml: Path) -> None:
+    """Save ``model`` as ``xml`` (and its .bin) through a staging folder beside it: never half written."""
     import openvino as ov
 
-    root = Path(cache_dir) / "openvino"
-    xml = root / key / "model.xml"
-    if xml.is_file():
-        return xml
-    root.mkdir(parents=True, exist_ok=True)
-    log.info("converting a network for OpenVINO (window %s), once: cached in %s", "x".join(map(str, window)), xml.parent)
-    model = convert_network(net, expert, window)
-    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=root))
+    xml.parent.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=xml.parent.parent))
     try:
-        ov.save_model(model, str(stage / "model.xml"), compress_to_fp16=False)
+        ov.save_model(model, str(stage / xml.name), compress_to_fp16=False)
         _publish(stage, xml.parent)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def cached_model(
+    net: torch.nn.Module, expert: int | None, window: Sequence[int], key: str, cache_dir: str | Path
+) -> Path:
+    """The IR file of the converted network under ``cache_dir/openvino/key``, converting it first if absent."""
+    xml = Path(cache_dir) / "openvino" / key / "model.xml"
+    if not xml.is_file():
+        log.info("converting a network for OpenVINO (window %s), once: cached in %s", "x".join(map(str, window)), xml.parent)
+        _save(convert_network(net, expert, window), xml)
     return xml
+
+
+def quantized_key(key: str, calibration: Calibration) -> str:
+    """The cache folder name of the int8 model of the converted network ``key`` calibrated on ``calibration``."""
+    import nncf
+
+    fields = {"model": key, "precision": "int8", "calibration": dict(calibration.identity), "nncf": nncf.__version__}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def quantized_model(xml: Path, key: str, calibration: Calibration, cache_dir: str | Path) -> Path:
+    """The IR file of the converted network ``xml`` quantised to int8 by NNCF on ``calibration``'s samples,
+    under ``cache_dir/openvino/<quantized_key>``, quantising it first if absent."""
+    import nncf
+
+    out = Path(cache_dir) / "openvino" / quantized_key(key, calibration) / "model.xml"
+    if out.is_file():
+        return out
+    samples = calibration.samples()
+    if not samples:
+        raise ValueError("precision=int8: no calibration window for this network (no calibration case has its labels)")
+    log.info("quantising a network to int8 on %d calibration windows, once: cached in %s", len(samples), out.parent)
+    model = nncf.quantize(_core().read_model(str(xml)), nncf.Dataset(samples), subset_size=len(samples))
+    _save(model, out)
+    return out
 
 
 class OpenVinoExpert(torch.nn.Module):
@@ -215,14 +260,25 @@ def openvino_expert(
     threads: int,
     precision: str = "f32",
     cache_dir: str | Path | None = None,
+    calibration: Calibration | None = None,
 ) -> OpenVinoExpert:
-    """``net`` (through ``expert``) compiled by OpenVINO, converted once and cached (see the module docstring)."""
+    """``net`` (through ``expert``) compiled by OpenVINO, converted once and cached (see the module docstring);
+    ``precision="int8"`` needs ``calibration``."""
+    check_precision(precision)
+    if precision == "int8" and calibration is None:
+        raise ValueError("precision=int8 needs calibration cases (inference.calibration=<manifest .jsonl>)")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = cache_key(identity, network, net, expert, window)
-    xml = cached_model(net, expert, window, key, cache)
+
+    def model_file() -> Path:
+        xml = cached_model(net, expert, window, key, cache)
+        return quantized_model(xml, key, calibration, cache) if calibration is not None and precision == "int8" else xml
+
+    xml = model_file()
     try:
         return OpenVinoExpert(xml, window, threads, precision)
     except RuntimeError:  # an unreadable cache entry (a disk fault, a tampered file): convert again, once
         log.warning("the cached OpenVINO model %s could not be compiled: converting again", xml.parent)
         shutil.rmtree(xml.parent, ignore_errors=True)
-        return OpenVinoExpert(cached_model(net, expert, window, key, cache), window, threads, precision)
+        shutil.rmtree(cache / "openvino" / key, ignore_errors=True)
+        return OpenVinoExpert(model_file(), window, threads, precision)

@@ -50,6 +50,8 @@ from lorkd.data.transforms import (
     margin_voxels,
     preprocess_image,
 )
+from lorkd.inference.calibration import HINT as CALIBRATION_HINT
+from lorkd.inference.calibration import calibration_identity, pick_windows, read_calibration, windows_per_case
 from lorkd.inference.routing import PromptGroup, check_fallback, plan_groups
 from lorkd.inference.sliding_window import (
     WindowModel,
@@ -257,10 +259,13 @@ class Predictor:
         runtime: what runs the networks: ``"torch"``, ``"openvino"`` (CPU; converted once and cached, see
             :mod:`lorkd.inference.openvino_runtime`), ``"auto"`` (OpenVINO on the CPU where it is installed,
             else torch; torch on GPUs) or ``"onnx"`` (an export's ONNX experts, :meth:`from_checkpoint`).
-        precision: the CPU runtime's arithmetic: ``"f32"`` or ``"bf16"`` (OpenVINO, CPUs with native bf16
-            only; masks may change, see the README). GPUs use ``amp``.
+        precision: the CPU runtime's arithmetic: ``"f32"``, ``"bf16"`` (OpenVINO, CPUs with native bf16
+            only) or ``"int8"`` (OpenVINO, quantised by NNCF on ``calibration``); masks may change, see the
+            README. GPUs use ``amp``.
         threads: CPU threads of the OpenVINO network (None: torch's, ``torch.get_num_threads()``).
         cache_dir: where converted networks are kept (None: ``$LORKD_CACHE_DIR`` or ``~/.cache/lorkd``).
+        calibration: ``precision="int8"`` only, and required there: a manifest of a few cases like those to
+            predict (:mod:`lorkd.inference.calibration`).
     """
 
     def __init__(
@@ -288,6 +293,7 @@ class Predictor:
         precision: str = "f32",
         threads: int | None = None,
         cache_dir: str | Path | None = None,
+        calibration: str | Path | None = None,
     ) -> None:
         self.model = model
         self.fallback = check_fallback(fallback)
@@ -321,6 +327,12 @@ class Predictor:
         self.precision = precision
         self.threads = None if threads is None else int(threads)
         self.cache_dir = cache_dir
+        if (calibration is not None) != (precision == "int8"):
+            raise ValueError(
+                f"precision=int8 needs calibration cases: {CALIBRATION_HINT}" if calibration is None
+                else f"calibration is used by precision=int8 only, not {precision!r}"
+            )  # fmt: skip
+        self.calibration = None if calibration is None else read_calibration(calibration)
         self._compiled: dict[tuple[int, int | None], tuple[torch.nn.Module, int | None]] = {}
         self.edge_padding = int(edge_padding)
         self.background_padding = bool(background_padding)
@@ -514,13 +526,19 @@ class Predictor:
     ) -> tuple[torch.nn.Module, int | None]:
         """``net`` through ``expert`` compiled by OpenVINO (converted once, cached on disk); with
         ``runtime="auto"``, the torch network and ``expert`` (one warning) when the conversion fails."""
-        from lorkd.inference.openvino_runtime import openvino_expert
+        from lorkd.inference.openvino_runtime import Calibration, openvino_expert
 
         identity = {**loaded.identity, "source": loaded.source, "fingerprint": loaded.fingerprint, "kind": loaded.kind}
+        calibration = None
+        if self.calibration is not None:
+            settings = {"overlap": self.overlap, "edge_padding": self.edge_padding, "background": self.background_padding}
+            calibration = Calibration(
+                {**calibration_identity(self.calibration), **settings}, lambda: self._calibration_samples(route)
+            )
         try:
             compiled = openvino_expert(
                 net, expert, self.window, identity if loaded.identity else {}, route,
-                self.threads or torch.get_num_threads(), self.precision, self.cache_dir,
+                self.threads or torch.get_num_threads(), self.precision, self.cache_dir, calibration,
             )  # fmt: skip
             return compiled, None
         except Exception as exc:
@@ -529,6 +547,25 @@ class Predictor:
             log.warning("OpenVINO could not convert the %s network of %s (%s): it runs in torch", route,
                         printable(loaded.source), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)  # fmt: skip
             return net, expert
+
+    def _calibration_samples(self, route: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(window, queries) inputs of the network of ``route`` for int8 calibration: windows of the calibration
+        cases with labels it segments (preprocessed and padded as for prediction) and those labels' queries."""
+        assert self.calibration is not None
+        planned = [(case, [g for g in self.plan(case.labels, case.modality, case.region) if g.route == route])
+                   for case in self.calibration]  # fmt: skip
+        planned = [(case, groups) for case, groups in planned if groups]
+        samples = []
+        for case, groups in planned:
+            labels = [case.labels[i] for g in groups for i in g.indices]
+            queries = self._queries(self._bank(groups[0]), labels, case.modality).float().cpu().numpy()
+            _, image, info = self.preprocess_input(case.image, case.modality, orientation=case.orientation)
+            background = info.background if self.background_padding else 0.0
+            if self.edge_padding:
+                image = np.pad(image, ((0, 0), *((self.edge_padding,) * 2,) * 3), constant_values=background)
+            for window in pick_windows(image, self.window, self.overlap, windows_per_case(len(planned)), background):
+                samples.append((window, queries))
+        return samples
 
     def _group_probabilities(
         self,
