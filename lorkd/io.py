@@ -93,6 +93,42 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def publish_folder(stage: str | os.PathLike, target: str | os.PathLike, keep: Callable[[Path], bool] | None = None) -> bool:
+    """Move the finished folder ``stage`` to ``target`` with one rename (then fsync ``target``'s parent), so a
+    reader sees the whole folder or none of it. Returns whether ``stage`` was published.
+
+    An existing ``target`` is kept when ``keep(target)`` says so (another process published the same folder
+    first: ``stage`` stays for the caller to remove, False is returned); otherwise it is replaced: moved aside
+    into a temporary folder next to it, removed once ``stage`` is in place, and put back if that rename fails.
+    """
+    stage, target = Path(stage), Path(target)
+    try:
+        os.replace(stage, target)  # no target, or an empty folder
+    except OSError:
+        if not target.exists():
+            raise
+        if keep is not None and keep(target):
+            return False
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        try:
+            try:
+                os.replace(target, aside / target.name)
+            except FileNotFoundError:  # another process moved it first
+                pass
+            try:
+                os.replace(stage, target)
+            except OSError:
+                if keep is not None and target.exists() and keep(target):  # published meanwhile
+                    return False
+                if not target.exists() and (aside / target.name).exists():
+                    os.replace(aside / target.name, target)
+                raise
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
+    _fsync_dir(target.parent)
+    return True
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -9,7 +9,6 @@ place at the end, so the target is either a complete export or untouched.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ from lorkd.checkpoints.exported import (
 from lorkd.checkpoints.loading import load_model
 from lorkd.checkpoints.schema import CheckpointMeta
 from lorkd.experts import base_parameter_count, expert_parameter_counts
-from lorkd.io import file_fingerprint, follow_umask, sha256_file, write_json
+from lorkd.io import file_fingerprint, follow_umask, publish_folder, sha256_file, write_json
 from lorkd.models.sat import window_size
 from lorkd.regions import RegionMap
 
@@ -146,17 +145,6 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists and is not an expert export (no {INDEX}); refusing to replace it")
 
 
-def _publish(stage: Path, out: Path) -> None:
-    """Move the finished staging folder to ``out`` (replacing an earlier export there)."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(stage, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(stage, out)
-
-
 def _export_onnx(
     arguments: Mapping[str, Any], state: Mapping[str, torch.Tensor], folder: Path, meta: CheckpointMeta, source: str
 ) -> dict[str, Any]:
@@ -248,7 +236,7 @@ def export_experts(
             **common,
         })  # fmt: skip
         follow_umask(stage)
-        _publish(stage, out)
+        publish_folder(stage, out)  # replaces an earlier export there (_check_target allowed it)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -26,7 +25,7 @@ import numpy as np
 from lorkd.data.manifest import Case
 from lorkd.data.patches import IndexedCase, LabelIndex, index_case
 from lorkd.data.transforms import InversionInfo, PreprocessConfig, PreprocessedCase, preprocess_case
-from lorkd.io import raise_if_disk_full, safe_name
+from lorkd.io import publish_folder, raise_if_disk_full, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -149,28 +148,20 @@ class PreprocessCache:
                 "voxel_counts": [len(v) for v in index.voxels],
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            self._publish(tmp, target)
+            publish_folder(tmp, target, keep=self._valid)
         except Exception as exc:  # numpy says "71820 requested and 39904 written" for a full disk
             raise_if_disk_full(self.root, exc, f"the cache entry of {inputs['files'][0][0]} could not be written")
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _publish(self, tmp: Path, target: Path) -> None:
-        try:
-            os.replace(tmp, target)
-            return
-        except OSError:
-            if self._read(target) is not None:
-                log.debug("cache entry %s was published by another process first", target)
-                return
+    def _valid(self, target: Path) -> bool:
+        """Whether an existing entry stays (another process published it first); an unreadable one is replaced."""
+        if self._read(target) is not None:
+            log.debug("cache entry %s was published by another process first", target)
+            return True
         log.warning("replacing unreadable cache entry %s", target)
-        shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if self._read(target) is None:
-                raise
+        return False
 
     @staticmethod
     def _read(folder: Path) -> IndexedCase | None:

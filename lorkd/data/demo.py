@@ -26,6 +26,8 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from lorkd.data.image_reader import read_voxels
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -358,14 +360,14 @@ def mni_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     }
     if not all(p.is_file() for p in files.values()):
         return None
-    imgs = {k: nib.load(str(p)) for k, p in files.items()}
-    affine = imgs["t1"].affine
+    imgs = {k: read_voxels(p) for k, p in files.items()}
+    affine = imgs["t1"][1]
 
     def pool(a: np.ndarray) -> np.ndarray:
         a = np.asarray(a, dtype=np.float32)[tuple(slice(0, s - s % 2) for s in a.shape)]
         return a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2, a.shape[2] // 2, 2).mean(axis=(1, 3, 5))
 
-    t1, gm, wm = (pool(np.asarray(imgs[k].dataobj)) for k in ("t1", "gm", "wm"))
+    t1, gm, wm = (pool(imgs[k][0]) for k in ("t1", "gm", "wm"))
     affine2 = affine @ np.diag([2.0, 2.0, 2.0, 1.0])
     affine2[:3, 3] = (affine @ np.array([0.5, 0.5, 0.5, 1.0]))[:3]
     labels = np.zeros(t1.shape, dtype=np.uint8)

@@ -74,6 +74,26 @@ def available_cores(most: int = 4) -> int:
     return max(1, min(most, cores))
 
 
+def open_nifti(path: str | Path, what: str = "image") -> nib.spatialimages.SpatialImage:
+    """``nibabel.load`` of a file (its header read, its voxels on access); :class:`CaseError` names the file
+    (``<path>: file not found``, ``<path>: cannot read <what> (...)``). Every NIfTI the project reads opens here."""
+    try:
+        return nib.load(str(path))
+    except FileNotFoundError as exc:
+        raise CaseError(f"{path}: file not found") from exc
+    except Exception as exc:  # nibabel raises many types for unreadable files
+        raise CaseError(f"{path}: cannot read {what} ({exc})") from exc
+
+
+def read_voxels(path: str | Path, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """A file's voxels as stored (no conversion, no check) and its affine (float64); errors as :func:`open_nifti`."""
+    img = open_nifti(path, what)
+    try:
+        return np.asarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+    except Exception as exc:  # gzip, zlib, nibabel: many error types for a damaged file
+        raise CaseError(f"{path}: cannot read {what} ({exc})") from exc
+
+
 def header_grid(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
     """Spatial shape (singleton trailing axes dropped) and affine from the header only: no voxel data is
     read (a folder: its DICOM series' headers)."""
@@ -82,13 +102,8 @@ def header_grid(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
 
         headers = series_headers(path)
         return (int(headers[0].Columns), int(headers[0].Rows), len(headers)), series_affine(headers)
-    try:
-        img = nib.load(str(path))
-        shape, affine = tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
-    except FileNotFoundError as exc:
-        raise CaseError(f"{path}: file not found") from exc
-    except Exception as exc:  # nibabel raises many types for unreadable files
-        raise CaseError(f"{path}: cannot read image header ({exc})") from exc
+    img = open_nifti(path, "image header")
+    shape, affine = tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     return shape, affine
@@ -125,14 +140,7 @@ def read_volume(path: str | Path, nan_policy: str = "error", dtype: type | None 
         volume = read_dicom_series(path)
         data = volume.data if dtype is None else volume.data.astype(dtype, copy=False)
         return Volume(check_finite(data, name, nan_policy), volume.affine, name)
-    try:
-        img = nib.load(name)
-        data = np.asarray(img.dataobj)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except FileNotFoundError as exc:
-        raise CaseError(f"{name}: file not found") from exc
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        raise CaseError(f"{name}: cannot read image ({exc})") from exc
+    data, affine = read_voxels(name)
     if data.dtype.fields is not None:
         raise CaseError(f"{name}: voxels of type {data.dtype} (e.g. RGB) are not supported; give one grey channel")
     data = squeeze_to_3d(data, name)

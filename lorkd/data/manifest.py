@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from lorkd.data.geometry import Grid, mask_placement
-from lorkd.data.image_reader import CaseError, header_grid
+from lorkd.data.image_reader import CaseError, header_grid, read_voxels
 from lorkd.io import file_identity
 from lorkd.regions import (
     RegionMap,
@@ -436,9 +435,9 @@ def _check_grids(image: Path, mask: Path | None, masks: dict[str, Path] | None, 
 
 def _voxels(path: Path, errors: list[str]) -> np.ndarray | None:
     try:
-        return np.asarray(nib.load(str(path)).dataobj)
-    except Exception as exc:  # gzip, zlib, nibabel: many error types for a damaged file
-        errors.append(f"{path}: cannot read voxels ({type(exc).__name__}: {exc})")
+        return read_voxels(path, "voxels")[0]
+    except CaseError as exc:
+        errors.append(str(exc))
         return None
 
 

@@ -35,6 +35,7 @@ import nibabel as nib
 import numpy as np
 import yaml
 
+from lorkd.data.image_reader import open_nifti
 from lorkd.data.manifest import Case, parse_rows
 from lorkd.io import write_text
 from lorkd.regions import RegionMap, UnknownModalityError, canonical_modality, mod_label, normalize_label
@@ -305,7 +306,7 @@ def _four_d(rows: Sequence[dict], channel: int, n_channels: int, problems: list[
         path = Path(row["image"])
         if not path.is_file():
             continue
-        shape = nib.load(str(path)).shape
+        shape = open_nifti(path).shape
         if len(shape) != 4 or shape[3] != n_channels:
             problems.append(f"{path}: shape {tuple(shape)}, expected 4-D with {n_channels} channels as dataset.json's 'modality'")
         row["channel"] = channel
@@ -400,7 +401,7 @@ def _regions(
 def _write_channel(row: dict[str, Any], out: Path) -> dict[str, Any]:
     """A Decathlon 4-D image's chosen channel as a 3-D file under ``out/images``; the row pointing at it."""
     source = Path(row["image"])
-    image = nib.load(str(source))
+    image = open_nifti(source)
     data = np.asarray(image.dataobj[..., row["channel"]])
     target = out / "images" / f"{row['id']}_{row['channel']:04d}.nii.gz"
     target.parent.mkdir(parents=True, exist_ok=True)

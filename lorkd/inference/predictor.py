@@ -39,7 +39,7 @@ import torch
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.loading import LoadedModel, load_model
 from lorkd.data.body import body_mask
-from lorkd.data.image_reader import CaseError, check_finite, read_volume, reordered, squeeze_to_3d
+from lorkd.data.image_reader import CaseError, check_finite, open_nifti, read_volume, reordered, squeeze_to_3d
 from lorkd.data.limits import LIMITS
 from lorkd.data.transforms import (
     InversionInfo,
@@ -130,7 +130,7 @@ def read_input(
     """The input as a float32 3-D NIfTI image in its own grid; :class:`CaseError` names the file on failure."""
     if isinstance(image, (str, Path)):
         volume = read_volume(image, nan_policy)
-        header = scanner_header() if Path(image).is_dir() else nib.load(str(image)).header  # a folder: a DICOM series
+        header = scanner_header() if Path(image).is_dir() else open_nifti(image).header  # a folder: a DICOM series
         return _like(volume.data, volume.affine, header)
     if isinstance(image, nib.spatialimages.SpatialImage):
         name = image_name(image)

@@ -26,7 +26,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from lorkd.data.image_reader import available_cores, reordered
+from lorkd.data.image_reader import available_cores, read_voxels, reordered
 from lorkd.inference.predictor import Prediction
 from lorkd.inference.statistics import voxel_volume_ml
 from lorkd.io import atomic_write, folder_inside, path_inside, remove_temporaries, safe_name, write_json
@@ -88,7 +88,7 @@ def _loads(path: Path) -> bool:
         return False
     try:
         if path.name.endswith(".nii.gz") or path.suffix == ".nii":
-            np.asarray(nib.load(str(path)).dataobj)
+            read_voxels(path)
         elif path.suffix == ".json":
             json.loads(path.read_text(encoding="utf-8"))
         elif path.suffix == ".png":
