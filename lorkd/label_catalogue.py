@@ -25,7 +25,7 @@ def expert_parameters(model: LoadedModel) -> dict[str, int]:
     from lorkd.checkpoints.loading import ExportedModel
 
     if isinstance(model, ExportedModel):
-        return {r: int(model.exported.card(r)["expert"]["parameters"]) for r in model.experts}
+        return {r: int(model.exported.card(r).expert.parameters) for r in model.experts}
     from lorkd.experts import expert_parameter_counts
 
     return dict(expert_parameter_counts(model.net.backbone)) if model.experts else {}

@@ -12,8 +12,17 @@ import torch
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.adapters import load_adapters
 from lorkd.checkpoints.export import export_experts
-from lorkd.checkpoints.exported import CARD, MODEL, PROMPTS, ExportIntegrityError, load_export, read_card
+from lorkd.checkpoints.exported import (
+    CARD,
+    INDEX,
+    MODEL,
+    PROMPTS,
+    ExportIntegrityError,
+    load_export,
+    read_card,
+)
 from lorkd.checkpoints.loading import load_model
+from lorkd.checkpoints.schema import DeployedExpert, ModelCard
 from lorkd.experts import route
 from lorkd.io import sha256_file
 from lorkd.models.sat import SAT
@@ -75,26 +84,47 @@ def test_the_model_card_round_trips(tiny_export, distinct_lorkd_ckpt):
     meta = schema.read(torch.load(distinct_lorkd_ckpt, weights_only=True), "ckpt")
     for region in ("abdomen", "brain"):
         card = read_card(tiny_export / region)
-        assert json.loads(json.dumps(card)) == card == load_export(tiny_export).card(region)
-        assert SAT(**card["architecture"]["arguments"]).config == meta.net
-        assert card["architecture"]["preset"] == "unet_small_lite"
-        assert card["region"] == region and card["expert_index"] == meta.experts.regions.index(region)
+        assert ModelCard.from_json(json.loads(json.dumps(card.to_json())), "card") == card == load_export(tiny_export).card(region)
+        assert SAT(**card.architecture["arguments"]).config == meta.net
+        assert card.architecture["preset"] == "unet_small_lite"
+        assert card.region == region and card.expert_index == meta.experts.regions.index(region)
         rank = meta.experts.ranks[region]
-        assert card["expert"] == {
-            "style": "peft", "scaling": 2.0, "rank": rank, "decoder_rank": 2 * rank, "decoder_rank_factor": 2,
-            "parameters": meta.parameter_counts[f"expert_{region}"], "merged_into_base": True, "trained_base": True,
-        }  # fmt: skip
-        assert card["data"] == meta.data
-        assert card["parameter_counts"]["model"] == meta.parameter_counts["student_base"]
-        assert card["parameter_counts"]["teacher"] == meta.parameter_counts["teacher"]
-        assert set(card["versions"]) == {"lorkd", "torch", "peft", "safetensors", "python"}
-        assert card["files"][MODEL]["sha256"] == sha256_file(tiny_export / region / MODEL)
-        assert card["text_encoder"]["query_dim"] == meta.text_encoder.query_dim
-        assert card["prompt_bank"]["labels"] == len(meta.prompt_bank["labels"])
-    labels = read_card(tiny_export / "abdomen")["labels"]
+        assert card.expert == DeployedExpert(
+            style="peft", scaling=2.0, rank=rank, decoder_rank=2 * rank, decoder_rank_factor=2,
+            parameters=meta.parameter_counts[f"expert_{region}"], merged_into_base=True, trained_base=True,
+        )  # fmt: skip
+        assert card.data == meta.data
+        assert card.parameter_counts["model"] == meta.parameter_counts["student_base"]
+        assert card.parameter_counts["teacher"] == meta.parameter_counts["teacher"]
+        assert set(card.versions) == {"lorkd", "torch", "peft", "safetensors", "python"}
+        assert card.files[MODEL]["sha256"] == sha256_file(tiny_export / region / MODEL)
+        assert card.text_head == meta.text_encoder
+        assert card.prompt_bank["labels"] == len(meta.prompt_bank["labels"])
+    labels = read_card(tiny_export / "abdomen").labels
     assert "ct_liver" in labels["with_cached_prompt"] and "ct_liver tumor" in labels["abnormal"]
     assert set(labels["with_cached_prompt"]) <= set(labels["routed"])
     assert "ct_brainstem" not in labels["routed"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda index: index.pop("cards_sha256"), r"index\.json: missing cards_sha256"),
+        (lambda index: index.update(format="lorkd-export/9"), r"index\.json: format 'lorkd-export/9', expected 'lorkd-export/1'"),
+        (None, r"index\.json: not valid JSON"),
+    ],
+)
+def test_a_malformed_index_is_an_error_naming_it(tiny_export, tmp_path, edit, message):
+    copy = tmp_path / "export"
+    shutil.copytree(tiny_export, copy)
+    if edit is None:
+        (copy / INDEX).write_text("{")
+    else:
+        index = json.loads((copy / INDEX).read_text())
+        edit(index)
+        (copy / INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=message):
+        load_export(copy)
 
 
 def test_tampered_files_fail_the_sha256_check(tiny_export, tmp_path):

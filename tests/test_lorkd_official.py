@@ -244,8 +244,8 @@ def test_a_converted_checkpoint_loads_for_inference_and_exports_exactly(official
     exported = load_export(export_experts(path, tmp_path / "export", regions=["abdomen", "spine"]))
     assert exported.experts == ["abdomen", "spine"]
     card = exported.card("spine")
-    assert card["expert"] == {**card["expert"], "style": "lorkd", "scaling": 2.0, "rank": 2, "decoder_rank": 4}
-    assert card["source"]["converted_from"]["path"] == str(official[0].resolve())
+    assert (card.expert.style, card.expert.scaling, card.expert.rank, card.expert.decoder_rank) == ("lorkd", 2.0, 2, 4)
+    assert card.source["converted_from"]["path"] == str(official[0].resolve())
     x = _inputs(dtype=torch.float32)[0]
     for region in ("abdomen", "spine"):
         index = torch.full((2,), OFFICIAL_REGIONS.index(region))

@@ -14,7 +14,6 @@ Conv3d LoRA cannot host: reload them with :func:`load_adapters` (it registers ou
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,12 @@ from safetensors.torch import load_file, save_file
 from lorkd.checkpoints.build import add_experts
 from lorkd.checkpoints.exported import BASE, load_plain_sat, read_json, verify_file
 from lorkd.checkpoints.key_report import CheckpointMismatchError
-from lorkd.checkpoints.schema import ExpertsSpec
+from lorkd.checkpoints.schema import AdapterSpec, ExpertsSpec
 from lorkd.experts import merged_unet
 from lorkd.experts.build import set_trainable
-from lorkd.io import sha256_file
+from lorkd.io import sha256_file, write_json
 from lorkd.models.sat import SAT
 
-ADAPTERS_FORMAT = "lorkd-adapters/1"
 SPEC = "experts.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -44,24 +42,18 @@ def plain_state(net: SAT, region: str | None) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def save_adapters(net: SAT, experts: dict[str, Any], folder: Path, architecture: dict[str, Any]) -> dict[str, Any]:
+def save_adapters(net: SAT, experts: ExpertsSpec, folder: Path, architecture: dict[str, Any]) -> AdapterSpec:
     """Write the shared base, every expert adapter (peft ``save_pretrained``) and ``experts.json``; returns the spec."""
     backbone = net.backbone
     if not isinstance(backbone, PeftModel):
         raise TypeError(f"the student's backbone must be a PeftModel with region experts, got {type(backbone).__name__}")
     folder.mkdir(parents=True, exist_ok=True)
     backbone.save_pretrained(str(folder))
-    save_file(plain_state(net, None), str(folder / BASE), metadata={"format": ADAPTERS_FORMAT})
-    spec = {
-        "format": ADAPTERS_FORMAT,
-        "architecture": architecture,
-        "experts": experts,
-        "files": {
-            name: {"sha256": sha256_file(folder / name)}
-            for name in [BASE, *(f"{r}/{ADAPTER_FILE}" for r in experts["regions"])]
-        },
-    }
-    (folder / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+    spec = AdapterSpec(architecture=dict(architecture), experts=experts, files={})
+    save_file(plain_state(net, None), str(folder / BASE), metadata={"format": spec.format})
+    for name in [BASE, *(f"{r}/{ADAPTER_FILE}" for r in experts.regions)]:
+        spec.files[name] = {"sha256": sha256_file(folder / name)}
+    write_json(folder / SPEC, spec.to_json())
     return spec
 
 
@@ -71,14 +63,12 @@ def load_adapters(folder: str | Path, verify: bool = True) -> SAT:
     Route with ``lorkd.experts.route``; fine-tune it directly, or save it into a LoRKD checkpoint.
     """
     folder = Path(folder)
-    spec = read_json(folder / SPEC)
-    if spec.get("format") != ADAPTERS_FORMAT:
-        raise ValueError(f"{folder / SPEC}: format {spec.get('format')!r}, expected {ADAPTERS_FORMAT!r}")
+    spec = AdapterSpec.from_json(read_json(folder / SPEC), str(folder / SPEC))
     if verify:
-        for name, entry in spec["files"].items():
+        for name, entry in spec.files.items():
             verify_file(folder / name, entry["sha256"])
-    net = load_plain_sat(folder / BASE, spec["architecture"]["arguments"]).train()
-    experts = ExpertsSpec(**spec["experts"])
+    net = load_plain_sat(folder / BASE, spec.architecture["arguments"]).train()
+    experts = spec.experts
     add_experts(net, experts)
     for region in experts.regions:
         path = folder / region / ADAPTER_FILE

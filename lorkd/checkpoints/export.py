@@ -25,19 +25,9 @@ from safetensors.torch import save_file
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.adapters import plain_state, save_adapters
 from lorkd.checkpoints.build import backbone_presets, build_network
-from lorkd.checkpoints.exported import (
-    ADAPTERS,
-    BASE,
-    CARD,
-    CARD_FORMAT,
-    EXPORT_FORMAT,
-    INDEX,
-    MODEL,
-    PROMPTS,
-    TEXT_HEAD,
-)
+from lorkd.checkpoints.exported import ADAPTERS, BASE, CARD, INDEX, MODEL, PROMPTS, TEXT_HEAD
 from lorkd.checkpoints.loading import load_model
-from lorkd.checkpoints.schema import CheckpointMeta
+from lorkd.checkpoints.schema import CARD_FORMAT, CheckpointMeta, DeployedExpert, ExportIndex, ModelCard
 from lorkd.experts import base_parameter_count, expert_parameter_counts
 from lorkd.io import file_fingerprint, follow_umask, publish_folder, sha256_file, write_json
 from lorkd.models.sat import window_size
@@ -106,34 +96,32 @@ def model_card(
     expert_parameters: int,
     common: Mapping[str, Any],
     files: Mapping[str, Any],
-) -> dict[str, Any]:
+) -> ModelCard:
     experts = meta.experts
     assert experts is not None
     rank = int(experts.ranks[region])
     factor = int(experts.decoder_rank_factor)
     teacher = meta.parameter_counts.get("teacher")
     bank = meta.prompt_bank
-    return {
-        "format": CARD_FORMAT,
-        "region": region,
-        "expert_index": list(experts.regions).index(region),
-        "architecture": architecture,
-        "expert": {
-            "style": experts.style, "scaling": float(experts.scaling), "rank": rank,
-            "decoder_rank": rank * factor, "decoder_rank_factor": factor, "parameters": expert_parameters,
-            "merged_into_base": True, "trained_base": bool(experts.train_base),
-        },
-        "labels": region_labels(meta.region_map, region, bank["labels"]),
-        "data": dict(meta.data),
-        "text_encoder": {**asdict(meta.text_encoder), "file": TEXT_HEAD},
-        "prompt_bank": {"file": PROMPTS, "fingerprint": bank.get("fingerprint"), "labels": len(bank["labels"])},
-        "parameter_counts": {
+    return ModelCard(
+        region=region,
+        expert_index=list(experts.regions).index(region),
+        architecture=dict(architecture),
+        expert=DeployedExpert(
+            style=experts.style, scaling=float(experts.scaling), rank=rank, decoder_rank=rank * factor,
+            decoder_rank_factor=factor, parameters=expert_parameters, trained_base=bool(experts.train_base),
+        ),
+        labels=region_labels(meta.region_map, region, bank["labels"]),
+        data=dict(meta.data),
+        text_encoder={**asdict(meta.text_encoder), "file": TEXT_HEAD},
+        prompt_bank={"file": PROMPTS, "fingerprint": bank.get("fingerprint"), "labels": len(bank["labels"])},
+        parameter_counts={
             "model": model_parameters, "teacher": teacher,
             "ratio_to_teacher": model_parameters / teacher if teacher else None,
         },
+        files=dict(files),
         **common,
-        "files": dict(files),
-    }  # fmt: skip
+    )  # fmt: skip
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -212,29 +200,29 @@ def export_experts(
                 shutil.copyfile(stage / name, folder / name)
             files = {MODEL: _file_entry(folder / MODEL), **shared}
             card = model_card(region, meta, architecture, count, expert_counts[region], common, files)
-            write_json(folder / CARD, card)
+            write_json(folder / CARD, card.to_json())
             cards[region] = sha256_file(folder / CARD)
             if onnx:
                 onnx_files[region] = _export_onnx(student.config, state, folder, meta, str(ckpt_path))
             log.info("exported %s: %s parameters -> %s", region, f"{count:,}", out / region)
         for name in shared:
             (stage / name).unlink()
-        spec = save_adapters(student, meta.experts.arguments(), stage / ADAPTERS, architecture)
-        write_json(stage / INDEX, {
-            "format": EXPORT_FORMAT,
-            "expert_order": chosen,
-            "regions": {r: r for r in chosen},
-            "cards_sha256": cards,
-            "shared_files": shared,
-            "architecture": architecture,
-            "parameter_counts": {**meta.parameter_counts, "model": base_count},
-            "region_map": meta.region_map,
-            "data": dict(meta.data),
-            "base": {"file": f"{ADAPTERS}/{BASE}", "sha256": spec["files"][BASE]["sha256"]},
-            "adapters": ADAPTERS,
-            **({"onnx": onnx_files} if onnx else {}),
+        spec = save_adapters(student, meta.experts, stage / ADAPTERS, architecture)
+        index = ExportIndex(
+            expert_order=chosen,
+            regions={r: r for r in chosen},
+            cards_sha256=cards,
+            shared_files=shared,
+            architecture=architecture,
+            parameter_counts={**meta.parameter_counts, "model": base_count},
+            region_map=meta.region_map,
+            data=dict(meta.data),
+            base={"file": f"{ADAPTERS}/{BASE}", "sha256": spec.files[BASE]["sha256"]},
+            adapters=ADAPTERS,
+            onnx=onnx_files,
             **common,
-        })  # fmt: skip
+        )
+        write_json(stage / INDEX, index.to_json())
         follow_umask(stage)
         publish_folder(stage, out)  # replaces an earlier export there (_check_target allowed it)
     except BaseException:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +31,12 @@ import torch
 
 from lorkd.checkpoints.build import build_network
 from lorkd.checkpoints.read import build_text_encoder_from_meta
-from lorkd.checkpoints.schema import TextHead
+from lorkd.checkpoints.schema import ExportIndex, ModelCard
 from lorkd.io import sha256_file
 from lorkd.models.sat import SAT
 from lorkd.prompts import PromptBank
 from lorkd.regions import RegionMap
 
-EXPORT_FORMAT = "lorkd-export/1"
-CARD_FORMAT = "lorkd-expert/1"
 INDEX = "index.json"
 CARD = "model_card.json"
 MODEL = "model.safetensors"
@@ -68,8 +66,11 @@ def _read_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(_read_bytes(path))
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(_read_bytes(path))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
 def verify_files(folder: Path, files: Mapping[str, Mapping[str, Any]], names: Sequence[str] | None = None) -> None:
@@ -78,14 +79,12 @@ def verify_files(folder: Path, files: Mapping[str, Mapping[str, Any]], names: Se
         verify_file(folder / name, files[name]["sha256"])
 
 
-def read_card(folder: str | Path, verify: bool = True) -> dict[str, Any]:
+def read_card(folder: str | Path, verify: bool = True) -> ModelCard:
     """The model card of one exported expert; with ``verify``, every file it lists is sha256-checked."""
     folder = Path(folder)
-    card = read_json(folder / CARD)
-    if card.get("format") != CARD_FORMAT:
-        raise ValueError(f"{folder / CARD}: format {card.get('format')!r}, expected {CARD_FORMAT!r}")
+    card = ModelCard.from_json(read_json(folder / CARD), str(folder / CARD))
     if verify:
-        verify_files(folder, card["files"])
+        verify_files(folder, card.files)
     return card
 
 
@@ -100,19 +99,18 @@ def load_plain_sat(path: Path, arguments: Mapping[str, Any], device: str | torch
     return build_network(arguments, state=_load_safetensors(path), report=str(path)).to(device).eval()
 
 
-def load_prompts(folder: Path, card: Mapping[str, Any]) -> PromptBank:
+def load_prompts(folder: Path, card: ModelCard) -> PromptBank:
     """The prompt bank of an exported expert: its text head + the cached prompt embeddings."""
     from safetensors import safe_open
 
-    head = TextHead(**{k: v for k, v in card["text_encoder"].items() if k != "file"})
-    encoder = build_text_encoder_from_meta(head, _load_safetensors(folder / TEXT_HEAD), str(folder / TEXT_HEAD))
+    encoder = build_text_encoder_from_meta(card.text_head, _load_safetensors(folder / TEXT_HEAD), str(folder / TEXT_HEAD))
     bank = PromptBank(encoder.requires_grad_(False))
     path = folder / PROMPTS
     with safe_open(str(path), framework="pt") as f:
         labels = sorted(f.keys())
         embeddings = [f.get_tensor(k) for k in labels]
     bank.load_state_dict({
-        "fingerprint": card["prompt_bank"]["fingerprint"],
+        "fingerprint": card.prompt_bank["fingerprint"],
         "labels": labels,
         "embeddings": torch.stack(embeddings) if embeddings else torch.zeros(0),
     })  # fmt: skip
@@ -125,7 +123,7 @@ class ExportedExpert:
 
     region: str
     net: SAT
-    card: dict[str, Any]
+    card: ModelCard
     folder: Path
 
     @property
@@ -137,8 +135,8 @@ def load_expert_folder(folder: str | Path, device: str | torch.device = "cpu", v
     """One exported region folder on its own (card, sha256 check, plain SAT)."""
     folder = Path(folder)
     card = read_card(folder, verify)
-    net = load_plain_sat(folder / MODEL, card["architecture"]["arguments"], device)
-    return ExportedExpert(card["region"], net, card, folder)
+    net = load_plain_sat(folder / MODEL, card.architecture["arguments"], device)
+    return ExportedExpert(card.region, net, card, folder)
 
 
 @dataclass
@@ -150,7 +148,7 @@ class ExportedExperts:
     """
 
     root: Path
-    index: dict[str, Any]
+    index: ExportIndex
     experts: list[str]
     prompts: PromptBank
     region_map: RegionMap | None
@@ -162,20 +160,20 @@ class ExportedExperts:
     _loaded: dict[str, ExportedExpert] = field(default_factory=dict, repr=False)
 
     def folder(self, region: str) -> Path:
-        if region not in self.index["regions"]:
+        if region not in self.index.regions:
             raise KeyError(f"{self.root}: no exported expert {region!r}; exported: {self.experts}")
-        return self.root / self.index["regions"][region]
+        return self.root / self.index.regions[region]
 
     def expert(self, region: str) -> ExportedExpert:
         """The region's merged model and card (loaded and verified on first call)."""
         if region not in self._loaded:
             folder = self.folder(region)
-            card_sha = self.index["cards_sha256"][region]
+            card_sha = self.index.cards_sha256[region]
             if self.verify:
                 verify_file(folder / CARD, card_sha)
             loaded = load_expert_folder(folder, self.device, self.verify)
-            shared = self.index["shared_files"]
-            if any(loaded.card["files"][name] != entry for name, entry in shared.items()):
+            shared = self.index.shared_files
+            if any(loaded.card.files[name] != entry for name, entry in shared.items()):
                 raise ExportIntegrityError(f"{folder}: its text head or prompt bank differs from the rest of {self.root}")
             self._loaded[region] = loaded
         return self._loaded[region]
@@ -184,17 +182,17 @@ class ExportedExperts:
         """Plain ``SAT`` with ``region``'s expert merged into W0, in eval mode on ``device``."""
         return self.expert(region).net
 
-    def card(self, region: str) -> dict[str, Any]:
+    def card(self, region: str) -> ModelCard:
         """The region's model card, read without loading (or sha256-checking) its weights."""
         return read_card(self.folder(region), verify=False)
 
     def base_net(self) -> SAT:
         """The student's shared base W0 without any expert (from ``adapters/base.safetensors``)."""
-        entry = self.index["base"]
+        entry = self.index.base
         path = self.root / entry["file"]
         if self.verify:
             verify_file(path, entry["sha256"])
-        return load_plain_sat(path, self.index["architecture"]["arguments"], self.device)
+        return load_plain_sat(path, self.index.architecture["arguments"], self.device)
 
     def onnx_expert(self, region: str) -> torch.nn.Module:
         """The region's ``model.onnx`` (``lorkd-export ... onnx=true``) in an onnxruntime session, sha256-checked."""
@@ -208,7 +206,7 @@ class ExportedExperts:
 
     def onnx_entry(self, region: str) -> dict[str, Any]:
         """What ``index.json`` records of the region's ONNX file (file, sha256, window, opset)."""
-        entry = self.index.get("onnx", {}).get(region)
+        entry = self.index.onnx.get(region)
         if entry is None:
             raise FileNotFoundError(f"{self.root}: no ONNX model of {region!r}; export with `lorkd-export ... onnx=true`")
         return entry
@@ -224,14 +222,18 @@ class ExportedExperts:
     @property
     def parameter_count(self) -> int:
         """Parameters of one deployed expert (every exported model has the student base's size)."""
-        return int(self.index["parameter_counts"]["model"])
+        return int(self.index.parameter_counts["model"])
 
 
-def _read_index(path: Path) -> tuple[dict[str, Any], str]:
+def _read_index(path: Path) -> tuple[ExportIndex, str]:
     """``index.json`` and the sha256 of the bytes read: it records the sha256 of every file loaded from
     the export (each expert is checked against it), so it identifies the weights, unlike sizes and mtimes."""
     data = _read_bytes(path)
-    return json.loads(data), hashlib.sha256(data).hexdigest()
+    try:
+        raw = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    return ExportIndex.from_json(raw, str(path)), hashlib.sha256(data).hexdigest()
 
 
 def load_export(
@@ -248,9 +250,7 @@ def load_export(
     """
     root = Path(path)
     index, index_sha256 = _read_index(root / INDEX)
-    if index.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{root / INDEX}: format {index.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    exported = list(index["expert_order"])
+    exported = list(index.expert_order)
     chosen = exported if regions is None else list(regions)
     unknown = [r for r in chosen if r not in exported]
     if unknown:
@@ -258,19 +258,19 @@ def load_export(
     chosen = [r for r in exported if r in chosen]  # keep expert index order
     if not chosen:
         raise ValueError(f"{root}: no region selected")
-    first = root / index["regions"][chosen[0]]
+    first = root / index.regions[chosen[0]]
     if verify:
-        verify_file(first / CARD, index["cards_sha256"][chosen[0]])
-        verify_files(first, index["shared_files"])
+        verify_file(first / CARD, index.cards_sha256[chosen[0]])
+        verify_files(first, index.shared_files)
     card = read_card(first, verify=False)
-    region_map = RegionMap(**index["region_map"]) if index.get("region_map") else None
+    region_map = RegionMap(**index.region_map) if index.region_map else None
     experts = ExportedExperts(
         root=root,
-        index={**index, "regions": {r: index["regions"][r] for r in chosen}},
+        index=replace(index, regions={r: index.regions[r] for r in chosen}),
         experts=chosen,
         prompts=load_prompts(first, card),
         region_map=region_map,
-        data=dict(index.get("data") or {}),
+        data=dict(index.data),
         source=str(root),
         device=torch.device(device),
         verify=verify,

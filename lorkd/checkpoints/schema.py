@@ -8,16 +8,24 @@ LoRKD file) into a :class:`SourceRecord`: this record, its provenance and its te
 :func:`lorkd.checkpoints.build.build` turns any of them into the network and its prompt bank. Version 1 is the layout every
 checkpoint has had so far; a file without a ``version`` field is version 1. A newer version, an
 unknown kind or a missing field is a clear error naming the file.
+
+An export folder (:mod:`lorkd.checkpoints.export`) records itself in typed records too: its
+:class:`ExportIndex` (``index.json``), one :class:`ModelCard` per region (``model_card.json``) and the
+:class:`AdapterSpec` of its peft adapters (``adapters/experts.json``); each is read by ``from_json``
+(the format and every required field checked, errors naming the file) and written by ``to_json``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 KEY = "lorkd"
 VERSION = 1
+EXPORT_FORMAT = "lorkd-export/1"
+CARD_FORMAT = "lorkd-expert/1"
+ADAPTERS_FORMAT = "lorkd-adapters/1"
 KINDS = ("sat", "lorkd")
 # SAT's training crop: the patch size recorded for official files and used for files that record none
 SAT_PATCH_SIZE = (288, 288, 96)
@@ -176,3 +184,116 @@ def read(checkpoint: Any, source: str) -> CheckpointMeta | None:
 def patch_size(data: Mapping[str, Any]) -> tuple[int, ...]:
     """The training patch size a data description (``CheckpointMeta.data``, an export's ``data``) records, else SAT's."""
     return tuple(int(s) for s in data.get("patch_size") or SAT_PATCH_SIZE)
+
+
+def _json_fields(cls: type, raw: Any, source: str, fmt: str) -> dict[str, Any]:
+    """The fields of ``cls`` in ``raw`` (a JSON object of format ``fmt``): unknown keys dropped, a missing
+    required one, another format or a non-object a ``ValueError`` naming ``source``."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{source}: a JSON object expected, got {type(raw).__name__}")
+    if raw.get("format") != fmt:
+        raise ValueError(f"{source}: format {raw.get('format')!r}, expected {fmt!r}")
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing = sorted(required - raw.keys())
+    if missing:
+        raise ValueError(f"{source}: missing {', '.join(missing)} (written by another lorkd, or edited?)")
+    known = {f.name for f in fields(cls)}
+    return {k: v for k, v in raw.items() if k in known}
+
+
+@dataclass(frozen=True)
+class DeployedExpert:
+    """A model card's expert: the LoRA weights merged into the base of its ``model.safetensors``."""
+
+    style: str
+    scaling: float
+    rank: int
+    decoder_rank: int
+    decoder_rank_factor: int
+    parameters: int  # the expert's own (LoRA) parameters
+    merged_into_base: bool = True
+    trained_base: bool = True
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """``<export>/<region>/model_card.json``: one deployed expert, readable without the rest of the export."""
+
+    region: str
+    expert_index: int
+    architecture: dict[str, Any]  # {"class", "preset", "arguments": SAT arguments}
+    expert: DeployedExpert
+    labels: dict[str, list[str]]  # routed, with_cached_prompt, abnormal (``<modality>_<label>``)
+    data: dict[str, Any]  # preprocessing, patch size (as CheckpointMeta.data)
+    text_encoder: dict[str, Any]  # TextHead fields + "file"
+    prompt_bank: dict[str, Any]  # file, fingerprint, number of labels
+    parameter_counts: dict[str, Any]  # model, teacher, ratio_to_teacher
+    files: dict[str, dict[str, Any]]  # file name -> {"sha256", "bytes"}
+    source: dict[str, Any] = field(default_factory=dict)  # checkpoint, fingerprint, teacher, converted_from
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    format: str = CARD_FORMAT
+
+    @property
+    def text_head(self) -> TextHead:
+        return TextHead(**{k: v for k, v in self.text_encoder.items() if k != "file"})
+
+    @classmethod
+    def from_json(cls, raw: Any, source: str) -> ModelCard:
+        values = _json_fields(cls, raw, source, CARD_FORMAT)
+        try:
+            return cls(**{**values, "expert": DeployedExpert(**values["expert"])})
+        except TypeError as exc:
+            raise ValueError(f"{source}: malformed model card ({exc})") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExportIndex:
+    """``<export>/index.json``: the regions exported and the sha256 of every card and shared file."""
+
+    expert_order: list[str]  # exported regions in expert index order
+    regions: dict[str, str]  # region -> its folder
+    cards_sha256: dict[str, str]
+    shared_files: dict[str, dict[str, Any]]  # text head and prompt bank, equal in every region folder
+    architecture: dict[str, Any]
+    parameter_counts: dict[str, Any]  # the checkpoint's, plus "model": one deployed expert's
+    data: dict[str, Any]
+    base: dict[str, str]  # {"file", "sha256"} of the shared base W0
+    adapters: str  # the folder of the peft adapters
+    region_map: dict[str, Any] | None = None
+    onnx: dict[str, dict[str, Any]] = field(default_factory=dict)  # region -> {file, sha256, window, opset}
+    source: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    format: str = EXPORT_FORMAT
+
+    @classmethod
+    def from_json(cls, raw: Any, source: str) -> ExportIndex:
+        return cls(**_json_fields(cls, raw, source, EXPORT_FORMAT))
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if not (k == "onnx" and not v)}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """``<export>/adapters/experts.json``: the shared base, one peft adapter per expert and their sha256."""
+
+    architecture: dict[str, Any]
+    experts: ExpertsSpec
+    files: dict[str, dict[str, str]]  # file -> {"sha256"}
+    format: str = ADAPTERS_FORMAT
+
+    @classmethod
+    def from_json(cls, raw: Any, source: str) -> AdapterSpec:
+        values = _json_fields(cls, raw, source, ADAPTERS_FORMAT)
+        try:
+            return cls(**{**values, "experts": ExpertsSpec(**values["experts"])})
+        except TypeError as exc:
+            raise ValueError(f"{source}: malformed adapter spec ({exc})") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
