@@ -22,6 +22,7 @@ Training reads its teacher with :func:`load_teacher` and a student to start from
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -267,10 +268,10 @@ def _teacher_of(record: SourceRecord) -> LoadedModel:
     path, meta = record.provenance.source, record.meta
     saved = meta.teacher
     if saved is None:
-        raise ValueError(f"{path} does not record the teacher it was distilled from (model=teacher needs it)")
+        raise ValueError(f"{path} does not record the teacher it was distilled from (network=teacher needs it)")
     if not Path(saved.path).is_file():
         raise FileNotFoundError(
-            f"the teacher {path} was distilled from ({saved.path}) does not exist: model=teacher (and "
+            f"the teacher {path} was distilled from ({saved.path}) does not exist: network=teacher (and "
             "routing.fallback=teacher) read it from there; put it back or use the experts"
         )
     prompts = build_prompts(record)
@@ -324,11 +325,31 @@ def read_student_network(path: str | Path) -> SAT:
     return build_network(_lorkd_checkpoint(path)[1].net)
 
 
-def read_experts_spec(path: str | Path) -> schema.ExpertsSpec:
-    """The experts spec our LoRKD checkpoint records."""
-    experts = _lorkd_checkpoint(path)[1].experts
+def read_experts_spec(path: str | Path, new_region: str | None = None, new_region_rank: int | None = None) -> schema.ExpertsSpec:
+    """The experts spec our LoRKD checkpoint records; with ``new_region_rank``, ``new_region`` appended as a
+    brand-new expert of that encoder rank (``experiment=finetune model.new_region_rank=R``)."""
+    meta = _lorkd_checkpoint(path)[1]
+    experts = meta.experts
     assert experts is not None  # schema.read refuses a LoRKD checkpoint without one
-    return experts
+    if new_region_rank is None:
+        return experts
+    check_new_region(path, meta, new_region, new_region_rank)
+    assert new_region is not None
+    return replace(experts, regions=[*experts.regions, new_region], ranks={**experts.ranks, new_region: int(new_region_rank)})
+
+
+def check_new_region(path: str | Path, meta: CheckpointMeta, region: str | None, rank: int | None) -> None:
+    """Fail unless ``region`` can be added to the checkpoint's experts as a new one of ``rank``."""
+    if not isinstance(region, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", region):
+        raise ValueError(f"new region {region!r}: a region name is lower-case letters, digits and '_' (e.g. kidney_cysts)")
+    known = set(meta.experts.regions if meta.experts else ()) | set((meta.region_map or {}).get("labels", {}))
+    if region in known:
+        raise ValueError(
+            f"{path}: the checkpoint already has a region {region!r}; fine-tune it without model.new_region_rank, "
+            "or name a new one"
+        )
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"new region {region!r}: its rank must be a positive integer, got {rank!r}")
 
 
 def read_training_data(path: str | Path, key: str) -> Any:
@@ -339,9 +360,18 @@ def read_training_data(path: str | Path, key: str) -> Any:
     return data[key]
 
 
-def read_region_map(path: str | Path) -> RegionMap:
-    """The region map our LoRKD checkpoint was trained with (labels added by earlier fine-tunes included)."""
+def read_prompt_labels(path: str | Path) -> list[str]:
+    """The labels of our LoRKD checkpoint's prompt bank: those it was trained on (fine-tuning keeps them, LwF)."""
+    return list(_lorkd_checkpoint(path)[1].prompt_bank.get("labels", []))
+
+
+def read_region_map(path: str | Path, new_region: str | None = None, new_region_rank: int | None = None) -> RegionMap:
+    """The region map our LoRKD checkpoint was trained with (labels added by earlier fine-tunes included); with
+    ``new_region_rank``, ``new_region`` appended as a region with an expert and no labels yet (see read_experts_spec)."""
     meta = _lorkd_checkpoint(path)[1]
     if not meta.region_map:
         raise ValueError(f"{path}: the checkpoint records no region map")
-    return RegionMap(**meta.region_map)
+    if new_region_rank is None:
+        return RegionMap(**meta.region_map)
+    check_new_region(path, meta, new_region, new_region_rank)
+    return RegionMap(**{**meta.region_map, "regions": [*meta.region_map["regions"], new_region]})

@@ -7,13 +7,16 @@ The teacher's weights are not stored in LoRKD checkpoints, only its path and fin
 Fine-tuning one expert (``finetune_region``, ``experiment=finetune``): only that region's LoRA factors train;
 the shared base, query decoder, heads, text side and every other expert stay frozen, so every other
 region's outputs stay bit-identical. A new label needs no new parameter: its query is the frozen text
-head's output for its text prompt. ``kd_labels="teacher"`` distils only labels the teacher knows.
+head's output for its text prompt. ``kd_labels="teacher"`` distils only labels the teacher knows. With
+``lambda_lwf > 0`` the expert also distils, on the labels it was trained on (``lwf_labels``), its own outputs
+before fine-tuning (a frozen copy of the starting student; Learning without Forgetting), so the old labels hold.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from lorkd.experts.routed import check_mixed_batch
 from lorkd.losses import distillation_loss, segmentation_loss
 from lorkd.models.sat import SAT
 from lorkd.modules.base import PromptedSegmentationModule
-from lorkd.regions import RegionMap
+from lorkd.regions import RegionMap, normalize_label
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +42,16 @@ STUDENT_INITS = ("auto", "teacher", "checkpoint", "scratch")
 KD_LABELS = ("all", "teacher")
 
 
+def is_expert_key(name: str, region: str) -> bool:
+    """Whether a student parameter or state key is one of ``region``'s LoRA factors."""
+    return ".lora_" in name and f".{region}." in f"{name}."
+
+
 def freeze_all_but_expert(student: SAT, region: str) -> list[str]:
     """Freeze every parameter of ``student`` except ``region``'s LoRA factors; their names (none: an error)."""
     trainable = []
     for name, p in student.named_parameters():
-        own = ".lora_" in name and f".{region}." in f"{name}."
+        own = is_expert_key(name, region)
         p.requires_grad_(own)
         if own:
             trainable.append(name)
@@ -78,12 +86,19 @@ class LoRKDModule(PromptedSegmentationModule):
         mixed_batch: str = "auto",
         finetune_region: str | None = None,
         kd_labels: str = "all",
+        lambda_lwf: float = 0.0,
+        lwf_labels: Collection[str] = (),
+        new_region_rank: int | None = None,
     ) -> None:
         """``teacher``: the SAT teacher with its text side and file fingerprint (``lorkd.checkpoints.loading.load_teacher``);
         ``student``: the plain student SAT, which gets ``experts`` here; ``student_state``: the student (base and
         experts) to start from with ``student_init="checkpoint"`` (``lorkd.checkpoints.loading.read_student_state``);
         ``finetune_region``: train that expert alone (module docstring); ``kd_labels``: ``all`` or ``teacher`` (only
-        labels in the teacher's prompt bank, or in the region map as given when the teacher has no bank)."""
+        labels in the teacher's prompt bank, or in the region map as given when the teacher has no bank);
+        ``lambda_lwf``, ``lwf_labels``: with ``finetune_region``, the weight of the distillation from the expert as it
+        was before fine-tuning, on those labels (the starting checkpoint's, ``read_prompt_labels``) in that region;
+        ``new_region_rank``: ``finetune_region`` is a brand-new expert of that rank (in ``experts``, absent from
+        ``student_state``: it starts as peft initialises it, B = 0, i.e. the shared base's outputs)."""
         if not teacher.fingerprint:
             raise ValueError(f"teacher {teacher.source} has no file fingerprint (load it with load_teacher)")
         if list(experts.regions) != list(region_map.regions):
@@ -101,8 +116,9 @@ class LoRKDModule(PromptedSegmentationModule):
         self._init_student(student_init, student_state)
         self.experts_spec = experts
         add_experts(student, experts)
+        new = self._new_expert_keys(finetune_region, new_region_rank, experts)
         if student_state is not None:
-            load_mapped(self.student, student_state, KeyReport(source="the student_state checkpoint"))
+            load_mapped(self.student, student_state, KeyReport(source="the student_state checkpoint"), new)
         self.lambda_kd = float(lambda_kd)
         self.temperature = float(temperature)
         self.kd_mode = kd_mode
@@ -117,8 +133,23 @@ class LoRKDModule(PromptedSegmentationModule):
             raise ValueError(f"kd_labels must be one of {KD_LABELS}, got {kd_labels!r}")
         known = set(teacher.prompts.embeddings) or {k.split("_", 1)[1] for k in region_map.label_region}
         self.teacher_labels: frozenset[str] | None = frozenset(known) if kd_labels == "teacher" else None
+        self.lambda_lwf = float(lambda_lwf)
+        own = {key.split("_", 1)[1] for key, region in region_map.label_region.items() if region == finetune_region}
+        self.lwf_labels = frozenset(normalize_label(label) for label in lwf_labels) & own
+        self.anchor: SAT | None = None  # the student before fine-tuning, frozen (not saved: rebuilt from student_state)
+        if finetune_region is not None and self.lambda_lwf > 0 and self.lwf_labels:
+            self.anchor = copy.deepcopy(self.student).eval().requires_grad_(False)
 
     # ---- construction ------------------------------------------------------------------------------
+    def _new_expert_keys(self, region: str | None, rank: int | None, experts: ExpertsSpec) -> dict[str, str]:
+        """The student keys of a brand-new expert (``new_region_rank``), each with why a checkpoint lacks it."""
+        if rank is None:
+            return {}
+        if region is None or experts.ranks.get(region) != rank:
+            raise ValueError(f"new_region_rank={rank} needs finetune_region to be the new expert of that rank in {experts.ranks}")
+        why = f"the new region {region!r}'s adapter starts at B = 0 (the shared base's outputs)"
+        return {key: why for key in self.student.state_dict() if is_expert_key(key, region)}
+
     def _init_student(self, how: str, state: Mapping[str, torch.Tensor] | None) -> None:
         """Copy the teacher's tensors into the plain student (``auto``, ``teacher``), or leave it (``scratch``,
         ``checkpoint``: ``state`` is loaded once the experts are on)."""
@@ -146,15 +177,18 @@ class LoRKDModule(PromptedSegmentationModule):
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()  # frozen: dropout off, always
+        if self.anchor is not None:
+            self.anchor.eval()
         return self
 
-    def forward(self, image: torch.Tensor, queries: torch.Tensor, region: torch.Tensor, return_aux: bool = False):
-        """Student logits with sample ``b`` routed to expert ``region[b]`` (``-1``: shared base only)."""
+    def forward(self, image: torch.Tensor, queries: torch.Tensor, region: torch.Tensor, return_aux: bool = False, net: SAT | None = None):
+        """Student (or ``net``'s) logits with sample ``b`` routed to expert ``region[b]`` (``-1``: shared base only)."""
+        net = self.student if net is None else net
         if queries.ndim == 2:  # one query set for the whole batch: cut per sample like the image
             queries = queries.expand(image.shape[0], *queries.shape)
         return forward_routed(
-            lambda x, q: self.student(x, q, return_aux=return_aux),
-            self.student.backbone, region, (image, queries), self.mixed_batch,
+            lambda x, q: net(x, q, return_aux=return_aux),
+            net.backbone, region, (image, queries), self.mixed_batch,
         )  # fmt: skip
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -167,6 +201,12 @@ class LoRKDModule(PromptedSegmentationModule):
         kd = distillation_loss(student.logits, teacher.logits, self.distilled(batch, qmask), self.temperature, self.kd_mode)
         loss = seg + self.lambda_kd * kd
         logs = {"train/seg_loss": seg.detach(), "train/kd_loss": kd.detach(), **{f"train/{k}": v for k, v in parts.items()}}
+        if self.anchor is not None:
+            with torch.no_grad():
+                before = self(batch["image"], queries, batch["region"], net=self.anchor)
+            lwf = distillation_loss(student.logits, before, self.of_labels(batch, qmask, self.lwf_labels), self.temperature, self.kd_mode)
+            loss = loss + self.lambda_lwf * lwf
+            logs["train/lwf_loss"] = lwf.detach()
         if self.feature_kd_weight > 0:
             feat = F.mse_loss(student.memory.float(), teacher.memory.float())
             loss = loss + self.feature_kd_weight * feat
@@ -178,12 +218,15 @@ class LoRKDModule(PromptedSegmentationModule):
 
     def distilled(self, batch: dict[str, Any], qmask: torch.Tensor) -> torch.Tensor:
         """The query mask of the distillation loss: every valid query, or (``kd_labels="teacher"``) those of known labels."""
-        if self.teacher_labels is None:
-            return qmask
+        return qmask if self.teacher_labels is None else self.of_labels(batch, qmask, self.teacher_labels)
+
+    @staticmethod
+    def of_labels(batch: dict[str, Any], qmask: torch.Tensor, labels: frozenset[str]) -> torch.Tensor:
+        """``qmask`` kept at the queries whose label is one of ``labels``."""
         known = torch.zeros_like(qmask)
-        for b, labels in enumerate(batch["labels"]):
-            for q, label in enumerate(labels):
-                known[b, q] = label in self.teacher_labels
+        for b, names in enumerate(batch["labels"]):
+            for q, label in enumerate(names):
+                known[b, q] = label in labels
         return qmask * known
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -228,7 +271,7 @@ class LoRKDModule(PromptedSegmentationModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("teacher.")]:
+        for key in [k for k in state if k.startswith(("teacher.", "anchor."))]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -241,3 +284,5 @@ class LoRKDModule(PromptedSegmentationModule):
                 f"but the configured teacher is {self.teacher_source['path']} ({self.teacher_source['fingerprint']})"
             )
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        if self.anchor is not None:
+            checkpoint["state_dict"].update({f"anchor.{k}": v for k, v in self.anchor.state_dict().items()})
