@@ -18,8 +18,15 @@ CT-sized volume (512x512x120 voxels at 0.8x0.8x2.5 mm, a synthetic body with air
 Peak memory: resident set size above the start of the call on the CPU (sampled every 5 ms),
 ``torch.cuda.max_memory_allocated`` above the start of the call on a GPU.
 
+``--precisions bf16 int8``: ours again with OpenVINO at each reduced precision (one row each; int8 is
+calibrated on the workload's own cases, written to a manifest). ``--ckpt``: a trained checkpoint (e.g. the
+demo's LoRKD model) as one more preset, on the labels of its prompt bank that the workload asks for (CT:
+its abdominal labels). ``--startup``: seconds from building the Predictor to the end of its first window,
+with the default runtime (converted model cached) and with torch.
+
 python scripts/benchmarks/predict.py [--device cpu|cuda] [--presets tiny nano] [--workloads demo ct]
     [--overlap 0.5] [--window-tiny 64 64 32] [--window-nano 288 288 96] [--ct-labels 24] [--demo-cases N]
+    [--precisions bf16 int8] [--ckpt PATH] [--startup]
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import shutil
 import sys
 import tempfile
@@ -37,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
+import nibabel as nib
 import numpy as np
 import torch
 import yaml
@@ -245,6 +254,39 @@ def naive_our_resampling(predictor: Predictor, case: Case, sw_batch_size: int = 
     np.argmax(masks, axis=0)
 
 
+class FirstWindow(Exception):
+    """Raised by the progress callback at the end of the first window: start-up measured."""
+
+
+def startup_seconds(make: Callable[[], Predictor], case: Case) -> float:
+    """Seconds from ``make()`` (building the Predictor) to the end of its first window on ``case``."""
+
+    def stop(done: int, total: int) -> None:
+        raise FirstWindow
+
+    start = time.perf_counter()
+    try:
+        make().predict(case.image, case.labels, case.modality, affine=case.affine, progress=stop)
+    except FirstWindow:
+        return time.perf_counter() - start
+    raise RuntimeError("the prediction ended without a window")
+
+
+def calibration_manifest(cases: Sequence[Case], folder: Path) -> Path:
+    """The cases as an int8 calibration manifest in ``folder`` (arrays written as NIfTI files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, case in enumerate(cases):
+        image = case.image
+        if not isinstance(image, str):
+            image = str(folder / f"case{i}.nii.gz")
+            nib.save(nib.Nifti1Image(case.image, case.affine), image)
+        rows.append({"image": image, "label": case.labels, "modality": case.modality})
+    path = folder / "calibration.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def measure(
     methods: dict[str, Callable[[Predictor, Case], None]], predictor: Predictor, cases: Sequence[Case]
 ) -> dict[str, tuple[float, float]]:
@@ -270,7 +312,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--presets", nargs="+", default=["tiny", "nano"], choices=sorted(PRESETS))
+    parser.add_argument("--presets", nargs="*", default=["tiny", "nano"], choices=sorted(PRESETS))
     parser.add_argument("--workloads", nargs="+", default=["demo", "ct"], choices=["demo", "ct"])
     parser.add_argument("--demo-dir", type=Path, default=ROOT / "outputs" / "demo" / "data")
     parser.add_argument("--demo-cases", type=int, default=None, help="first N demo test cases (default: all)")
@@ -284,6 +326,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
                         help="ours (default: predict.py's, auto; networks converted in the warm-up)")  # fmt: skip
+    parser.add_argument("--precisions", nargs="*", default=[], choices=["bf16", "int8"], help="ours again with OpenVINO at these")
+    parser.add_argument("--ckpt", type=Path, default=None, help="a trained checkpoint as one more preset")
+    parser.add_argument("--startup", action="store_true", help="time building the Predictor to its first window")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -323,16 +368,23 @@ def main() -> None:
         "naive, our resampling": functools.partial(naive_our_resampling, sw_batch_size=batch),
     }
     cache_dir = tempfile.mkdtemp(prefix="lorkd-openvino-")  # converted networks: this run's own
-    for preset in args.presets:
+    options = dict(device=device, overlap=args.overlap, sw_batch_size=args.sw_batch_size, max_queries=args.max_queries,
+                   cache_dir=cache_dir)  # fmt: skip
+    for preset in [*args.presets, *(["checkpoint"] if args.ckpt else [])]:
         window = args.window_tiny if preset == "tiny" else args.window_nano
-        predictor = Predictor(
-            build_model(preset, window, regions, labels), device=device, overlap=args.overlap,
-            sw_batch_size=args.sw_batch_size, max_queries=args.max_queries, runtime=args.runtime,
-            cache_dir=cache_dir,
-        )  # fmt: skip
+
+        def make(runtime: str = args.runtime, preset: str = preset, window: list = window, **more: object) -> Predictor:
+            if preset == "checkpoint":
+                return Predictor.from_checkpoint(args.ckpt, runtime=runtime, **options, **more)
+            return Predictor(build_model(preset, window, regions, labels), runtime=runtime, **options, **more)
+
+        predictor = make()
         print(f"# {preset}: ours runs {predictor.sw_batch_size} window(s) per forward, "
               f"runtime {args.runtime} ({predictor.cpu_runtime or 'torch'})", flush=True)  # fmt: skip
         for name, cases in workloads.items():
+            if preset == "checkpoint":  # the labels its prompt bank knows
+                known = predictor.model.prompts.embeddings
+                cases = [Case(c.name, c.image, c.affine, [lab for lab in c.labels if lab in known], c.modality) for c in cases]
             ours(predictor, warm_up)  # imports and one-time allocations outside the timings
             naive(predictor, warm_up)
             for case in cases:  # every expert converted (OpenVINO) before the timings
@@ -347,6 +399,22 @@ def main() -> None:
                 f"| {m_ours_grid:.0f} | {m_ours / max(m_ours_grid, 1e-9):.2f} |",
                 flush=True,
             )
+            for precision in args.precisions:
+                calibration = calibration_manifest(cases, Path(cache_dir) / f"calibration-{preset}") if precision == "int8" else None
+                reduced = make("openvino", precision=precision, calibration=calibration)
+                for case in cases:
+                    reduced.check(case.labels, case.modality)  # converted (and quantised) before the timing
+                t, m = measure({"ours": ours}, reduced, cases)["ours"]
+                print(f"| {name} | {preset}, ours OpenVINO {precision} | {'x'.join(map(str, predictor.window))} | {len(cases)} "
+                      f"| {per_case:.1f} | {t:.2f} | {t_naive:.2f} | {t / t_naive:.2f} | — | — | {m:.0f} | {m_naive:.0f} "
+                      f"| {m / max(m_naive, 1e-9):.2f} | — | — |", flush=True)  # fmt: skip
+                del reduced
+            if args.startup:
+                first = cases[0]
+                cached = startup_seconds(make, first)
+                eager = startup_seconds(lambda: make("torch"), first)
+                print(f"# {name}, {preset}: building the Predictor to the end of its first window: {cached:.2f} s with "
+                      f"runtime {args.runtime} (converted model cached), {eager:.2f} s with torch", flush=True)  # fmt: skip
     shutil.rmtree(cache_dir, ignore_errors=True)
 
 
