@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,15 +30,20 @@ register_resolvers()
 log = logging.getLogger(__name__)
 
 
-def _check_overrides(argv: Sequence[str] | None = None) -> None:
-    """Parse the command line's overrides as Hydra will: a syntax error is one line and exit 2, before anything runs."""
+# keys an earlier lorkd took, with their names now: predict, eval and labels chose the network with `model=`
+RENAMED_KEYS = {"model": "network"}
+
+
+def _check_overrides(argv: Sequence[str] | None = None, renamed: Mapping[str, str] | None = None) -> None:
+    """Parse the command line's overrides as Hydra will: a syntax error is one line and exit 2, before anything runs;
+    so is a key of ``renamed`` (old name -> new)."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
     args, _ = get_args_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        OverridesParser.create().parse_overrides(args.overrides)
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
     except OverrideParseException as exc:
         lines = [line.strip() for line in str(exc.message).splitlines()]
         reason = next((x for x in lines if x and not x.startswith(("See ", "Error parsing", "^"))), "syntax error")
@@ -48,15 +53,21 @@ def _check_overrides(argv: Sequence[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(NOT_STARTED)
+    for override in overrides:
+        new = (renamed or {}).get(override.key_or_group)
+        if new is not None:
+            print(f"error: {override.input_line}: the key {override.key_or_group!r} is now {new!r} "
+                  f"({new}={override.value()})", file=sys.stderr)  # fmt: skip
+            sys.exit(NOT_STARTED)
 
 
-def _checked(main: Callable[[], Any]) -> Callable[[], Any]:
+def _checked(main: Callable[[], Any], renamed: Mapping[str, str] | None = None) -> Callable[[], Any]:
     """A Hydra app whose overrides are checked first (:func:`_check_overrides`)."""
 
     @functools.wraps(main)
     def entry(*args: Any, **kwargs: Any) -> Any:
         if not args and not kwargs:  # from the command line (a composed config passed in is already parsed)
-            _check_overrides()
+            _check_overrides(renamed=renamed)
         return main(*args, **kwargs)
 
     return entry
@@ -137,7 +148,7 @@ def _predict(cfg: DictConfig) -> None:
 
 def evaluate(*args: Any, **kwargs: Any) -> None:
     """``lorkd-eval`` / ``python eval.py`` (exit codes: see the module docstring)."""
-    _check_overrides()
+    _check_overrides(renamed=RENAMED_KEYS)
     _check_output_dir()
     _evaluate(*args, **kwargs)
 
@@ -170,7 +181,7 @@ def _one_composition(argv: Sequence[str]) -> Iterator[None]:
 
 def predict(*args: Any, **kwargs: Any) -> None:
     """``lorkd-predict`` / ``python predict.py`` (exit codes: see the module docstring)."""
-    _check_overrides()
+    _check_overrides(renamed=RENAMED_KEYS)
     _check_output_dir()
     with _one_composition(sys.argv[1:]):
         _predict(*args, **kwargs)
@@ -209,7 +220,7 @@ def check_manifest(cfg: DictConfig) -> None:
         raise SystemExit(status)
 
 
-@_checked
+@functools.partial(_checked, renamed=RENAMED_KEYS)
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="labels")
 def labels(cfg: DictConfig) -> None:
     """``lorkd-labels ckpt_path=CKPT [modality=ct] [json=true]``: the labels a model knows (:mod:`lorkd.label_catalogue`); a user error is one line, exit 1."""
@@ -221,7 +232,7 @@ def labels(cfg: DictConfig) -> None:
         from lorkd.checkpoints.loading import load_model
         from lorkd.label_catalogue import catalogue, format_catalogue
 
-        entry = catalogue(load_model(cfg.ckpt_path, cfg.model), cfg.modality)
+        entry = catalogue(load_model(cfg.ckpt_path, cfg.network), cfg.modality)
         return json.dumps(entry, indent=2) if cfg.json else format_catalogue(entry)
 
     run_command("lorkd-labels", job)

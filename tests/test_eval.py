@@ -203,9 +203,9 @@ def test_manifest_problems_name_the_case(tmp_path):
 
 def test_eval_config_composes_and_runs_in_output_dir(tmp_path):
     cfg = compose_config("eval", ["ckpt_path=x.ckpt", f"output_dir={tmp_path}", "metrics.empty_rule=nnunet"])
-    assert (cfg.hydra.run.dir, cfg.metrics.empty_rule, cfg.model) == (str(tmp_path), "nnunet", "experts")
-    teacher = compose_config("eval", ["ckpt_path=x.ckpt", "model=teacher"])  # not configs/model/
-    assert teacher.model == "teacher"
+    assert (cfg.hydra.run.dir, cfg.metrics.empty_rule, cfg.network) == (str(tmp_path), "nnunet", "experts")
+    teacher = compose_config("eval", ["ckpt_path=x.ckpt", "network=teacher"])
+    assert teacher.network == "teacher"
     assert cfg.trainer.precision == "32-true" and cfg.compare is None
 
 
@@ -297,7 +297,7 @@ def test_teacher_report_names_the_teacher_not_the_lorkd_checkpoint(
 
     out = tmp_path / "teacher"
     summary = run_eval(
-        [f"ckpt_path={tiny_lorkd_ckpt}", "model=teacher", f"data.test_manifest={tiny_cases}"], out
+        [f"ckpt_path={tiny_lorkd_ckpt}", "network=teacher", f"data.test_manifest={tiny_cases}"], out
     )
     model = summary["model"]
     teacher = load_model(tiny_teacher_ckpt)  # the SATModule checkpoint itself

@@ -64,6 +64,14 @@ def test_an_override_hydra_cannot_parse_is_one_line_and_exit_2(tmp_path, overrid
     assert train.returncode == 2 and train.stderr.count("\n") == 1, train.stderr
 
 
+@pytest.mark.parametrize("script", ["predict.py", "eval.py"])
+def test_the_network_key_under_its_old_name_is_one_line_and_exit_2(tmp_path, script):
+    args = ["ckpt_path=x", "input=y", "data.test_manifest=m", f"output_dir={tmp_path / 'out'}", "model=teacher"]
+    done = run_script(script, args[:2] + args[3:] if script == "predict.py" else [args[0], *args[2:]], cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == "error: model=teacher: the key 'model' is now 'network' (network=teacher)\n"
+
+
 @pytest.mark.parametrize(
     "content,cause",
     [

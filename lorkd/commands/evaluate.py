@@ -21,7 +21,7 @@ def arguments(cfg: DictConfig) -> dict[str, Any]:
         "model": cfg.ckpt_path,
         "manifest": cfg.data.test_manifest,
         "output_dir": cfg.paths.output_dir,
-        "network": cfg.model,
+        "network": cfg.network,
         "name": cfg.get("name"),
         "compare": cfg.get("compare"),
         "overwrite": cfg.overwrite,

@@ -36,7 +36,7 @@ def load_predictor(cfg: DictConfig) -> Predictor:
     (:meth:`Predictor.load <lorkd.inference.predictor.Predictor.load>`, as :func:`lorkd.api.load` and eval)."""
     from lorkd.inference.predictor import Predictor
 
-    return Predictor.load(cfg.ckpt_path, cfg.model, device="cpu", **plain(cfg.official), **predictor_options(cfg))
+    return Predictor.load(cfg.ckpt_path, cfg.network, device="cpu", **plain(cfg.official), **predictor_options(cfg))
 
 
 def check_prompts(predictor: Predictor, cases: Sequence[Case]) -> None:
@@ -73,7 +73,7 @@ def _prepare(cfg: DictConfig) -> tuple[list[Case], Predictor, dict[str, Any]]:
     check_prompts(predictor, cases)
     settings = {
         "checkpoint": predictor.model.identity,  # of the bytes loaded, not of the file now
-        "model": cfg.model,
+        "network": cfg.network,
         "inference": {k: v for k, v in sorted(options.items()) if k not in NEUTRAL_OPTIONS},
         "official": plain(cfg.official),
         "preview": bool(cfg.writer.preview),

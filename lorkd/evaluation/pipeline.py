@@ -1,7 +1,7 @@
 """``lorkd.evaluate`` (:func:`evaluate`; ``python eval.py`` parses its config into it, see
 :mod:`lorkd.commands.evaluate`): evaluate a checkpoint on a test manifest, then report.
 
-    python eval.py ckpt_path=CKPT data.test_manifest=M output_dir=OUT [model=teacher] [compare=OTHER_OUT]
+    python eval.py ckpt_path=CKPT data.test_manifest=M output_dir=OUT [network=teacher] [compare=OTHER_OUT]
 
 Steps (one process runs them without Lightning; with several, every rank runs them through
 ``Trainer.predict``: Lightning or torchrun/SLURM starts the ranks):
@@ -207,7 +207,7 @@ def compare_demo(demo_dir: str | Path = DEMO_DIR, overrides: Sequence[str] = ())
 
     Reads ``<demo_dir>/lorkd/checkpoints/last.ckpt`` and ``<demo_dir>/data/test.jsonl``; writes
     ``<demo_dir>/eval/teacher/`` and ``<demo_dir>/eval/lorkd/`` (whose report holds the side-by-side
-    table). The teacher is the one the experts were distilled from (``model=teacher`` on the LoRKD
+    table). The teacher is the one the experts were distilled from (``network=teacher`` on the LoRKD
     checkpoint). Finished cases are not recomputed while the checkpoint is unchanged. ``overrides``
     go to both ``eval.py`` runs. Returns the printed text.
     """
@@ -218,8 +218,8 @@ def compare_demo(demo_dir: str | Path = DEMO_DIR, overrides: Sequence[str] = ())
     teacher_dir, lorkd_dir = demo / "eval" / "teacher", demo / "eval" / "lorkd"
     common = [f"ckpt_path={checkpoint}", f"data.test_manifest={demo / 'data' / 'test.jsonl'}", *overrides]
     start = time.perf_counter()
-    _run_eval([*common, "model=teacher", f"output_dir={teacher_dir}"])
-    _run_eval([*common, "model=experts", f"output_dir={lorkd_dir}", f"compare={teacher_dir}"])
+    _run_eval([*common, "network=teacher", f"output_dir={teacher_dir}"])
+    _run_eval([*common, "network=experts", f"output_dir={lorkd_dir}", f"compare={teacher_dir}"])
     mine, theirs = load_summary(lorkd_dir), load_summary(teacher_dir)
     names = comparison_names(mine, theirs, teacher_dir)
     params = {
