@@ -39,7 +39,7 @@ def catalogue(model: LoadedModel, modality: str | None = None) -> dict[str, Any]
     own = expert_parameters(model)
     result: dict[str, Any] = {
         "source": model.source,
-        "kind": model.kind,
+        "network": model.network,
         "language_model": encodable,
         "parameters": {"deployed": int(model.parameter_count), "experts": own},
         "experts": [{"region": r, "index": i, "parameters": own.get(r)} for i, r in enumerate(model.experts)],
@@ -67,7 +67,7 @@ def _row(label: str, region: str | None, route: str | None, prompt: bool) -> dic
 def format_catalogue(entry: dict[str, Any]) -> str:
     """The catalogue as a plain-text table."""
     params = entry["parameters"]
-    lines = [f"{entry['source']}: {entry['kind']}, {params['deployed']:,} parameters per forward"]
+    lines = [f"{entry['source']}: {entry['network']}, {params['deployed']:,} parameters per forward"]
     if entry["experts"]:
         lines.append("experts (own low-rank parameters):")
         lines += [f"  {e['index']:>2} {e['region']:<16} {e['parameters'] or 0:>12,}" for e in entry["experts"]]

@@ -141,7 +141,7 @@ def test_evaluate_from_a_plain_interpreter_matches_eval_py(tiny_lorkd_ckpt, tmp_
     report = python(EVALUATE, str(tiny_lorkd_ckpt), str(manifest), str(tmp_path / "api"))
     summary = report["summary"]
     assert not report["hydra"] and not report["lightning"], report  # one process: neither Hydra nor Lightning
-    assert (summary["n_cases"], summary["n_failed_cases"], summary["model"]["kind"]) == (2, 0, "experts")
+    assert (summary["n_cases"], summary["n_failed_cases"], summary["model"]["network"]) == (2, 0, "experts")
     assert json.loads((tmp_path / "api" / "summary.json").read_text()) == summary
     overrides = [f"ckpt_path={tiny_lorkd_ckpt}", f"data.test_manifest={manifest}", "metrics.tolerance_overrides={liver: 2.0}"]
     run_eval(overrides, tmp_path / "cli")

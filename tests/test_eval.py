@@ -176,13 +176,13 @@ def test_compare_report_has_the_side_by_side_table_and_parameter_counts(tmp_path
         for d in (0.9,)
     ]  # fmt: skip
     settings = MetricSettings()
-    teacher = {"name": "teacher", "kind": "teacher", "parameter_count": 2_000_000}
+    teacher = {"name": "teacher", "network": "teacher", "parameter_count": 2_000_000}
     write_outputs(tmp_path / "teacher", [CaseRecord("D", "c", rows)], settings, teacher)
     lower = [{**rows[0], "dice": 0.8}]
     failed = CaseRecord("D", "bad", error="CaseError: x.nii.gz: cannot read image")
     summary = write_outputs(
         tmp_path / "lorkd", [CaseRecord("D", "c", lower), failed], settings,
-        {"name": "lorkd", "kind": "experts", "parameter_count": 500_000}, compare=tmp_path / "teacher",
+        {"name": "lorkd", "network": "experts", "parameter_count": 500_000}, compare=tmp_path / "teacher",
     )  # fmt: skip
     report = (tmp_path / "lorkd" / "report.md").read_text()
     assert "## Comparison per region: lorkd vs teacher" in report
@@ -260,7 +260,7 @@ def test_eval_reports_resumes_and_survives_a_corrupt_case(tiny_lorkd_ckpt, tiny_
         and "ct_4.nii.gz" in failed["case4"]
     )
     assert (summary["n_cases"], summary["n_failed_cases"], summary["space"]) == (3, 2, "original")
-    assert summary["model"]["kind"] == "experts" and summary["model"]["parameter_count"] > 0
+    assert summary["model"]["network"] == "experts" and summary["model"]["parameter_count"] > 0
     report = (out / "report.md").read_text()
     assert "empty-mask rule sat" in report and "NSD tolerance 1 mm (overrides: liver 2 mm)" in report
     assert "evaluation space original" in report and "## Failed cases (2" in report
@@ -301,7 +301,7 @@ def test_teacher_report_names_the_teacher_not_the_lorkd_checkpoint(
     )
     model = summary["model"]
     teacher = load_model(tiny_teacher_ckpt)  # the SATModule checkpoint itself
-    assert model["kind"] == "teacher" and model["checkpoint"] == str(tiny_teacher_ckpt.resolve())
+    assert model["network"] == "teacher" and model["checkpoint"] == str(tiny_teacher_ckpt.resolve())
     assert model["checkpoint_sha256"] == file_fingerprint([tiny_teacher_ckpt])
     assert model["loaded_from"] == str(tiny_lorkd_ckpt.resolve())
     assert model["parameter_count"] == teacher.parameter_count

@@ -62,7 +62,7 @@ def test_the_peft_free_experts_have_the_peft_keys_and_give_identical_probabiliti
 def test_a_checkpoint_student_loads_without_peft_and_predicts_the_same(distinct_lorkd_ckpt):
     from lorkd.checkpoints.loading import load_model
 
-    with_peft, without = load_model(distinct_lorkd_ckpt), load_model(distinct_lorkd_ckpt, peft=False)
+    with_peft, without = load_model(distinct_lorkd_ckpt), load_model(distinct_lorkd_ckpt, plain_experts=True)
     assert isinstance(without.net.backbone, PlainExperts) and without.experts == with_peft.experts
     assert without.parameter_count == with_peft.parameter_count
     queries = with_peft.prompts.queries(["liver", "brain"], "ct")
@@ -78,7 +78,7 @@ def test_building_the_peft_free_experts_does_not_import_peft():
     root = Path(__file__).resolve().parents[1]
     code = (
         "import sys; from lorkd.checkpoints.build import build_network; from lorkd.checkpoints.schema import ExpertsSpec\n"
-        f"build_network({TINY!r}, ExpertsSpec(['abdomen'], {{'abdomen': 2}}), peft=False)\n"
+        f"build_network({TINY!r}, ExpertsSpec(['abdomen'], {{'abdomen': 2}}), plain_experts=True)\n"
         "print(sorted(m for m in ('peft', 'transformers', 'lightning') if m in sys.modules))"
     )
     env = dict(os.environ, PYTHONPATH=str(root))
@@ -93,4 +93,4 @@ def test_plain_experts_refuse_what_peft_would_compute_differently():
     with pytest.raises(ValueError, match="cubic"):
         ExpertConv3d(torch.nn.Conv3d(2, 2, (3, 3, 1)), {"a": 1}, {"a": 1.0}, style="lorkd")
     with pytest.raises(KeyError, match="brain"):
-        build_network(TINY, ExpertsSpec(["brain"], {"abdomen": 2}), peft=False)
+        build_network(TINY, ExpertsSpec(["brain"], {"abdomen": 2}), plain_experts=True)

@@ -47,7 +47,7 @@ def test_catalogue_of_an_export_matches_its_checkpoint(tiny_export, distinct_lor
 
 def test_catalogue_of_a_teacher_lists_its_prompt_bank(tiny_teacher_ckpt):
     entry = Predictor.from_checkpoint(tiny_teacher_ckpt, device="cpu").labels("ct")
-    assert entry["experts"] == [] and entry["kind"] == "teacher"
+    assert entry["experts"] == [] and entry["network"] == "teacher"
     rows = entry["labels"]["ct"]
     assert {"liver", "left lung"} <= {row["label"] for row in rows}
     assert {row["route"] for row in rows} == {"model"}

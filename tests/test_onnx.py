@@ -39,7 +39,7 @@ def test_onnx_experts_give_the_masks_of_the_torch_experts_on_the_demo_test_cases
     torch_predictor = Predictor.from_checkpoint(onnx_export, **options)
     onnx_predictor = Predictor.from_checkpoint(onnx_export, runtime="onnx", **options)
     assert onnx_predictor.window == torch_predictor.window == (32, 32, 16)
-    assert isinstance(onnx_predictor.model.network(0)[0], OnnxExpert)
+    assert isinstance(onnx_predictor.model.for_expert(0)[0], OnnxExpert)
     for case in _demo_cases(tiny_demo_data):
         image = tiny_demo_data / case["image"]
         a = torch_predictor.predict(image, case["label"], case["modality"], return_probabilities=True)

@@ -64,7 +64,7 @@ def test_int8_refuses_without_calibration_cases(tiny_lorkd_ckpt, tiny_demo_data,
     with pytest.raises(ValueError, match="no calibration window for this network"):
         abdomen.check(["grey matter"], "mri")
     with pytest.raises(ValueError, match="precision=int8 needs calibration cases"):  # the runtime's own guard
-        openvino_runtime.openvino_expert(*abdomen.model.network(0), abdomen.window, {}, "abdomen", 1, "int8", tmp_path)
+        openvino_runtime.openvino_expert(*abdomen.model.for_expert(0), abdomen.window, {}, "abdomen", 1, "int8", tmp_path)
 
 
 def test_int8_runs_and_is_quantised_once_per_calibration_set(tiny_lorkd_ckpt, tiny_demo_data, tmp_path, quantisations):

@@ -228,13 +228,13 @@ def test_windows_past_the_image_see_its_background_not_zero():
     predictor = fake_predictor(window=(16, 16, 8), edge_padding=0)
     _, array, info = predictor.preprocess_input(mri_box(), "mri", np.diag([1.0, 1.0, 3.0, 1.0]))
     predictor.predict_preprocessed(array, ["object"], "mri", info=info)
-    window = predictor.model.network(None)[0].seen[-1][0, 0].numpy()
+    window = predictor.model.for_expert(None)[0].seen[-1][0, 0].numpy()
     assert window.shape == (16, 16, 8) and info.background == float(array.min()) < 0
     padding = window.size - array.size  # MONAI pads both sides; SAT padded with 0, the mean intensity
     assert np.count_nonzero(window == info.background) == padding + np.count_nonzero(array == info.background)
     sat = fake_predictor(window=(16, 16, 8), background_padding=False)
     sat.predict_preprocessed(array, ["object"], "mri", info=info)
-    assert np.count_nonzero(sat.model.network(None)[0].seen[-1] == 0) == padding + np.count_nonzero(array == 0)
+    assert np.count_nonzero(sat.model.for_expert(None)[0].seen[-1] == 0) == padding + np.count_nonzero(array == 0)
 
 
 def test_edge_padding_keeps_the_crop_faces_off_the_window_borders():
@@ -245,7 +245,7 @@ def test_edge_padding_keeps_the_crop_faces_off_the_window_borders():
         predictor = fake_predictor(window=(16, 16, 8), edge_padding=pad)
         _, array, info = predictor.preprocess_input(image, "mri", affine)
         results[pad] = predictor.predict(image, "object", "mri", affine=affine, return_probabilities=True)
-        net = predictor.model.network(None)[0]
+        net = predictor.model.for_expert(None)[0]
         first = net.seen[0][0, 0].numpy()  # the window at the array's low corner
         padded = np.pad(array[0], pad, constant_values=info.background)  # pad 3: 3 faces of background
         assert np.array_equal(first, padded[:16, :16, :8]) and np.array_equal(padded.shape, np.add(info.shape, 2 * pad))

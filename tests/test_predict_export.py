@@ -31,7 +31,7 @@ def test_an_export_predicts_like_the_routed_student(distinct_lorkd_ckpt, tiny_ex
         assert a.shape == b.shape and np.allclose(a.affine, b.affine)
         np.testing.assert_allclose(np.asarray(a.dataobj), np.asarray(b.dataobj), atol=1e-4)
     with pytest.raises(ValueError, match="not the teacher"):
-        Predictor.from_checkpoint(export, model="teacher")
+        Predictor.from_checkpoint(export, network="teacher")
 
 
 def test_predict_cli_on_an_export(tiny_export, scan, tmp_path):

@@ -26,7 +26,7 @@ def test_teacher_and_lorkd_checkpoints_after_a_two_step_fit(tiny_teacher_ckpt, t
 def test_lorkd_checkpoint_loads_for_inference(tiny_lorkd_ckpt):
     experts = load_model(tiny_lorkd_ckpt, "experts")
     teacher = load_model(tiny_lorkd_ckpt, "teacher")
-    assert experts.experts[:2] == ["abdomen", "brain"] and experts.kind == "experts"
+    assert experts.experts[:2] == ["abdomen", "brain"] and experts.network == "experts"
     assert experts.parameter_count < teacher.parameter_count
     x = torch.randn(2, 1, 32, 32, 16)
     q = experts.prompts.queries(["liver"], "ct")

@@ -28,11 +28,11 @@ from lorkd.utils import CONFIG_DIR
 PRESET_KEYS = ("features", "strides", "n_convs", "proj_hidden", "mask_hidden", "latent_stride")
 
 
-def add_experts(net: SAT, experts: ExpertsSpec, peft: bool = True) -> SAT:
-    """Put ``experts``' region experts on ``net``'s backbone, in place; returns ``net``. ``peft``: as peft
-    adapters (training, export); False: the peft-free layers of :mod:`lorkd.experts.plain` (inference:
-    the same keys and outputs, without importing peft)."""
-    if peft:
+def add_experts(net: SAT, experts: ExpertsSpec, plain_experts: bool = False) -> SAT:
+    """Put ``experts``' region experts on ``net``'s backbone, in place; returns ``net``: as peft adapters
+    (training, export), or with ``plain_experts`` as the peft-free layers of :mod:`lorkd.experts.plain`
+    (inference: the same keys and outputs, without importing peft)."""
+    if not plain_experts:
         from lorkd.experts import add_region_experts  # peft: plain networks (exports) build without it
 
         net.backbone = add_region_experts(net.backbone, **experts.arguments())
@@ -48,27 +48,27 @@ def build_network(
     experts: ExpertsSpec | None = None,
     state: Mapping[str, torch.Tensor] | None = None,
     report: KeyReport | str = "state",
-    peft: bool = True,
+    plain_experts: bool = False,
 ) -> SAT:
-    """``SAT(**net)`` with ``experts`` on its backbone (None: a plain SAT; ``peft``: see :func:`add_experts`);
+    """``SAT(**net)`` with ``experts`` on its backbone (None: a plain SAT; ``plain_experts``: see :func:`add_experts`);
     with ``state`` (the network's own keys), every tensor loaded with strict key accounting into ``report``
     (a :class:`KeyReport` or its source)."""
     model = SAT(**net)
     if experts is not None:
-        add_experts(model, experts, peft)
+        add_experts(model, experts, plain_experts)
     if state is not None:
         load_mapped(model, state, report if isinstance(report, KeyReport) else KeyReport(source=report))
     return model
 
 
-def build(record: SourceRecord, peft: bool = True, text_encoder: TextEncoder | None = None) -> tuple[SAT, PromptBank]:
+def build(record: SourceRecord, plain_experts: bool = False, text_encoder: TextEncoder | None = None) -> tuple[SAT, PromptBank]:
     """The network (in eval mode) and prompt bank of any source's record; every tensor loaded with strict key
-    accounting (the keys the reader explained are listed as such). ``peft``: see :func:`add_experts`;
+    accounting (the keys the reader explained are listed as such). ``plain_experts``: see :func:`add_experts`;
     ``text_encoder``: a built one to use instead of the record's (an official SAT file read without one)."""
     meta, tensors = record.meta, record.tensors
     report = KeyReport(source=record.provenance.source, explained=dict(record.explained))
     if meta.kind == "lorkd":
-        net = build_network(meta.net, meta.experts, sub_state(tensors, "student."), report, peft=peft)
+        net = build_network(meta.net, meta.experts, sub_state(tensors, "student."), report, plain_experts=plain_experts)
     else:
         net = build_network(meta.net, state=sub_state(tensors, "net."), report=report)
     return net.eval(), build_prompts(record, text_encoder)

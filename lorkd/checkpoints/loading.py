@@ -5,8 +5,8 @@
 :func:`lorkd.checkpoints.build.build` builds any record once. :func:`load_model` does both for every
 supported source and returns a :class:`LoadedModel`:
 
-* a LoRKD checkpoint (``kind: lorkd``): the student with its region experts (``model="experts"``) or its
-  teacher (``model="teacher"``, read from the path recorded in the checkpoint, fingerprint checked);
+* a LoRKD checkpoint (``kind: lorkd``): the student with its region experts (``network="experts"``) or its
+  teacher (``network="teacher"``, read from the path recorded in the checkpoint, fingerprint checked);
 * a SATModule checkpoint (``kind: sat``): the teacher alone;
 * an official SAT vision file + its paired text encoder (files: ``text_checkpoint`` and
   ``language_model_path``; or a built ``text_encoder``);
@@ -50,7 +50,7 @@ RUNTIMES = ("torch", "onnx")
 class LoadedModel:
     net: SAT  # with region experts on its backbone when ``experts`` is non-empty
     prompts: PromptBank
-    kind: str  # "experts" | "teacher"
+    network: str  # which network of the checkpoint: "experts" | "teacher"
     experts: list[str] = field(default_factory=list)  # expert names in index order
     region_map: RegionMap | None = None
     data: dict[str, Any] = field(default_factory=dict)  # preprocessing and patch size used in training
@@ -71,7 +71,7 @@ class LoadedModel:
     def size_divisor(self) -> int:
         return self.net.size_divisor
 
-    def network(self, expert: int | None) -> tuple[torch.nn.Module, int | None]:
+    def for_expert(self, expert: int | None) -> tuple[torch.nn.Module, int | None]:
         """The network that runs expert index ``expert`` (-1: the shared base; None: a model without
         experts) and the routing index to run it with (None: no routing)."""
         return self.net, expert
@@ -106,7 +106,7 @@ class ExportedModel(LoadedModel):
     def parameter_count(self) -> int:
         return self.exported.parameter_count
 
-    def network(self, expert: int | None) -> tuple[torch.nn.Module, int | None]:
+    def for_expert(self, expert: int | None) -> tuple[torch.nn.Module, int | None]:
         if expert is None or expert < 0:
             return self.net, None
         if self.onnx:
@@ -207,7 +207,7 @@ def read_source(
 
 def load_model(
     path: str | Path,
-    model: str = "experts",
+    network: str = "experts",
     text_checkpoint: str | Path | None = None,
     language_model_path: str | None = None,
     net_overrides: Mapping[str, Any] | None = None,
@@ -215,7 +215,7 @@ def load_model(
     student_preset: str | None = None,
     teacher_checkpoint: str | Path | None = None,
     runtime: str = "torch",
-    peft: bool = True,
+    plain_experts: bool = False,
 ) -> LoadedModel:
     """Read the source at ``path`` (see module docstring) and build its network and prompt bank once, in eval mode.
 
@@ -224,15 +224,15 @@ def load_model(
     the architecture arguments their keys do not hold (e.g. ``decoder_heads``); ``student_preset`` and
     ``teacher_checkpoint`` as in :func:`~lorkd.checkpoints.lorkd_official.read_lorkd_official`.
     ``runtime="onnx"``: an export's experts run their ``model.onnx`` with onnxruntime (``lorkd-export ... onnx=true``).
-    ``peft=False``: a LoRKD student's experts are the peft-free layers of :mod:`lorkd.experts.plain` (same
+    ``plain_experts=True``: a LoRKD student's experts are the peft-free layers of :mod:`lorkd.experts.plain` (same
     outputs; for inference, which then does not import peft); True (training, export): peft adapters.
     """
-    if model not in ("experts", "teacher"):
-        raise ValueError(f"model must be 'experts' or 'teacher', got {model!r}")
+    if network not in ("experts", "teacher"):
+        raise ValueError(f"network must be 'experts' or 'teacher', got {network!r}")
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if Path(path).is_dir():
-        if model != "experts":
+        if network != "experts":
             raise ValueError(f"{path} is an export directory: it holds region experts, not the teacher")
         return ExportedModel(load_export(path), runtime)
     if runtime != "torch":
@@ -240,24 +240,24 @@ def load_model(
     record = read_source(
         path, text_checkpoint, language_model_path, net_overrides, student_preset, teacher_checkpoint, text_encoder is not None
     )  # fmt: skip
-    if record.meta.kind == "lorkd" and model == "teacher":
+    if record.meta.kind == "lorkd" and network == "teacher":
         return _teacher_of(record)
     # a built text encoder stands in for an official SAT file's missing one; our checkpoints carry their own
-    return loaded_model(record, peft, text_encoder if record.provenance.reader == "official-sat" else None)
+    return loaded_model(record, plain_experts, text_encoder if record.provenance.reader == "official-sat" else None)
 
 
-def loaded_model(record: SourceRecord, peft: bool = True, text_encoder: TextEncoder | None = None) -> LoadedModel:
+def loaded_model(record: SourceRecord, plain_experts: bool = False, text_encoder: TextEncoder | None = None) -> LoadedModel:
     """The :class:`LoadedModel` of a record: :func:`~lorkd.checkpoints.build.build`, once."""
-    net, prompts = build(record, peft, text_encoder)
+    net, prompts = build(record, plain_experts, text_encoder)
     meta, provenance = record.meta, record.provenance
     if provenance.reader == "official-lorkd":
         meta = converted_meta(record, net, prompts)
     region_map = RegionMap(**meta.region_map) if meta.region_map else None
-    kind = "experts" if meta.kind == "lorkd" else "teacher"
+    network = "experts" if meta.kind == "lorkd" else "teacher"
     experts = list(meta.experts.regions) if meta.experts is not None else []
     official = provenance.reader == "official-sat"
     return LoadedModel(
-        net, prompts, kind, experts, region_map, dict(meta.data), provenance.source, meta=None if official else meta,
+        net, prompts, network, experts, region_map, dict(meta.data), provenance.source, meta=None if official else meta,
         identity=provenance.identity,
     )  # fmt: skip
 

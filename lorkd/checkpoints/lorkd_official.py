@@ -242,7 +242,7 @@ def read_lorkd_official(
 
     The build encodes ``labels`` (default: every label of the region map) into the prompt bank with the
     paired language model, so the network needs no language model afterwards; ``teacher_checkpoint`` (the
-    SAT vision file distilled from) is recorded for ``model="teacher"`` and parameter ratios;
+    SAT vision file distilled from) is recorded for ``network="teacher"`` and parameter ratios;
     ``net_overrides`` as in :func:`load_lorkd_official` (the official files use SAT's defaults).
     """
     source = provenance.source

@@ -292,7 +292,7 @@ def render_comparison(
 
 
 def _model_line(model: Mapping[str, Any]) -> str:
-    parts = [f"Model: {model.get('name', '?')} ({model.get('kind', '?')})"]
+    parts = [f"Model: {model.get('name', '?')} ({model.get('network', model.get('kind', '?'))})"]
     if model.get("checkpoint"):
         sha = f" (sha256 {model['checkpoint_sha256']}…)" if model.get("checkpoint_sha256") else ""
         parts.append(f"checkpoint `{model['checkpoint']}`{sha}")

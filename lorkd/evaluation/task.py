@@ -46,8 +46,8 @@ def model_info(
     experts and parameter count of the evaluated model (for the reports)."""
     loaded = predictor.model
     info = {
-        "name": name or ("lorkd" if loaded.kind == "experts" else "teacher"),
-        "kind": loaded.kind,
+        "name": name or ("lorkd" if loaded.network == "experts" else "teacher"),
+        "network": loaded.network,
         "checkpoint": str(Path(loaded.source or checkpoint).resolve()),
         "experts": list(loaded.experts),
         "parameter_count": int(loaded.parameter_count),

@@ -364,7 +364,7 @@ class Predictor:
     def from_checkpoint(
         cls,
         path: str | Path,
-        model: str = "experts",
+        network: str = "experts",
         text_checkpoint: str | Path | None = None,
         language_model_path: str | None = None,
         net_overrides: dict[str, Any] | None = None,
@@ -379,8 +379,8 @@ class Predictor:
         (device, window, fallback, ...).
         """
         loaded = load_model(
-            path, model, text_checkpoint, language_model_path, net_overrides,
-            runtime="onnx" if runtime == "onnx" else "torch", peft=False,
+            path, network, text_checkpoint, language_model_path, net_overrides,
+            runtime="onnx" if runtime == "onnx" else "torch", plain_experts=True,
         )  # fmt: skip
         teacher = None
         if options.get("fallback") == "teacher" and loaded.experts:
@@ -388,12 +388,12 @@ class Predictor:
         return cls(loaded, teacher=teacher, runtime=runtime, **options)
 
     @classmethod
-    def load(cls, path: str | Path, model: str = "experts", attempts: int = 3, **options: Any) -> Predictor:
+    def load(cls, path: str | Path, network: str = "experts", attempts: int = 3, **options: Any) -> Predictor:
         """:meth:`from_checkpoint`, again while a fallback teacher was read from another version of the file
         (rewritten between the two reads), up to ``attempts`` loads: ``model.identity`` is that of the bytes
         loaded (:func:`lorkd.api.load`; predict and eval start up through it)."""
         for _ in range(attempts):
-            predictor = cls.from_checkpoint(path, model, **options)
+            predictor = cls.from_checkpoint(path, network, **options)
             if predictor.teacher is None or predictor.teacher.identity == predictor.model.identity:
                 return predictor
         raise OSError(f"{path} changed while it was read, {attempts} times: run again once it is written")
@@ -513,7 +513,7 @@ class Predictor:
         """The network of a prompt group and the expert index to route it with (None: the network is
         already the expert's, or an ONNX/OpenVINO model of it)."""
         loaded = self.teacher if group.route == "teacher" and self.teacher is not None else self.model
-        net, expert = loaded.network(None if loaded is self.teacher else group.expert)
+        net, expert = loaded.for_expert(None if loaded is self.teacher else group.expert)
         if self.cpu_runtime != "openvino" or getattr(net, "probabilities", None) is not None:
             return net, expert
         key = (id(net), expert)
@@ -528,7 +528,7 @@ class Predictor:
         ``runtime="auto"``, the torch network and ``expert`` (one warning) when the conversion fails."""
         from lorkd.inference.openvino_runtime import Calibration, openvino_expert
 
-        identity = {**loaded.identity, "source": loaded.source, "fingerprint": loaded.fingerprint, "kind": loaded.kind}
+        identity = {**loaded.identity, "source": loaded.source, "fingerprint": loaded.fingerprint, "network": loaded.network}
         calibration = None
         if self.calibration is not None:
             settings = {"overlap": self.overlap, "edge_padding": self.edge_padding, "background": self.background_padding}

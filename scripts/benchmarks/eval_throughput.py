@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--manifest", type=Path, default=ROOT / "outputs" / "demo" / "data" / "test.jsonl")
-    parser.add_argument("--model", default="experts", choices=["experts", "teacher"])
+    parser.add_argument("--network", default="experts", choices=["experts", "teacher"])
     parser.add_argument("--space", default="original", choices=["original", "preprocessed"])
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -45,7 +45,7 @@ def main() -> None:
     cases, problems = read_manifest(args.manifest, require_masks=True)  # as eval.py reads it: with the masks
     if problems:
         raise ManifestError(args.manifest, problems)
-    predictor = Predictor.from_checkpoint(args.ckpt, model=args.model, device="cpu")
+    predictor = Predictor.from_checkpoint(args.ckpt, network=args.network, device="cpu")
     settings = MetricSettings(space=args.space)
     evaluate_case(predictor, cases[0], settings, predictor.model.region_map)  # warm-up, outside the timings
 
@@ -63,7 +63,7 @@ def main() -> None:
     total = time.perf_counter() - start
 
     s = timer.seconds
-    print(f"# {args.manifest} ({len(cases)} cases, {labels} label rows), {args.ckpt} model={args.model}, "
+    print(f"# {args.manifest} ({len(cases)} cases, {labels} label rows), {args.ckpt} network={args.network}, "
           f"space={args.space}, {torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
     print(f"\n{len(cases) / total * 60:.1f} cases/min ({total:.1f} s for {len(cases)} cases)\n")
     print("| stage | seconds | share of the evaluation |")
