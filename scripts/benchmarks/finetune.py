@@ -10,8 +10,10 @@ Reported, on the held-out cases in the preprocessed grid (sliding window, thresh
 Dice (fine-tuned expert, peer), the abdomen expert's old labels' Dice before and after, and, for every
 other expert, the maximum absolute difference of its logits before and after (must be 0).
 
-    python scripts/benchmarks/finetune.py [--steps 150] [--train 8] [--test 4] [--out outputs/benchmarks/finetune]
-        [--teacher T.ckpt --student LORKD.ckpt]
+    python scripts/benchmarks/finetune.py [--steps 600] [--train 8] [--test 4] [--out outputs/benchmarks/finetune]
+        [--teacher T.ckpt --student LORKD.ckpt] [OVERRIDE ...]
+
+OVERRIDEs go to the fine-tuning run (e.g. ``model.lambda_lwf=0`` for plain fine-tuning).
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def train_peer(ckpt: Path, data: Path, steps: int, size: int, out: Path, seed: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--train", type=int, default=8)
     parser.add_argument("--test", type=int, default=4)
     parser.add_argument("--teacher-steps", type=int, default=600)
@@ -145,6 +147,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmarks" / "finetune")
     parser.add_argument("--teacher", type=Path, default=DEMO / "teacher" / "checkpoints" / "last.ckpt")
     parser.add_argument("--student", type=Path, default=DEMO / "lorkd" / "checkpoints" / "last.ckpt", help="LoRKD checkpoint (default: the demo's; trained when missing)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the fine-tuning run")
     args = parser.parse_args()
 
     from lorkd.checkpoints.loading import load_model, read_training_data
@@ -161,7 +164,7 @@ def main() -> None:
     start = time.perf_counter()
     run(["train.py", "experiment=finetune", f"model.student_state.path={student}", f"teacher.checkpoint={teacher}",
          "model.finetune_region=abdomen", f"data.train_manifest={data}", f"trainer.max_steps={args.steps}",
-         f"trainer.val_check_interval={args.steps}", f"paths.cache_dir={args.out}/cache", f"hydra.run.dir={args.out}/run"])  # fmt: skip
+         f"trainer.val_check_interval={args.steps}", f"paths.cache_dir={args.out}/cache", f"hydra.run.dir={args.out}/run", *args.overrides])  # fmt: skip
     finetune_s = time.perf_counter() - start
     after_ckpt = args.out / "run" / "checkpoints" / "last.ckpt"
     before, after = load_model(student), load_model(after_ckpt)
@@ -182,7 +185,7 @@ def main() -> None:
             probs = sliding_window_probabilities(image, lambda x: torch.sigmoid(peer(x)), window)
         scores["peer"].setdefault(NEW, []).append(dice(probs[0].numpy() > 0.5, masks[NEW]))
     result = {
-        "steps": args.steps, "train_cases": args.train, "test_cases": args.test, "adapter_parameters": adapter,
+        "steps": args.steps, "overrides": args.overrides, "train_cases": args.train, "test_cases": args.test, "adapter_parameters": adapter,
         "peer_parameters": sum(p.numel() for p in peer.parameters()), "finetune_s": round(finetune_s, 1), "peer_s": round(peer_s, 1),
         "dice": {k: {label: round(float(np.mean(v)), 4) for label, v in d.items()} for k, d in scores.items()},
         "other_experts_max_abs_diff": other_experts_difference(before, after, cases, window),
