@@ -329,6 +329,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="*", default=[], choices=["bf16", "int8"], help="ours again with OpenVINO at these")
     parser.add_argument("--ckpt", type=Path, default=None, help="a trained checkpoint as one more preset")
     parser.add_argument("--startup", action="store_true", help="time building the Predictor to its first window")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="converted networks kept here (default: a temporary folder)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -367,7 +368,7 @@ def main() -> None:
         "naive": functools.partial(naive, sw_batch_size=batch),
         "naive, our resampling": functools.partial(naive_our_resampling, sw_batch_size=batch),
     }
-    cache_dir = tempfile.mkdtemp(prefix="lorkd-openvino-")  # converted networks: this run's own
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="lorkd-openvino-")  # converted networks: this run's own
     options = dict(device=device, overlap=args.overlap, sw_batch_size=args.sw_batch_size, max_queries=args.max_queries,
                    cache_dir=cache_dir)  # fmt: skip
     for preset in [*args.presets, *(["checkpoint"] if args.ckpt else [])]:
@@ -415,7 +416,8 @@ def main() -> None:
                 eager = startup_seconds(lambda: make("torch"), first)
                 print(f"# {name}, {preset}: building the Predictor to the end of its first window: {cached:.2f} s with "
                       f"runtime {args.runtime} (converted model cached), {eager:.2f} s with torch", flush=True)  # fmt: skip
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    if args.cache_dir is None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
