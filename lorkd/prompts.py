@@ -19,7 +19,7 @@ from torch import nn
 
 from lorkd.io import atomic_write, file_fingerprint
 from lorkd.models.text import TextEncoder
-from lorkd.regions import modality_code, normalize_label
+from lorkd.regions import mod_label, modality_code, normalize_label
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,15 @@ class PromptBank:
 
     Pooled language-model embeddings are cached in memory, in ``cache_dir`` (one safetensors file per
     language-model fingerprint) and in checkpoints (``state_dict``). Final queries are memoised while the
-    text head is frozen and unchanged.
+    text head is frozen and unchanged. ``learned`` holds trained queries (``<modality>_<label>`` -> vector) that
+    replace the text head's for those prompts: a label added by fine-tuning (``experiment=finetune``).
     """
 
     def __init__(self, text_encoder: TextEncoder, cache_dir: str | Path | None = None) -> None:
         self.text_encoder = text_encoder
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.embeddings: dict[str, torch.Tensor] = {}
+        self.learned: dict[str, torch.Tensor] = {}
         self._fingerprint: str | None = None
         self._queries: dict[tuple[str, str], torch.Tensor] = {}
         self._queries_version: tuple | None = None
@@ -220,15 +222,29 @@ class PromptBank:
     def _compute(self, labels: list[str], modalities: list[str], device: torch.device) -> torch.Tensor:
         emb = self.text_embeddings(labels).to(device)
         codes = torch.tensor([modality_code(m) for m in modalities], device=device)
-        return self.text_encoder(emb, codes)
+        out = self.text_encoder(emb, codes)
+        rows = [(i, self.learned[key]) for i, key in enumerate(map(mod_label, modalities, labels)) if key in self.learned]
+        if rows:
+            out = out.clone()
+            for i, query in rows:
+                out[i] = query.to(out)
+        return out
+
+    def set_learned(self, learned: Mapping[str, torch.Tensor]) -> None:
+        """Put trained queries (``<modality>_<label>`` -> vector) in the bank; they replace the text head's."""
+        self.learned.update({key: q.detach().cpu().clone() for key, q in learned.items()})
+        self._queries, self._queries_version = {}, None
 
     def state_dict(self) -> dict[str, Any]:
         labels = sorted(self.embeddings)
-        return {
+        state = {
             "fingerprint": self.fingerprint,
             "labels": labels,
             "embeddings": torch.stack([self.embeddings[k] for k in labels]) if labels else torch.zeros(0),
         }
+        if self.learned:
+            state["learned"] = {key: self.learned[key] for key in sorted(self.learned)}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         fp = state.get("fingerprint")
@@ -240,4 +256,4 @@ class PromptBank:
         self._fingerprint = fp
         for label, emb in zip(state["labels"], state["embeddings"]):
             self.embeddings[label] = emb.clone()
-        self._queries, self._queries_version = {}, None
+        self.set_learned(state.get("learned", {}))

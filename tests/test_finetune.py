@@ -89,6 +89,34 @@ def test_new_label_in_catalogue_predict_eval_export(finetuned: tuple[Path, Path]
     assert exported.region_map.region_of(NEW, "ct") == "abdomen"
 
 
+def test_new_label_query_is_trained_saved_exported_and_kept(
+    finetuned: tuple[Path, Path], tiny_teacher_ckpt: Path, tmp_path: Path
+) -> None:
+    """The new label's query trains (the old labels' stay the text head's), travels in the checkpoint's prompt bank
+    to predict and export, and a second fine-tune from the result keeps it (frozen) and holds the label by LwF."""
+    from helpers import compose_config
+    from hydra.utils import instantiate
+
+    from lorkd.checkpoints.export import export_experts
+    from lorkd.inference.predictor import Predictor
+    from lorkd.prompts import PromptBank
+
+    _, after = finetuned
+    model = load_model(after)
+    learned = model.prompts.queries([NEW, "liver"], "ct")
+    plain = PromptBank(model.prompts.text_encoder)
+    plain.load_state_dict({**model.prompts.state_dict(), "learned": {}})
+    head = plain.queries([NEW, "liver"], "ct")
+    assert list(model.prompts.learned) == [f"ct_{NEW}"]
+    assert not torch.allclose(learned[0], head[0]) and torch.equal(learned[1], head[1])
+    predictor = Predictor.from_checkpoint(after, window=(32, 32, 16))
+    assert torch.equal(predictor.model.prompts.queries([NEW], "ct")[0], learned[0])
+    exported = load_model(export_experts(after, tmp_path / "export"))
+    assert torch.equal(exported.prompts.queries([NEW], "ct")[0], learned[0])
+    again = instantiate(compose_config("train", finetune_overrides(Path("/x"), after, tiny_teacher_ckpt, tmp_path)).model)
+    assert torch.equal(again.prompts.queries([NEW], "ct")[0], learned[0]) and NEW in again.lwf_labels
+
+
 def test_kd_only_on_labels_the_teacher_knows(tiny_lorkd_ckpt: Path, tiny_teacher_ckpt: Path) -> None:
     from helpers import compose_config
     from hydra.utils import instantiate

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from lorkd.checkpoints import schema
 from lorkd.checkpoints.adapters import plain_state, save_adapters
 from lorkd.checkpoints.build import backbone_presets, build_network
-from lorkd.checkpoints.exported import ADAPTERS, BASE, CARD, INDEX, MODEL, PROMPTS, TEXT_HEAD
+from lorkd.checkpoints.exported import ADAPTERS, BASE, CARD, INDEX, LEARNED, MODEL, PROMPTS, TEXT_HEAD
 from lorkd.checkpoints.loading import load_model
 from lorkd.checkpoints.schema import CARD_FORMAT, CheckpointMeta, DeployedExpert, ExportIndex, ModelCard
 from lorkd.experts import base_parameter_count, expert_parameter_counts
@@ -58,6 +58,7 @@ def _write_text_files(folder: Path, meta: CheckpointMeta, text_head: torch.nn.Mo
     bank = meta.prompt_bank
     save_file({k: v.detach().contiguous() for k, v in text_head.state_dict().items()}, str(folder / TEXT_HEAD))
     embeddings = {label: emb.contiguous() for label, emb in zip(bank["labels"], bank["embeddings"])}
+    embeddings.update({LEARNED + key: q.contiguous() for key, q in bank.get("learned", {}).items()})  # fine-tuned queries
     info = {"fingerprint": bank["fingerprint"]} if bank.get("fingerprint") else None
     save_file(embeddings, str(folder / PROMPTS), metadata=info)
     return {name: _file_entry(folder / name) for name in (TEXT_HEAD, PROMPTS)}

@@ -42,6 +42,7 @@ CARD = "model_card.json"
 MODEL = "model.safetensors"
 TEXT_HEAD = "text_head.safetensors"
 PROMPTS = "prompts.safetensors"
+LEARNED = "learned query: "  # prefix of a trained query's key (a prompt in PROMPTS is a label, never this)
 ADAPTERS = "adapters"
 BASE = "base.safetensors"
 
@@ -107,12 +108,14 @@ def load_prompts(folder: Path, card: ModelCard) -> PromptBank:
     bank = PromptBank(encoder.requires_grad_(False))
     path = folder / PROMPTS
     with safe_open(str(path), framework="pt") as f:
-        labels = sorted(f.keys())
+        labels = sorted(k for k in f.keys() if not k.startswith(LEARNED))
         embeddings = [f.get_tensor(k) for k in labels]
+        learned = {k.removeprefix(LEARNED): f.get_tensor(k) for k in f.keys() if k.startswith(LEARNED)}
     bank.load_state_dict({
         "fingerprint": card.prompt_bank["fingerprint"],
         "labels": labels,
         "embeddings": torch.stack(embeddings) if embeddings else torch.zeros(0),
+        "learned": learned,
     })  # fmt: skip
     return bank
 

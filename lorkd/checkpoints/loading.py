@@ -365,6 +365,11 @@ def read_prompt_labels(path: str | Path) -> list[str]:
     return list(_lorkd_checkpoint(path)[1].prompt_bank.get("labels", []))
 
 
+def read_learned_queries(path: str | Path) -> dict[str, torch.Tensor]:
+    """The trained queries of our LoRKD checkpoint's prompt bank (labels added by earlier fine-tunes)."""
+    return dict(_lorkd_checkpoint(path)[1].prompt_bank.get("learned", {}))
+
+
 def read_region_map(path: str | Path, new_region: str | None = None, new_region_rank: int | None = None) -> RegionMap:
     """The region map our LoRKD checkpoint was trained with (labels added by earlier fine-tunes included); with
     ``new_region_rank``, ``new_region`` appended as a region with an expert and no labels yet (see read_experts_spec)."""

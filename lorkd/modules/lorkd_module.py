@@ -9,7 +9,9 @@ the shared base, query decoder, heads, text side and every other expert stay fro
 region's outputs stay bit-identical. A new label needs no new parameter: its query is the frozen text
 head's output for its text prompt. ``kd_labels="teacher"`` distils only labels the teacher knows. With
 ``lambda_lwf > 0`` the expert also distils, on the labels it was trained on (``lwf_labels``), its own outputs
-before fine-tuning (a frozen copy of the starting student; Learning without Forgetting), so the old labels hold.
+before fine-tuning (a frozen copy of the starting student; Learning without Forgetting). With ``learn_queries`` a
+label the starting checkpoint was not trained on gets a trainable query (started at the text head's), saved in
+the prompt bank (``PromptBank.learned``): the new label need not move the features the old labels read.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from lorkd.experts.routed import check_mixed_batch
 from lorkd.losses import distillation_loss, segmentation_loss
 from lorkd.models.sat import SAT
 from lorkd.modules.base import PromptedSegmentationModule
-from lorkd.regions import RegionMap, normalize_label
+from lorkd.regions import RegionMap, mod_label, normalize_label
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ class LoRKDModule(PromptedSegmentationModule):
         lambda_lwf: float = 0.0,
         lwf_labels: Collection[str] = (),
         new_region_rank: int | None = None,
+        learn_queries: bool = False,
+        learned_queries: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """``teacher``: the SAT teacher with its text side and file fingerprint (``lorkd.checkpoints.loading.load_teacher``);
         ``student``: the plain student SAT, which gets ``experts`` here; ``student_state``: the student (base and
@@ -98,7 +102,9 @@ class LoRKDModule(PromptedSegmentationModule):
         ``lambda_lwf``, ``lwf_labels``: with ``finetune_region``, the weight of the distillation from the expert as it
         was before fine-tuning, on those labels (the starting checkpoint's, ``read_prompt_labels``) in that region;
         ``new_region_rank``: ``finetune_region`` is a brand-new expert of that rank (in ``experts``, absent from
-        ``student_state``: it starts as peft initialises it, B = 0, i.e. the shared base's outputs)."""
+        ``student_state``: it starts as peft initialises it, B = 0, i.e. the shared base's outputs);
+        ``learn_queries``: a trainable query for each label of ``finetune_region`` in the training data that is not
+        in ``lwf_labels`` (module docstring); ``learned_queries``: the starting checkpoint's (``read_learned_queries``)."""
         if not teacher.fingerprint:
             raise ValueError(f"teacher {teacher.source} has no file fingerprint (load it with load_teacher)")
         if list(experts.regions) != list(region_map.regions):
@@ -135,7 +141,12 @@ class LoRKDModule(PromptedSegmentationModule):
         self.teacher_labels: frozenset[str] | None = frozenset(known) if kd_labels == "teacher" else None
         self.lambda_lwf = float(lambda_lwf)
         own = {key.split("_", 1)[1] for key, region in region_map.label_region.items() if region == finetune_region}
-        self.lwf_labels = frozenset(normalize_label(label) for label in lwf_labels) & own
+        self.trained_labels = frozenset(normalize_label(label) for label in lwf_labels)
+        self.lwf_labels = self.trained_labels & own
+        self.learn_queries = bool(learn_queries)
+        self.new_queries = torch.nn.ParameterDict()  # "i" -> the query of new_query_keys[i] (set up with the data)
+        self.new_query_keys: list[str] = []
+        self.prompts.set_learned(learned_queries or {})
         self.anchor: SAT | None = None  # the student before fine-tuning, frozen (not saved: rebuilt from student_state)
         if finetune_region is not None and self.lambda_lwf > 0 and self.lwf_labels:
             self.anchor = copy.deepcopy(self.student).eval().requires_grad_(False)
@@ -172,6 +183,35 @@ class LoRKDModule(PromptedSegmentationModule):
             for k, v in same.items():
                 target[k].copy_(v)
         log.info("student initialised from the teacher for %d/%d tensors (matching name and shape)", len(same), len(target))
+
+    def setup(self, stage: str) -> None:
+        """With ``learn_queries``, once the training data is known: the new labels' trainable queries."""
+        if stage != "fit" or not self.learn_queries or self.finetune_region is None or self.new_query_keys:
+            return
+        keys = sorted({
+            mod_label(case.modality, label) for case in self.trainer.datamodule.cases_of("train") for label in case.labels
+            if label not in self.trained_labels and self.region_map.region_of(label, case.modality) == self.finetune_region
+        })  # fmt: skip
+        for key in keys:
+            modality, label = key.split("_", 1)
+            self.new_queries[str(len(self.new_query_keys))] = torch.nn.Parameter(self.prompts.queries([label], modality)[0].detach().clone())
+            self.new_query_keys.append(key)
+        if keys:
+            log.info("a trainable query for each new label: %s", ", ".join(keys))
+
+    def queries_for(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's queries, a new label's from its trainable query (``learn_queries``)."""
+        queries = super().queries_for(batch)
+        if not self.new_query_keys:
+            return queries
+        index = {key: str(i) for i, key in enumerate(self.new_query_keys)}
+        queries = queries.clone()
+        for b, (labels, modality) in enumerate(zip(batch["labels"], batch["modality"])):
+            for q, label in enumerate(labels):
+                name = index.get(mod_label(modality, label))
+                if name is not None:
+                    queries[b, q] = self.new_queries[name]
+        return queries
 
     # ---- modes and forward -------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -269,9 +309,10 @@ class LoRKDModule(PromptedSegmentationModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
+        self.prompts.set_learned({key: self.new_queries[str(i)] for i, key in enumerate(self.new_query_keys)})
+        super().on_save_checkpoint(checkpoint)  # the new labels' queries travel in the prompt bank
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(("teacher.", "anchor."))]:
+        for key in [k for k in state if k.startswith(("teacher.", "anchor.", "new_queries."))]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -286,3 +327,5 @@ class LoRKDModule(PromptedSegmentationModule):
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         if self.anchor is not None:
             checkpoint["state_dict"].update({f"anchor.{k}": v for k, v in self.anchor.state_dict().items()})
+        learned = (meta.prompt_bank if meta is not None else {}).get("learned", {})
+        checkpoint["state_dict"].update({f"new_queries.{i}": learned[key] for i, key in enumerate(self.new_query_keys) if key in learned})
