@@ -6,8 +6,8 @@ The teacher's weights are not stored in LoRKD checkpoints, only its path and fin
 
 Fine-tuning one expert (``finetune_region``, ``experiment=finetune``): only that region's LoRA factors train;
 the shared base, query decoder, heads, text side and every other expert stay frozen, so every other
-region's outputs stay bit-identical. A new label needs no new parameter: its query is the frozen text
-head's output for its text prompt. ``kd_labels="teacher"`` distils only labels the teacher knows. With
+region's outputs stay bit-identical. A new label's query is the frozen text head's output for its text prompt,
+trainable with ``learn_queries`` (below). ``kd_labels="teacher"`` distils only labels the teacher knows. With
 ``lambda_lwf > 0`` the expert also distils, on the labels it was trained on (``lwf_labels``), its own outputs
 before fine-tuning (a frozen copy of the starting student; Learning without Forgetting). With ``learn_queries`` a
 label the starting checkpoint was not trained on gets a trainable query (started at the text head's), saved in
