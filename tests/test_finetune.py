@@ -117,6 +117,17 @@ def test_new_label_query_is_trained_saved_exported_and_kept(
     assert torch.equal(again.prompts.queries([NEW], "ct")[0], learned[0]) and NEW in again.lwf_labels
 
 
+def test_resume_restores_the_new_query(finetuned: tuple[Path, Path], tiny_lorkd_ckpt: Path, tiny_teacher_ckpt: Path, tmp_path: Path) -> None:
+    """A killed fine-tune resumes from its last.ckpt (the LwF copy and the new label's query are not in its
+    state_dict) and carries the trained query on."""
+    data, after = finetuned
+    overrides = [*finetune_overrides(data, tiny_lorkd_ckpt, tiny_teacher_ckpt, tmp_path, steps=4), f"ckpt_path={after}"]
+    run_training(overrides, tmp_path)
+    resumed = load_model(tmp_path / "checkpoints" / "last.ckpt")
+    assert set(resumed.prompts.learned) == {f"ct_{NEW}"}
+    assert not torch.equal(resumed.prompts.learned[f"ct_{NEW}"], load_model(after).prompts.learned[f"ct_{NEW}"])
+
+
 def test_kd_only_on_labels_the_teacher_knows(tiny_lorkd_ckpt: Path, tiny_teacher_ckpt: Path) -> None:
     from helpers import compose_config
     from hydra.utils import instantiate
