@@ -296,7 +296,7 @@ def build_module(cfg: Any) -> Any:
         if target.endswith("LoRKDModule"):
             from lorkd.modules.lorkd_module import LoRKDModule
 
-            teacher = LoadedModel(net=_teacher_net(cfg), prompts=PromptBank(text), kind="teacher", fingerprint="meta")
+            teacher = LoadedModel(net=_teacher_net(cfg), prompts=PromptBank(text), network="teacher", fingerprint="meta")
             m = cfg.model
             module = LoRKDModule(
                 teacher=teacher, student=instantiate(m.student), experts=instantiate(m.experts), optimizer=optimizer,
