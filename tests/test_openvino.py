@@ -159,3 +159,19 @@ def test_predict_cli_uses_openvino_by_default_on_the_cpu(tiny_lorkd_ckpt, tiny_d
     rows = predict(compose_config("predict", overrides))
     assert {(r["label"], r["expert"], r["status"]) for r in rows} == {("liver", "abdomen", "ok"), ("spleen", "abdomen", "ok")}
     assert len(conversions) == 1 and list((tmp_path / "cache" / "openvino").glob("*/model.xml"))
+
+
+def test_an_openvino_expert_returns_its_output_buffer_and_frees_its_buffers_after_each_volume(
+    tiny_lorkd_ckpt, tmp_path, monkeypatch
+):
+    predictor = Predictor.from_checkpoint(tiny_lorkd_ckpt, device="cpu", runtime="openvino", cache_dir=tmp_path, threads=1)
+    net = predictor._network(predictor.check(["liver"], "ct")[0])[0]
+    query_dim = net.compiled.input("queries").get_partial_shape()[1].get_length()
+    out = net.probabilities(torch.randn(1, 1, *net.window), torch.randn(2, query_dim))
+    assert out.shape == (1, 2, *net.window)
+    assert out.data_ptr() == net.request.get_output_tensor(0).data.ctypes.data  # the request's buffer, not a copy
+    released: list[bool] = []
+    monkeypatch.setattr(net, "release_memory", lambda: released.append(True))
+    image = np.random.default_rng(0).normal(100, 40, (40, 30, 12)).astype(np.float32)
+    predictor.predict(image, ["liver", "spleen"], "ct", affine=np.diag([1.0, 1.0, 3.0, 1.0]))
+    assert released == [True]  # one group (the abdomen expert): released once, after its last window

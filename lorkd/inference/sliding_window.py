@@ -113,6 +113,12 @@ class WindowModel:
             self.progress(b)
         return out
 
+    def release_memory(self) -> None:
+        """Free what the network holds between calls (an OpenVINO expert's buffers); nothing for torch's."""
+        release = getattr(self.net, "release_memory", None)
+        if release is not None:
+            release()
+
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
     """Start indices of the windows along one axis of ``size`` >= ``window`` voxels (MONAI's
@@ -156,6 +162,7 @@ def sliding_window_probabilities(
     ``device`` in batches of ``sw_batch_size`` and accumulated with gaussian weights into one output and
     one weight map on ``stitch_device``, divided in place at the end. Same windows, batches, weights and
     arithmetic as MONAI's ``sliding_window_inference(mode="gaussian", sigma_scale=0.125)``.
+    ``model.release_memory()``, where it has one, is called after the last window.
     """
     if image.ndim != 5 or image.shape[:2] != (1, 1):
         raise ValueError(f"expected an image (1, 1, X, Y, Z), got {tuple(image.shape)}")
@@ -194,6 +201,9 @@ def sliding_window_probabilities(
         for box, p in zip(batch, probs):
             output[(slice(None), *box)] += p
         del windows, probs, p  # not held while the next batch runs (the network's peak)
+    release = getattr(model, "release_memory", None)  # buffers a network keeps between calls (OpenVINO's: GBs)
+    if release is not None:
+        release()  # freed before the blend's end and the caller's crop and copy
     assert output is not None  # at least one window
     output /= norm
     del norm
