@@ -170,6 +170,7 @@ def test_an_openvino_expert_returns_its_output_buffer_and_frees_its_buffers_afte
     out = net.probabilities(torch.randn(1, 1, *net.window), torch.randn(2, query_dim))
     assert out.shape == (1, 2, *net.window)
     assert out.data_ptr() == net.request.get_output_tensor(0).data.ctypes.data  # the request's buffer, not a copy
+    assert [i.get_partial_shape().to_shape() for i in net.compiled.inputs] == [[1, 1, *net.window], [2, query_dim]]  # static
     released: list[bool] = []
     monkeypatch.setattr(net, "release_memory", lambda: released.append(True))
     image = np.random.default_rng(0).normal(100, 40, (40, 30, 12)).astype(np.float32)
