@@ -127,6 +127,11 @@ def network_digest(net: torch.nn.Module, weights: bool = False) -> str:
     return digest.hexdigest()
 
 
+def _folder_name(fields: Mapping[str, Any]) -> str:
+    """A cache folder name: the sha256 prefix of ``fields`` as canonical JSON."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
 def cache_key(
     identity: Mapping[str, Any], network: str, net: torch.nn.Module, expert: int | None, window: Sequence[int]
 ) -> str:
@@ -144,7 +149,7 @@ def cache_key(
         "torch": torch.__version__,
         "converter": CONVERTER_VERSION,
     }
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return _folder_name(fields)
 
 
 def convert_network(net: torch.nn.Module, expert: int | None, window: Sequence[int]) -> Any:
@@ -194,7 +199,7 @@ def quantized_key(key: str, calibration: Calibration) -> str:
     import nncf
 
     fields = {"model": key, "precision": "int8", "calibration": dict(calibration.identity), "nncf": nncf.__version__}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return _folder_name(fields)
 
 
 def quantized_model(xml: Path, key: str, calibration: Calibration, cache_dir: str | Path) -> Path:
